@@ -1,0 +1,1 @@
+"""Entry points: the ``recvae`` command, experiments, tuning and the nightly retrain."""

@@ -1,0 +1,86 @@
+"""The ``recvae`` command. Subcommands live in their own modules and register here.
+
+Start-up stays fast: this module imports only the standard library; torch, polars and mlflow
+are imported inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# Each module defines ``register(subparsers)``; the order is the order in --help.
+COMMAND_MODULES = (
+    "pipelines.commands.train",
+    "pipelines.commands.evaluate",
+    "pipelines.commands.recommend",
+    "pipelines.commands.datasets",
+)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as ``recvae: error: ...`` with an exit code."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recvae",
+        description=(
+            "Variational autoencoders for collaborative filtering: train, evaluate and serve "
+            "Mult-VAE / Mult-DAE recommenders."
+        ),
+    )
+    from recvae import __version__
+
+    parser.add_argument("--version", action="version", version=f"recvae {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    # Imported lazily: these modules pull in numpy/scipy (and torch for the bundle error).
+    errors: list[type[BaseException]] = [CLIError, ValueError, FileNotFoundError, KeyError]
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("recvae: interrupted", file=sys.stderr)
+        return 130
+    except CLIError as exc:
+        print(f"recvae: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        if args.verbose >= 2:
+            raise
+        print(f"recvae: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:  # UnknownUserError and friends
+        print(f"recvae: error: unknown id {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``recvae`` subcommand, each with ``register(subparsers)``."""

@@ -1,0 +1,165 @@
+"""Job settings: where the data comes from, the protocol, the model config and run options.
+
+A job is described by a TOML file (``pipelines/configs/*.toml``) and command-line overrides::
+
+    [data]      dataset = "ml-1m"  (or path = "log.parquet", user_col, item_col, rating_col, ...)
+    [protocol]  n_heldout, holdout_fraction, seed, min_user_count
+    [model]     model = "multvae", epochs, batch_size, ... (the config dataclass fields)
+    [run]       device, num_threads, progress
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from recvae.config import ModelConfig, RunOptions
+    from recvae.data import Interactions
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_DATASET = "ml-latest-small"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Either a built-in dataset by name or an interaction file with its column names."""
+
+    dataset: str | None = DEFAULT_DATASET
+    data_dir: str | None = None
+    path: str | None = None
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    rating_col: str | None = None
+    threshold: float | None = 3.5
+    separator: str | None = None
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem if self.path else str(self.dataset)
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """The strong-generalization protocol (PROTOCOL.md)."""
+
+    n_heldout: int | None = None  # None: the dataset's default (PROTOCOL.md table)
+    holdout_fraction: float = 0.2
+    seed: int = 98765
+    min_user_count: int = 5
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    data: DataSettings = field(default_factory=DataSettings)
+    protocol: ProtocolSettings = field(default_factory=ProtocolSettings)
+    model: dict[str, Any] = field(default_factory=lambda: {"model": "multvae"})
+    run: dict[str, Any] = field(default_factory=dict)
+
+    def model_config(self) -> ModelConfig:
+        from recvae.config import config_from_dict
+
+        return config_from_dict({"model": "multvae", **self.model})
+
+    def run_options(self, **extra: Any) -> RunOptions:
+        from recvae.config import RunOptions
+
+        return RunOptions(**{**self.run, **extra})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "data": dataclasses.asdict(self.data),
+            "protocol": dataclasses.asdict(self.protocol),
+            "model": dict(self.model),
+            "run": dict(self.run),
+        }
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file; a bare preset name is looked up in ``pipelines/configs``.
+
+    Raises:
+        FileNotFoundError: no such file or preset.
+        ValueError: the file is not valid TOML.
+    """
+    p = Path(path)
+    if not p.exists() and not p.suffix and (CONFIG_DIR / f"{p}.toml").exists():
+        p = CONFIG_DIR / f"{p}.toml"
+    if not p.is_file():
+        presets = ", ".join(sorted(f.stem for f in CONFIG_DIR.glob("*.toml")))
+        raise FileNotFoundError(f"config file not found: {path} (presets: {presets})")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {p} is not valid TOML: {exc}") from exc
+
+
+def _take(section: dict[str, Any], cls: type, where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) in [{where}]: {', '.join(unknown)} (valid: {', '.join(sorted(names))})"
+        )
+    return cls(**section)
+
+
+def job_from_dict(raw: dict[str, Any]) -> JobSettings:
+    """Build settings from a parsed TOML document (unknown sections or keys are rejected)."""
+    allowed = {"data", "protocol", "model", "run", "models", "experiment", "tune", "nightly",
+               "search", "serve", "mlflow", "report"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ValueError(f"unknown section(s) in config: {', '.join(unknown)}")
+    return JobSettings(
+        data=_take(dict(raw.get("data", {})), DataSettings, "data"),
+        protocol=_take(dict(raw.get("protocol", {})), ProtocolSettings, "protocol"),
+        model=dict(raw.get("model", {"model": "multvae"})),
+        run=dict(raw.get("run", {})),
+    )
+
+
+def with_overrides(job: JobSettings, **sections: dict[str, Any]) -> JobSettings:
+    """Apply non-None overrides per section (``data``, ``protocol``, ``model``, ``run``)."""
+    def clean(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if v is not None}
+
+    data = dataclasses.replace(job.data, **clean(sections.get("data", {})))
+    protocol = dataclasses.replace(job.protocol, **clean(sections.get("protocol", {})))
+    model = {**job.model, **clean(sections.get("model", {}))}
+    run = {**job.run, **clean(sections.get("run", {}))}
+    return JobSettings(data=data, protocol=protocol, model=model, run=run)
+
+
+def load_data(data: DataSettings, *, min_user_count: int = 5) -> tuple[Interactions, int | None]:
+    """Load and binarize the configured data; also return the dataset's default ``n_heldout``.
+
+    Raises:
+        DataError / FileNotFoundError: with the problem named.
+    """
+    from recvae.data import get_dataset_spec, load_dataset, load_interactions
+
+    if data.path:
+        interactions = load_interactions(
+            data.path,
+            user_col=data.user_col,
+            item_col=data.item_col,
+            rating_col=data.rating_col,
+            threshold=data.threshold if data.rating_col else None,
+            min_user_count=min_user_count,
+            separator=data.separator,
+        )
+        return interactions, None
+    if not data.dataset:
+        raise ValueError("no data given: set a dataset name (--dataset) or a file (--data)")
+    spec = get_dataset_spec(data.dataset)
+    interactions = load_dataset(data.dataset, data.data_dir, min_user_count=min_user_count)
+    return interactions, spec.n_heldout
+
+
+def default_n_heldout(n_users: int) -> int:
+    """For arbitrary files: 10% of users in each held-out part, at least 1, at most 10,000."""
+    return max(1, min(10_000, n_users // 10))

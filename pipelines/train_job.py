@@ -1,0 +1,157 @@
+"""The main job: load data, split (strong generalization), train, score test users, save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines.settings import JobSettings, default_n_heldout, load_data
+
+if TYPE_CHECKING:
+    from recvae.evaluation import EvaluationResult
+    from recvae.recommender import Recommender
+    from recvae.split import Split
+    from recvae.training import EpochCallback
+
+logger = logging.getLogger(__name__)
+
+PAPER_METRICS = ("recall@20", "recall@50", "ndcg@100")
+
+
+@dataclass
+class PreparedData:
+    split: Split
+    name: str
+    fingerprint: str
+
+
+@dataclass
+class TrainOutcome:
+    recommender: Recommender
+    split: Split
+    test: EvaluationResult
+    validation: EvaluationResult
+    bundle_path: Path | None
+    train_seconds: float
+    dataset: str
+
+
+def prepare(job: JobSettings) -> PreparedData:
+    """Load the data and make the seeded split."""
+    from recvae.split import split_users
+
+    data, dataset_n_heldout = load_data(job.data, min_user_count=job.protocol.min_user_count)
+    n_heldout = job.protocol.n_heldout or dataset_n_heldout or default_n_heldout(data.n_users)
+    split = split_users(
+        data,
+        n_heldout=n_heldout,
+        holdout_fraction=job.protocol.holdout_fraction,
+        seed=job.protocol.seed,
+        min_target_user_count=job.protocol.min_user_count,
+    )
+    logger.info("data %s: %s; split %s", job.data.name, data, split.summary())
+    return PreparedData(split=split, name=job.data.name, fingerprint=data.fingerprint())
+
+
+def default_output_dir(job: JobSettings, model: str) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{job.data.name}-{model}-{stamp}"
+
+
+def run_train(
+    job: JobSettings,
+    *,
+    output_dir: Path | None = None,
+    prepared: PreparedData | None = None,
+    on_epoch: EpochCallback | None = None,
+    save: bool = True,
+) -> TrainOutcome:
+    """Train the configured model, evaluate it on the test users, save the bundle.
+
+    The checkpoint directory is ``output_dir/checkpoints``: rerunning the same command after an
+    interruption resumes there.
+    """
+    from recvae.evaluation import evaluate
+    from recvae.training import train
+
+    config = job.model_config()
+    prepared = prepared or prepare(job)
+    split = prepared.split
+    out = output_dir or default_output_dir(job, config.model)
+    options = job.run_options(checkpoint_dir=str(out / "checkpoints") if save else None)
+    start = time.perf_counter()
+    recommender = train(split.train, config, validation=split.validation, options=options,
+                        on_epoch=on_epoch)
+    seconds = time.perf_counter() - start
+    popularity = split.train.item_counts()
+    validation = evaluate(recommender, split.validation.fold_in.matrix,
+                          split.validation.targets.matrix, item_popularity=popularity,
+                          device=str(recommender.device))
+    test = evaluate(recommender, split.test.fold_in.matrix, split.test.targets.matrix,
+                    item_popularity=popularity, device=str(recommender.device))
+    recommender.meta.update(
+        {
+            "dataset": prepared.name,
+            "data_fingerprint": prepared.fingerprint,
+            "split": split.summary(),
+            "job": job.to_dict(),
+            "train_seconds": seconds,
+            "metrics": {
+                "validation": validation.summary(),
+                "test": test.summary(),
+            },
+        }
+    )
+    bundle_path = None
+    if save:
+        bundle_path = recommender.save(out / "bundle", overwrite=True)
+        summary = {
+            "dataset": prepared.name,
+            "model": config.model,
+            "bundle": str(bundle_path),
+            "train_seconds": seconds,
+            "best_epoch": recommender.meta.get("best_epoch"),
+            "test": test.summary(),
+            "validation": validation.summary(),
+        }
+        (out / "metrics.json").write_text(json.dumps(_finite(summary), indent=2))
+    return TrainOutcome(recommender, split, test, validation, bundle_path, seconds, prepared.name)
+
+
+def metric_rows(result: EvaluationResult, names: tuple[str, ...] = PAPER_METRICS) -> list[str]:
+    return [f"{name:<12} {result.mean(name):.4f} ± {result.stderr(name):.4f}" for name in names]
+
+
+def results_table(rows: list[tuple[str, EvaluationResult, dict[str, Any]]],
+                  names: tuple[str, ...] = PAPER_METRICS) -> str:
+    """A markdown table: one row per model, mean ± standard error per metric."""
+    extra_cols = sorted({k for _, _, extra in rows for k in extra})
+    header = ["model", *[n.replace("recall", "Recall").replace("ndcg", "NDCG") for n in names],
+              *extra_cols]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, result, extra in rows:
+        cells = [label] + [f"{result.mean(n):.4f} ± {result.stderr(n):.4f}" for n in names]
+        cells += [_fmt(extra.get(c, "")) for c in extra_cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _finite(value: Any) -> Any:
+    import math
+
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

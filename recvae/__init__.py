@@ -1,0 +1,82 @@
+"""recvae: variational autoencoders for collaborative filtering.
+
+The public surface is listed in ``__all__``. Names are imported lazily (PEP 562) so that
+``import recvae`` stays fast and a command-line tool pays for torch only when it uses it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    # data
+    "Interactions": "recvae.data",
+    "DataError": "recvae.data",
+    "UnknownUserError": "recvae.data",
+    "load_dataset": "recvae.data",
+    "load_interactions": "recvae.data",
+    "list_datasets": "recvae.data",
+    "synthetic_interactions": "recvae.data",
+    # split
+    "Split": "recvae.split",
+    "HeldOut": "recvae.split",
+    "split_users": "recvae.split",
+    # config
+    "MultVAEConfig": "recvae.config",
+    "MultDAEConfig": "recvae.config",
+    "RunOptions": "recvae.config",
+    "config_from_dict": "recvae.config",
+    # model
+    "MultVAE": "recvae.model",
+    "MultDAE": "recvae.model",
+    "elbo_loss": "recvae.model",
+    # training
+    "train": "recvae.training",
+    "Trainer": "recvae.training",
+    # recommender
+    "Recommender": "recvae.recommender",
+    "Recommendations": "recvae.recommender",
+    "BundleError": "recvae.recommender",
+    # evaluation
+    "evaluate": "recvae.evaluation",
+    "EvaluationResult": "recvae.evaluation",
+    "Ranker": "recvae.evaluation",
+    "ndcg_at_k": "recvae.evaluation",
+    "recall_at_k": "recvae.evaluation",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'recvae' has no attribute '{name}'")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from recvae.config import MultDAEConfig, MultVAEConfig, RunOptions, config_from_dict
+    from recvae.data import (
+        DataError,
+        Interactions,
+        UnknownUserError,
+        list_datasets,
+        load_dataset,
+        load_interactions,
+        synthetic_interactions,
+    )
+    from recvae.evaluation import EvaluationResult, Ranker, evaluate, ndcg_at_k, recall_at_k
+    from recvae.model import MultDAE, MultVAE, elbo_loss
+    from recvae.recommender import BundleError, Recommendations, Recommender
+    from recvae.split import HeldOut, Split, split_users
+    from recvae.training import Trainer, train

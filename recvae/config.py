@@ -1,0 +1,231 @@
+"""Frozen configuration objects for models and runs.
+
+Every hyperparameter lives in one frozen dataclass with a default and a comment. The same names
+appear in TOML presets, in MLflow params and in a bundle's ``config.json``; ``to_dict`` /
+``from_dict`` round-trip through JSON and reject unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+__all__ = [
+    "ModelConfig",
+    "MultVAEConfig",
+    "MultDAEConfig",
+    "RunOptions",
+    "config_from_dict",
+    "register_config",
+    "CONFIG_TYPES",
+]
+
+CONFIG_TYPES: dict[str, type[ModelConfig]] = {}
+
+
+def register_config(cls: type[ModelConfig]) -> type[ModelConfig]:
+    """Class decorator: make a config type loadable by its ``model`` name."""
+    CONFIG_TYPES[cls.model] = cls
+    return cls
+
+
+def _check(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"invalid config field '{name}': {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Fields shared by every trainable model (optimization, schedule, seed)."""
+
+    model: ClassVar[str] = "base"
+
+    epochs: int = 200  # passes over the training users
+    batch_size: int = 500  # users per gradient step
+    learning_rate: float = 1e-3  # Adam step size
+    weight_decay: float = 0.0  # L2 penalty lambda * sum(W**2) on weight matrices (paper style)
+    dropout: float = 0.5  # dropout on the normalized input (the "denoising")
+    patience: int | None = None  # stop after this many epochs without a better validation NDCG
+    select_metric: str = "ndcg@100"  # validation metric that picks the best epoch
+    seed: int = 98765  # seeds weights, shuffling, dropout and sampling
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an int >= 1")
+        _check(
+            isinstance(self.batch_size, int) and self.batch_size >= 1,
+            "batch_size",
+            "must be an int >= 1",
+        )
+        _check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        _check(
+            self.patience is None or (isinstance(self.patience, int) and self.patience >= 1),
+            "patience",
+            "must be None or an int >= 1",
+        )
+        _check(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool),
+            "seed",
+            "must be an int",
+        )
+        _check("@" in self.select_metric, "select_metric", "must look like 'ndcg@100'")
+
+    # ------------------------------------------------------------------ (de)serialization
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict including the ``model`` name."""
+        out: dict[str, Any] = {"model": self.model}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from a dict (``model`` key optional but must match).
+
+        Raises:
+            ValueError: unknown keys, a wrong model name or an invalid value.
+        """
+        data = dict(data)
+        name = data.pop("model", cls.model)
+        if name != cls.model:
+            raise ValueError(f"config is for model '{name}', not '{cls.model}'")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(
+                f"unknown config field(s) for {cls.model}: {', '.join(unknown)} "
+                f"(valid: {', '.join(sorted(names))})"
+            )
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, list):
+                value = tuple(value)
+            kwargs[key] = value
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # pragma: no cover - defensive
+            raise ValueError(str(exc)) from exc
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown config field(s) for {self.model}: {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+
+@register_config
+@dataclass(frozen=True, slots=True)
+class MultVAEConfig(ModelConfig):
+    """Mult-VAE (Liang et al. 2018). Defaults are the paper's: [I, 600, 200, 600, I], tanh.
+
+    KL annealing: ``beta = min(beta_max, step / anneal_steps)``. With ``anneal_steps`` set this is
+    the paper's absolute schedule (200000 on ML-20M). When it is None the schedule is relative:
+    ``anneal_steps = anneal_cap_fraction * total_steps / beta_max``, so the cap is reached at
+    ``anneal_cap_fraction`` of training whatever the dataset size (0.86, the paper's ML-20M shape).
+    ``beta_search`` anneals to 1.0 over the whole run and records validation NDCG against beta.
+    """
+
+    model: ClassVar[str] = "multvae"
+
+    hidden_dims: tuple[int, ...] = (600,)  # encoder hidden sizes; the decoder mirrors them
+    latent_dim: int = 200  # size of z
+    beta_max: float = 0.2  # anneal cap for the KL weight
+    anneal_steps: int | None = None  # absolute steps to reach beta=1 slope; None = relative
+    anneal_cap_fraction: float = 0.86  # relative schedule: fraction of training at the cap
+    beta_search: bool = False  # anneal to 1.0 and report the best beta on validation
+    activation: Literal["tanh", "relu", "sigmoid", "silu"] = "tanh"
+
+    def __post_init__(self) -> None:
+        ModelConfig.__post_init__(self)
+        _check(
+            all(isinstance(d, int) and d >= 1 for d in self.hidden_dims),
+            "hidden_dims",
+            "must be positive ints",
+        )
+        _check(isinstance(self.latent_dim, int) and self.latent_dim >= 1, "latent_dim", ">= 1")
+        _check(0.0 <= self.beta_max <= 10.0, "beta_max", "must be in [0, 10]")
+        _check(
+            self.anneal_steps is None or (isinstance(self.anneal_steps, int) and self.anneal_steps > 0),
+            "anneal_steps",
+            "must be None or an int > 0",
+        )
+        _check(0.0 < self.anneal_cap_fraction <= 1.0, "anneal_cap_fraction", "must be in (0, 1]")
+        _check(
+            self.activation in ("tanh", "relu", "sigmoid", "silu"),
+            "activation",
+            "must be one of tanh, relu, sigmoid, silu",
+        )
+
+
+@register_config
+@dataclass(frozen=True, slots=True)
+class MultDAEConfig(ModelConfig):
+    """Mult-DAE (Liang et al. 2018): [I, 200, I], tanh, dropout 0.5, L2 weight decay 0.01."""
+
+    model: ClassVar[str] = "multdae"
+
+    hidden_dims: tuple[int, ...] = ()  # hidden sizes before the code layer
+    latent_dim: int = 200  # size of the code layer
+    weight_decay: float = 0.01
+    activation: Literal["tanh", "relu", "sigmoid", "silu"] = "tanh"
+
+    def __post_init__(self) -> None:
+        ModelConfig.__post_init__(self)
+        _check(
+            all(isinstance(d, int) and d >= 1 for d in self.hidden_dims),
+            "hidden_dims",
+            "must be positive ints",
+        )
+        _check(isinstance(self.latent_dim, int) and self.latent_dim >= 1, "latent_dim", ">= 1")
+        _check(
+            self.activation in ("tanh", "relu", "sigmoid", "silu"),
+            "activation",
+            "must be one of tanh, relu, sigmoid, silu",
+        )
+
+
+def config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """Build the right config type from a dict with a ``model`` key.
+
+    Raises:
+        ValueError: missing or unknown model name, unknown fields or invalid values.
+    """
+    name = data.get("model")
+    if name not in CONFIG_TYPES:
+        raise ValueError(
+            f"unknown model '{name}' (known: {', '.join(sorted(CONFIG_TYPES))})"
+        )
+    return CONFIG_TYPES[name].from_dict(data)
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """Settings that do not change the model: where and how a run executes."""
+
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
+    num_threads: int | None = None  # torch intra-op threads on the CPU; None = torch default
+    checkpoint_dir: str | None = None  # write a checkpoint every epoch here and resume from it
+    progress: bool = True  # show a progress bar on a terminal
+    eval_batch_size: int = 2048  # users per scoring batch during validation
+    validate_every: int = 1  # epochs between validation passes
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form tags, never used by training
+
+    def __post_init__(self) -> None:
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            "must be auto, cpu, cuda or cuda:N",
+        )
+        _check(
+            self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1"
+        )
+        _check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        _check(self.validate_every >= 1, "validate_every", "must be >= 1")

@@ -1,0 +1,243 @@
+"""The dataset object: a binary user-item CSR matrix plus the id vocabularies."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+from numpy.typing import NDArray
+
+if TYPE_CHECKING:
+    import polars as pl
+
+__all__ = ["Interactions", "UnknownUserError", "DataError"]
+
+
+class DataError(ValueError):
+    """Raised when input data cannot be turned into interactions (names the problem)."""
+
+
+class UnknownUserError(KeyError):
+    """Raised when a user id is not part of a dataset or model vocabulary."""
+
+
+def _as_id_array(ids: Any) -> NDArray[Any]:
+    arr = np.asarray(ids)
+    if arr.dtype.kind in "OU":
+        # Strings (or mixed objects): keep them as Python strings for stable JSON round-trips.
+        return np.asarray([str(v) for v in arr.tolist()], dtype=object)
+    if arr.dtype.kind not in "iu":
+        raise DataError(f"ids must be integers or strings, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class Interactions:
+    """A binary implicit-feedback dataset.
+
+    ``matrix[user_idx, item_idx] == 1`` when the user interacted positively with the item.
+    ``user_ids[user_idx]`` and ``item_ids[item_idx]`` give the external keys; positions are
+    what models see. The matrix is float32, has sorted indices, no duplicates and no explicit
+    zeros. Treat it as read-only.
+
+    Attributes:
+        matrix: ``(n_users, n_items)`` CSR array of ones.
+        user_ids: External user ids, one per row (int64 or str objects).
+        item_ids: External item ids, one per column (int64 or str objects).
+    """
+
+    matrix: sp.csr_array
+    user_ids: NDArray[Any]
+    item_ids: NDArray[Any]
+    _user_index: dict[Any, int] = field(init=False, repr=False)
+    _item_index: dict[Any, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        matrix = self.matrix
+        if not isinstance(matrix, sp.csr_array):
+            matrix = sp.csr_array(matrix)
+        matrix = matrix.astype(np.float32, copy=False)
+        matrix.sum_duplicates()
+        matrix.eliminate_zeros()
+        if matrix.nnz and (matrix.data != 1.0).any():
+            matrix = matrix.copy()
+            matrix.data[:] = 1.0
+        matrix.sort_indices()
+        user_ids = _as_id_array(self.user_ids)
+        item_ids = _as_id_array(self.item_ids)
+        if matrix.shape != (len(user_ids), len(item_ids)):
+            raise DataError(
+                f"matrix shape {matrix.shape} does not match "
+                f"{len(user_ids)} user ids x {len(item_ids)} item ids"
+            )
+        user_index = {_key(v): i for i, v in enumerate(user_ids.tolist())}
+        item_index = {_key(v): i for i, v in enumerate(item_ids.tolist())}
+        if len(user_index) != len(user_ids):
+            raise DataError("user_ids contains duplicates")
+        if len(item_index) != len(item_ids):
+            raise DataError("item_ids contains duplicates")
+        object.__setattr__(self, "matrix", matrix)
+        object.__setattr__(self, "user_ids", user_ids)
+        object.__setattr__(self, "item_ids", item_ids)
+        object.__setattr__(self, "_user_index", user_index)
+        object.__setattr__(self, "_item_index", item_index)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_polars(
+        cls,
+        df: pl.DataFrame,
+        *,
+        user_col: str = "user_id",
+        item_col: str = "item_id",
+        rating_col: str | None = None,
+        threshold: float | None = 3.5,
+        min_user_count: int = 0,
+        min_item_count: int = 0,
+    ) -> Interactions:
+        """Build interactions from a polars frame of (user, item[, rating]) rows.
+
+        Rows with ``rating > threshold`` are positives when ``rating_col`` is given (a
+        ``threshold`` of None keeps every row); duplicates collapse; then users with fewer than
+        ``min_user_count`` and items with fewer than ``min_item_count`` positives are dropped
+        (items first, then users, once). Ids keep their type; rows and columns are ordered by
+        sorted id.
+
+        Raises:
+            DataError: a column is missing, ids or ratings are null or unparsable, or nothing
+                is left after filtering.
+        """
+        from recvae.data.readers import interactions_from_frame
+
+        return interactions_from_frame(
+            df,
+            user_col=user_col,
+            item_col=item_col,
+            rating_col=rating_col,
+            threshold=threshold,
+            min_user_count=min_user_count,
+            min_item_count=min_item_count,
+        )
+
+    @classmethod
+    def from_pairs(
+        cls,
+        user_idx: NDArray[np.integer[Any]],
+        item_idx: NDArray[np.integer[Any]],
+        *,
+        n_users: int,
+        n_items: int,
+        user_ids: NDArray[Any] | None = None,
+        item_ids: NDArray[Any] | None = None,
+    ) -> Interactions:
+        """Build interactions from integer position pairs (ids default to the positions)."""
+        rows = np.asarray(user_idx, dtype=np.int64)
+        cols = np.asarray(item_idx, dtype=np.int64)
+        data = np.ones(len(rows), dtype=np.float32)
+        matrix = sp.csr_array((data, (rows, cols)), shape=(n_users, n_items))
+        matrix.data[:] = 1.0
+        return cls(
+            matrix,
+            np.arange(n_users) if user_ids is None else user_ids,
+            np.arange(n_items) if item_ids is None else item_ids,
+        )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_users(self) -> int:
+        return int(self.matrix.shape[0])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.matrix.shape[1])
+
+    @property
+    def nnz(self) -> int:
+        return int(self.matrix.nnz)
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.n_users * self.n_items)
+
+    def __len__(self) -> int:
+        return self.n_users
+
+    def __repr__(self) -> str:
+        return (
+            f"Interactions(n_users={self.n_users}, n_items={self.n_items}, nnz={self.nnz}, "
+            f"density={self.density:.4%})"
+        )
+
+    # ------------------------------------------------------------------ lookups
+    def user_index(self, user_id: Any) -> int:
+        """Position of an external user id.
+
+        Raises:
+            UnknownUserError: the id is not in the vocabulary.
+        """
+        try:
+            return self._user_index[_key(user_id)]
+        except KeyError:
+            raise UnknownUserError(user_id) from None
+
+    def item_index(self, item_id: Any) -> int | None:
+        """Position of an external item id, or None when unknown."""
+        return self._item_index.get(_key(item_id))
+
+    def item_indices(self, item_ids: Sequence[Any]) -> tuple[NDArray[np.int64], list[Any]]:
+        """Positions of known item ids, and the list of unknown ones (kept in input order)."""
+        known: list[int] = []
+        unknown: list[Any] = []
+        for item_id in item_ids:
+            idx = self._item_index.get(_key(item_id))
+            if idx is None:
+                unknown.append(item_id)
+            else:
+                known.append(idx)
+        return np.asarray(known, dtype=np.int64), unknown
+
+    def history(self, user_idx: int) -> NDArray[np.int32]:
+        """Item positions of one user's positives (sorted)."""
+        start, end = self.matrix.indptr[user_idx], self.matrix.indptr[user_idx + 1]
+        return np.asarray(self.matrix.indices[start:end])
+
+    # ------------------------------------------------------------------ derived datasets
+    def subset_users(self, user_idx: NDArray[np.integer[Any]]) -> Interactions:
+        """Rows ``user_idx`` (in that order) with the same item vocabulary."""
+        idx = np.asarray(user_idx, dtype=np.int64)
+        return Interactions(self.matrix[idx], self.user_ids[idx], self.item_ids)
+
+    def subset_items(self, item_idx: NDArray[np.integer[Any]]) -> Interactions:
+        """Columns ``item_idx`` (in that order) with the same user vocabulary."""
+        idx = np.asarray(item_idx, dtype=np.int64)
+        return Interactions(self.matrix[:, idx].tocsr(), self.user_ids, self.item_ids[idx])
+
+    def user_counts(self) -> NDArray[np.int64]:
+        return np.diff(self.matrix.indptr).astype(np.int64)
+
+    def item_counts(self) -> NDArray[np.int64]:
+        return np.bincount(self.matrix.indices, minlength=self.n_items).astype(np.int64)
+
+    def fingerprint(self) -> str:
+        """A sha256 over the matrix structure and the vocabularies (identifies the data)."""
+        h = hashlib.sha256()
+        h.update(np.asarray(self.matrix.shape, dtype=np.int64).tobytes())
+        h.update(np.asarray(self.matrix.indptr, dtype=np.int64).tobytes())
+        h.update(np.asarray(self.matrix.indices, dtype=np.int64).tobytes())
+        for ids in (self.user_ids, self.item_ids):
+            h.update("\x1f".join(map(str, ids.tolist())).encode())
+            h.update(b"\x1e")
+        return h.hexdigest()
+
+
+def _key(value: Any) -> Any:
+    """Normalize an external id for dictionary lookup (numpy ints -> int)."""
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.str_):
+        return str(value)
+    return value

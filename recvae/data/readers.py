@@ -1,0 +1,642 @@
+"""Readers: files and polars frames in, :class:`Interactions` or standardized frames out.
+
+This is where polars stops. Every reader returns either a polars frame with the standardized
+columns ``user_id``, ``item_id`` and, where the source has them, ``rating`` and ``timestamp``,
+or an :class:`~recvae.data.interactions.Interactions`. Past this module the code uses NumPy,
+SciPy and torch only.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import gzip
+import io
+import logging
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from recvae.data.interactions import DataError, Interactions
+
+__all__ = [
+    "DataFileNotFound",
+    "interactions_from_frame",
+    "load_interactions",
+    "read_frame",
+    "read_ml100k",
+    "read_ml1m",
+    "read_movielens_csv",
+]
+
+logger = logging.getLogger(__name__)
+
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+_GLOB_CHARS = frozenset("*?[")
+# Byte used in place of a multi-character separator such as MovieLens' "::" (polars reads
+# single-byte separators only). The ASCII unit separator does not occur in these files.
+_UNIT_SEPARATOR = "\x1f"
+
+
+class DataFileNotFound(DataError, FileNotFoundError):
+    """Raised when a data file or dataset folder does not exist (names the paths tried)."""
+
+
+# ====================================================================== frame -> Interactions
+def interactions_from_frame(
+    df: pl.DataFrame | pl.LazyFrame,
+    *,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    rating_col: str | None = None,
+    threshold: float | None = 3.5,
+    min_user_count: int = 0,
+    min_item_count: int = 0,
+) -> Interactions:
+    """Build binary interactions from a polars frame of (user, item[, rating]) rows.
+
+    Steps, in order: validate the columns; keep rows with ``rating > threshold`` when
+    ``rating_col`` is given and ``threshold`` is not None (otherwise every row is a positive);
+    collapse duplicate (user, item) pairs; drop items with fewer than ``min_item_count``
+    positives; then drop users with fewer than ``min_user_count`` positives (each filter runs
+    once, items first). Integer ids stay int64 and string ids stay str; rows and columns are
+    ordered by sorted id.
+
+    Args:
+        df: The rows. A ``LazyFrame`` is collected first.
+        user_col: Column holding the external user ids (integers or strings).
+        item_col: Column holding the external item ids (integers or strings).
+        rating_col: Optional column of numeric ratings (strings are parsed as numbers).
+        threshold: Ratings strictly above it are positives; None keeps every row.
+        min_user_count: Minimum positives a user needs to be kept.
+        min_item_count: Minimum positives an item needs to be kept.
+
+    Returns:
+        The binary interactions.
+
+    Raises:
+        DataError: A column is missing, an id column has nulls or an unsupported type, a rating
+            is null, NaN or not a number, or no rows are left (the message says which step
+            emptied the data).
+        ValueError: ``min_user_count`` or ``min_item_count`` is negative.
+    """
+    if min_user_count < 0:
+        raise ValueError(f"min_user_count must be >= 0, got {min_user_count}")
+    if min_item_count < 0:
+        raise ValueError(f"min_item_count must be >= 0, got {min_item_count}")
+    if isinstance(df, pl.LazyFrame):
+        df = df.collect()
+    if not isinstance(df, pl.DataFrame):
+        raise DataError(f"expected a polars DataFrame, got {type(df).__name__}")
+
+    wanted = [user_col, item_col] + ([rating_col] if rating_col is not None else [])
+    _require_columns(df.columns, wanted, source="frame")
+    if df.height == 0:
+        raise DataError("the frame has no rows")
+
+    frame = df.select(
+        _id_expr(df, user_col).alias("user_id"),
+        _id_expr(df, item_col).alias("item_id"),
+    )
+    n_rows = frame.height
+    if rating_col is not None and threshold is not None:
+        ratings = _numeric_ratings(df[rating_col], rating_col)
+        frame = frame.filter(ratings > threshold)
+        if frame.height == 0:
+            raise DataError(
+                f"no rows have {rating_col} > {threshold} (all {n_rows} ratings are at or below "
+                "the threshold); lower the threshold or pass threshold=None for implicit data"
+            )
+    frame = frame.unique(subset=["user_id", "item_id"], maintain_order=False)
+
+    if min_item_count > 0:
+        counts = pl.len().over("item_id")
+        before = frame.height
+        frame = frame.filter(counts >= min_item_count)
+        if frame.height == 0:
+            raise DataError(
+                f"min_item_count={min_item_count} removed every item "
+                f"({before} positives before the item filter)"
+            )
+    if min_user_count > 0:
+        counts = pl.len().over("user_id")
+        before = frame.height
+        frame = frame.filter(counts >= min_user_count)
+        if frame.height == 0:
+            raise DataError(
+                f"min_user_count={min_user_count} removed every user "
+                f"({before} positives before the user filter)"
+            )
+    return _frame_to_interactions(frame)
+
+
+def _frame_to_interactions(frame: pl.DataFrame) -> Interactions:
+    """CSR from a duplicate-free (user_id, item_id) frame, vocabularies sorted by id."""
+    # A dense rank of the id is its position in the sorted vocabulary.
+    indexed = frame.select(
+        (pl.col("user_id").rank("dense") - 1).cast(pl.Int64).alias("user_idx"),
+        (pl.col("item_id").rank("dense") - 1).cast(pl.Int64).alias("item_idx"),
+    ).sort("user_idx", "item_idx")
+    user_ids = _ids_to_numpy(frame["user_id"].unique().sort())
+    item_ids = _ids_to_numpy(frame["item_id"].unique().sort())
+    rows = indexed["user_idx"].to_numpy()
+    cols = indexed["item_idx"].to_numpy().astype(np.int32)
+    indptr = np.zeros(len(user_ids) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=len(user_ids)), out=indptr[1:])
+    data = np.ones(len(cols), dtype=np.float32)
+    matrix = sp.csr_array((data, cols, indptr), shape=(len(user_ids), len(item_ids)))
+    matrix.has_sorted_indices = True
+    matrix.has_canonical_format = True
+    interactions = Interactions(matrix, user_ids, item_ids)
+    logger.debug("built %r", interactions)
+    return interactions
+
+
+def _ids_to_numpy(ids: pl.Series) -> np.ndarray[Any, Any]:
+    if ids.dtype == pl.String:
+        return np.asarray(ids.to_list(), dtype=object)
+    return ids.to_numpy().astype(np.int64)
+
+
+def _id_expr(df: pl.DataFrame, column: str) -> pl.Expr:
+    """Validated id column as Int64 or String (nulls and other types are errors)."""
+    series = df[column]
+    n_null = series.null_count()
+    if n_null:
+        raise DataError(f"id column {column!r} has {n_null} null value(s) out of {df.height}")
+    dtype = series.dtype
+    if dtype.is_integer():
+        return pl.col(column).cast(pl.Int64)
+    if dtype in (pl.String, pl.Categorical, pl.Enum):
+        return pl.col(column).cast(pl.String)
+    if dtype.is_float():
+        integral = series.is_finite().all() and (series == series.floor()).all()
+        if integral:
+            return pl.col(column).cast(pl.Int64)
+        raise DataError(
+            f"id column {column!r} holds non-integer floats; ids must be ints or strings"
+        )
+    raise DataError(f"id column {column!r} has type {dtype}; ids must be integers or strings")
+
+
+def _numeric_ratings(series: pl.Series, column: str) -> pl.Series:
+    """Ratings as Float64; strings are parsed. Nulls, NaN and unparsable values are errors."""
+    n_null = series.null_count()
+    if n_null:
+        raise DataError(f"rating column {column!r} has {n_null} null value(s)")
+    if series.dtype == pl.String or series.dtype == pl.Categorical:
+        text = series.cast(pl.String).str.strip_chars()
+        parsed = text.cast(pl.Float64, strict=False)
+        bad = text.filter(parsed.is_null() | parsed.is_nan())
+        if len(bad):
+            raise DataError(
+                f"rating column {column!r} has {len(bad)} value(s) that are not numbers, "
+                f"e.g. {bad[0]!r}"
+            )
+        return parsed
+    if not series.dtype.is_numeric():
+        raise DataError(
+            f"rating column {column!r} has type {series.dtype}; ratings must be numeric"
+        )
+    ratings = series.cast(pl.Float64)
+    n_nan = int(ratings.is_nan().sum())
+    if n_nan:
+        raise DataError(f"rating column {column!r} has {n_nan} NaN value(s)")
+    return ratings
+
+
+def _require_columns(available: Sequence[str], wanted: Sequence[str], *, source: str) -> None:
+    for column in wanted:
+        if column not in available:
+            raise DataError(
+                f"column {column!r} not found in {source}; available columns: {list(available)}"
+            )
+
+
+# ====================================================================== files -> frames
+def read_frame(
+    path: str | Path,
+    *,
+    user_col: str | int = "user_id",
+    item_col: str | int = "item_id",
+    rating_col: str | int | None = None,
+    timestamp_col: str | int | None = None,
+    separator: str | None = None,
+    has_header: bool = True,
+    format: str | None = None,
+) -> pl.DataFrame:
+    """Read a ratings file into a frame with standardized column names.
+
+    Supported: delimited text (``.csv``, ``.tsv``, ``.dat``, ``.txt``, optionally gzipped as
+    ``.gz``) and parquet (``.parquet``/``.pq`` files, a directory of them, or a glob pattern).
+    The separator is ``,`` for ``.csv`` and a tab for ``.tsv``; otherwise it is sniffed from the
+    first line (tab, ``::``, ``,``, ``;``, ``|`` or space). Multi-character separators such as
+    MovieLens' ``::`` are supported.
+
+    Args:
+        path: File, directory of parquet files, or glob pattern.
+        user_col: Source column of user ids: a name, or a 0-based position (useful without a
+            header).
+        item_col: Source column of item ids (name or position).
+        rating_col: Optional source column of ratings (name or position).
+        timestamp_col: Optional source column of timestamps (name or position).
+        separator: Field separator for delimited text; sniffed when None.
+        has_header: Whether delimited text starts with a header line.
+        format: ``"csv"`` (any delimited text) or ``"parquet"``; inferred from the name when None.
+
+    Returns:
+        A frame with columns ``user_id``, ``item_id`` and, when asked for, ``rating`` (Float64
+        when numeric) and ``timestamp``. Ids keep their type (Int64 or String).
+
+    Raises:
+        DataFileNotFound: The path does not exist (also a ``FileNotFoundError``).
+        DataError: A column is missing (the message lists the available ones) or the file
+            cannot be parsed.
+        ValueError: ``format`` is not one of the supported values.
+    """
+    path_str = str(path)
+    fmt = _infer_format(path_str, format)
+    if fmt == "parquet":
+        raw = _read_parquet(path_str, [user_col, item_col, rating_col, timestamp_col])
+    else:
+        file = Path(path_str)
+        if not file.is_file():
+            raise DataFileNotFound(f"data file not found: {path_str}")
+        content = _read_bytes(file)
+        raw = _read_delimited(content, separator=separator, has_header=has_header, source=path_str)
+    return _standardize(
+        raw,
+        user_col=user_col,
+        item_col=item_col,
+        rating_col=rating_col,
+        timestamp_col=timestamp_col,
+        source=path_str,
+    )
+
+
+def load_interactions(
+    path: str | Path,
+    *,
+    user_col: str | int = "user_id",
+    item_col: str | int = "item_id",
+    rating_col: str | int | None = None,
+    threshold: float | None = 3.5,
+    min_user_count: int = 0,
+    min_item_count: int = 0,
+    separator: str | None = None,
+    has_header: bool = True,
+    format: str | None = None,
+) -> Interactions:
+    """Read a ratings file and turn it into binary interactions.
+
+    Equivalent to :func:`read_frame` followed by :func:`interactions_from_frame`.
+
+    Args:
+        path: File, directory of parquet files, or glob pattern.
+        user_col: Source column of user ids (name or 0-based position).
+        item_col: Source column of item ids (name or 0-based position).
+        rating_col: Optional source column of ratings; without it every row is a positive.
+        threshold: Ratings strictly above it are positives; None keeps every row.
+        min_user_count: Minimum positives a user needs to be kept.
+        min_item_count: Minimum positives an item needs to be kept (applied before users).
+        separator: Field separator for delimited text; sniffed when None.
+        has_header: Whether delimited text starts with a header line.
+        format: ``"csv"`` or ``"parquet"``; inferred from the name when None.
+
+    Returns:
+        The binary interactions.
+
+    Raises:
+        DataFileNotFound: The path does not exist.
+        DataError: A column is missing, the data is malformed, or the filters leave nothing.
+        ValueError: A bad ``format`` or a negative minimum count.
+    """
+    frame = read_frame(
+        path,
+        user_col=user_col,
+        item_col=item_col,
+        rating_col=rating_col,
+        separator=separator,
+        has_header=has_header,
+        format=format,
+    )
+    return interactions_from_frame(
+        frame,
+        rating_col="rating" if rating_col is not None else None,
+        threshold=threshold,
+        min_user_count=min_user_count,
+        min_item_count=min_item_count,
+    )
+
+
+def _infer_format(path: str, format: str | None) -> str:
+    if format is not None:
+        fmt = format.lower()
+        if fmt in ("csv", "tsv", "text", "delimited"):
+            return "csv"
+        if fmt in ("parquet", "pq"):
+            return "parquet"
+        raise ValueError(f"format must be 'csv' or 'parquet', got {format!r}")
+    lower = path.lower()
+    if lower.endswith(_PARQUET_SUFFIXES):
+        return "parquet"
+    if Path(path).is_dir():
+        return "parquet"
+    return "csv"
+
+
+def _read_parquet(path: str, columns: Sequence[str | int | None]) -> pl.DataFrame:
+    files = _parquet_files(path)
+    lazy = pl.scan_parquet(files)
+    available = lazy.collect_schema().names()
+    names = [_column_name(c, available, source=path) for c in columns if c is not None]
+    try:
+        return lazy.select(names).collect()
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"could not read parquet data {path}: {exc}") from exc
+
+
+def _parquet_files(path: str) -> list[str]:
+    if _GLOB_CHARS & set(path):
+        files = sorted(_glob.glob(path, recursive=True))
+        if not files:
+            raise DataFileNotFound(f"no parquet files match the pattern {path}")
+        return files
+    target = Path(path)
+    if target.is_dir():
+        files = sorted(
+            str(p)
+            for p in target.rglob("*")
+            if p.is_file() and p.suffix.lower() in _PARQUET_SUFFIXES
+        )
+        if not files:
+            raise DataFileNotFound(f"no .parquet or .pq files in the directory {path}")
+        return files
+    if not target.is_file():
+        raise DataFileNotFound(f"data file not found: {path}")
+    return [path]
+
+
+def _read_bytes(file: Path) -> bytes:
+    with open(file, "rb") as handle:
+        head = handle.read(2)
+    if head == b"\x1f\x8b":
+        with gzip.open(file, "rb") as handle:
+            return handle.read()
+    return file.read_bytes()
+
+
+def _sniff_separator(content: bytes, source: str) -> str:
+    lower = source.lower().removesuffix(".gz")
+    if lower.endswith(".tsv"):
+        return "\t"
+    if lower.endswith(".csv"):
+        return ","
+    first_line = content.split(b"\n", 1)[0]
+    for candidate in ("\t", "::", ",", ";", "|", " "):
+        if candidate.encode() in first_line:
+            return candidate
+    return ","
+
+
+def _read_delimited(
+    content: bytes, *, separator: str | None, has_header: bool, source: str
+) -> pl.DataFrame:
+    """Parse delimited text; ``separator`` may be several characters long."""
+    sep = separator if separator is not None else _sniff_separator(content, source)
+    if not sep:
+        raise ValueError("separator must not be empty")
+    if len(sep.encode()) > 1:
+        content = content.replace(sep.encode(), _UNIT_SEPARATOR.encode())
+        sep = _UNIT_SEPARATOR
+    if not content.strip():
+        raise DataError(f"{source} is empty")
+    options: dict[str, Any] = {"separator": sep, "has_header": has_header}
+    try:
+        return pl.read_csv(io.BytesIO(content), infer_schema_length=10_000, **options)
+    except pl.exceptions.PolarsError:
+        pass
+    try:
+        # Inference from the first rows can be wrong (an id column that turns to strings later):
+        # infer from the whole file instead.
+        return pl.read_csv(io.BytesIO(content), infer_schema_length=None, **options)
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"could not parse {source} (separator {sep!r}): {exc}") from exc
+
+
+def _column_name(column: str | int, available: Sequence[str], *, source: str) -> str:
+    if isinstance(column, int):
+        if not 0 <= column < len(available):
+            raise DataError(
+                f"column position {column} out of range in {source}: it has {len(available)} "
+                f"columns {list(available)}"
+            )
+        return available[column]
+    _require_columns(available, [column], source=source)
+    return column
+
+
+def _standardize(
+    raw: pl.DataFrame,
+    *,
+    user_col: str | int,
+    item_col: str | int,
+    rating_col: str | int | None,
+    timestamp_col: str | int | None,
+    source: str,
+) -> pl.DataFrame:
+    available = raw.columns
+    selected: list[pl.Expr] = [
+        pl.col(_column_name(user_col, available, source=source)).alias("user_id"),
+        pl.col(_column_name(item_col, available, source=source)).alias("item_id"),
+    ]
+    if rating_col is not None:
+        name = _column_name(rating_col, available, source=source)
+        rating = pl.col(name)
+        if raw[name].dtype.is_numeric():
+            rating = rating.cast(pl.Float64)
+        selected.append(rating.alias("rating"))
+    if timestamp_col is not None:
+        selected.append(
+            pl.col(_column_name(timestamp_col, available, source=source)).alias("timestamp")
+        )
+    frame = raw.select(selected)
+    return frame.with_columns(
+        [pl.col(c).cast(pl.Int64) for c in ("user_id", "item_id") if frame[c].dtype.is_integer()]
+    )
+
+
+# ====================================================================== MovieLens
+def read_ml100k(path: str | Path) -> pl.DataFrame:
+    """Read MovieLens 100K ratings (``u.data``: tab separated, no header).
+
+    Args:
+        path: ``u.data`` itself, a folder holding it (or holding ``ml-100k/``), or the GroupLens
+            ``ml-100k.zip`` (read in memory, not extracted).
+
+    Returns:
+        A frame with Int64 ``user_id``, ``item_id``, ``timestamp`` and Float64 ``rating``.
+
+    Raises:
+        DataFileNotFound: No ``u.data`` could be found at ``path``.
+        DataError: The file is malformed.
+    """
+    content, source = _locate_member(
+        Path(path), file_names=("u.data",), zip_names=("ml-100k.zip",), subfolders=("ml-100k",)
+    )
+    raw = _read_delimited(content, separator="\t", has_header=False, source=source)
+    return _movielens_columns(raw, source)
+
+
+def read_ml1m(path: str | Path) -> pl.DataFrame:
+    """Read MovieLens 1M ratings.
+
+    Two layouts are understood: the GroupLens ``ratings.dat`` (``UserID::MovieID::Rating::
+    Timestamp``, no header) and a ``ratings.csv.gz``/``ratings.csv`` with a
+    ``user_id,item_id,rating[,timestamp]`` header (the layout of the shared data folder, which
+    has no timestamps).
+
+    Args:
+        path: One of those files, a folder holding one (or holding ``ml-1m/``), or the GroupLens
+            ``ml-1m.zip`` (read in memory, not extracted).
+
+    Returns:
+        A frame with Int64 ``user_id`` and ``item_id``, Float64 ``rating`` and, when the source
+        has it, Int64 ``timestamp``.
+
+    Raises:
+        DataFileNotFound: No ratings file could be found at ``path``.
+        DataError: The file is malformed.
+    """
+    content, source = _locate_member(
+        Path(path),
+        file_names=("ratings.dat", "ratings.csv.gz", "ratings.csv"),
+        zip_names=("ml-1m.zip",),
+        subfolders=("ml-1m",),
+    )
+    if _first_line(content).count(b"::") >= 2:
+        raw = _read_delimited(content, separator="::", has_header=False, source=source)
+        return _movielens_columns(raw, source)
+    raw = _read_delimited(content, separator=",", has_header=True, source=source)
+    has_timestamp = "timestamp" in raw.columns
+    frame = _standardize(
+        raw,
+        user_col="user_id",
+        item_col="item_id",
+        rating_col="rating",
+        timestamp_col="timestamp" if has_timestamp else None,
+        source=source,
+    )
+    return frame
+
+
+def read_movielens_csv(path: str | Path) -> pl.DataFrame:
+    """Read a newer MovieLens ``ratings.csv`` (ml-latest, ml-latest-small, ml-20m, ml-25m, ...).
+
+    Args:
+        path: The ``ratings.csv``, a folder holding it, or the GroupLens zip (its
+            ``*/ratings.csv`` member is read in memory, not extracted).
+
+    Returns:
+        A frame with Int64 ``user_id``, ``item_id``, ``timestamp`` and Float64 ``rating``
+        (from the ``userId,movieId,rating,timestamp`` header).
+
+    Raises:
+        DataFileNotFound: No ``ratings.csv`` could be found at ``path``.
+        DataError: The file is malformed or lacks one of the expected columns.
+    """
+    target = Path(path)
+    # An extracted GroupLens zip leaves ratings.csv one folder down (ml-latest-small/...).
+    subfolders = (
+        tuple(sorted(p.name for p in target.iterdir() if p.is_dir())) if target.is_dir() else ()
+    )
+    content, source = _locate_member(
+        target,
+        file_names=("ratings.csv", "ratings.csv.gz"),
+        zip_names=("*.zip",),
+        subfolders=subfolders,
+    )
+    raw = _read_delimited(content, separator=",", has_header=True, source=source)
+    return _standardize(
+        raw,
+        user_col="userId",
+        item_col="movieId",
+        rating_col="rating",
+        timestamp_col="timestamp",
+        source=source,
+    )
+
+
+def _movielens_columns(raw: pl.DataFrame, source: str) -> pl.DataFrame:
+    """Standardize a header-less user, item, rating, timestamp file."""
+    if raw.width != 4:
+        raise DataError(
+            f"{source} should have 4 fields per line (user, item, rating, timestamp), "
+            f"found {raw.width}"
+        )
+    return _standardize(
+        raw, user_col=0, item_col=1, rating_col=2, timestamp_col=3, source=source
+    ).with_columns(pl.col("timestamp").cast(pl.Int64))
+
+
+def _first_line(content: bytes) -> bytes:
+    return content.split(b"\n", 1)[0]
+
+
+def _locate_member(
+    path: Path,
+    *,
+    file_names: Sequence[str],
+    zip_names: Sequence[str],
+    subfolders: Sequence[str],
+) -> tuple[bytes, str]:
+    """Find a ratings file under ``path`` and return its (decompressed) bytes and a label.
+
+    ``path`` may be the file, a zip holding a member whose base name is in ``file_names``, a
+    folder holding the file or one of ``zip_names``, or a folder holding one of ``subfolders``.
+    """
+    tried: list[str] = []
+    if path.is_file():
+        if zipfile.is_zipfile(path):
+            return _read_zip_member(path, file_names)
+        return _read_bytes(path), str(path)
+    if path.is_dir():
+        for folder in (path, *(path / sub for sub in subfolders)):
+            for name in file_names:
+                candidate = folder / name
+                tried.append(str(candidate))
+                if candidate.is_file():
+                    return _read_bytes(candidate), str(candidate)
+            for pattern in zip_names:
+                tried.append(str(folder / pattern))
+                for archive in sorted(folder.glob(pattern)):
+                    if zipfile.is_zipfile(archive):
+                        try:
+                            return _read_zip_member(archive, file_names)
+                        except DataFileNotFound:
+                            continue
+        raise DataFileNotFound(
+            f"no {' or '.join(file_names)} found under {path}; tried: {', '.join(tried)}"
+        )
+    raise DataFileNotFound(f"data path not found: {path}")
+
+
+def _read_zip_member(archive: Path, file_names: Sequence[str]) -> tuple[bytes, str]:
+    with zipfile.ZipFile(archive) as zf:
+        members = [
+            info.filename
+            for info in zf.infolist()
+            if not info.is_dir() and info.filename.rsplit("/", 1)[-1] in file_names
+        ]
+        if not members:
+            raise DataFileNotFound(f"no {' or '.join(file_names)} inside the zip {archive}")
+        # The shallowest match is the dataset's own file, not a copy in a nested folder.
+        member = min(members, key=lambda name: (name.count("/"), name))
+        content = zf.read(member)
+    if content[:2] == b"\x1f\x8b":
+        content = gzip.decompress(content)
+    return content, f"{archive}!{member}"

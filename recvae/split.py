@@ -1,0 +1,174 @@
+"""The strong-generalization split of Liang et al. (2018), as PROTOCOL.md states it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from numpy.typing import NDArray
+
+from recvae.data.interactions import DataError, Interactions
+
+__all__ = ["HeldOut", "Split", "split_users", "split_fold_in"]
+
+DEFAULT_SEED = 98765
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out users: the fold-in history a model sees and the targets it must find.
+
+    Both share the users (rows) and the training item vocabulary (columns) and are disjoint.
+    Users with no target are kept (they are left out of metric means).
+    """
+
+    fold_in: Interactions
+    targets: Interactions
+
+    @property
+    def n_users(self) -> int:
+        return self.fold_in.n_users
+
+    @property
+    def n_users_with_targets(self) -> int:
+        return int((self.targets.user_counts() > 0).sum())
+
+
+@dataclass(frozen=True)
+class Split:
+    """Train / validation / test users; the item vocabulary comes from training users only."""
+
+    train: Interactions
+    validation: HeldOut
+    test: HeldOut
+    seed: int
+    n_heldout: int
+    holdout_fraction: float
+
+    def summary(self) -> dict[str, Any]:
+        """Counts that describe the split (for logs and tracking)."""
+        return {
+            "n_items": self.train.n_items,
+            "n_train_users": self.train.n_users,
+            "n_train_interactions": self.train.nnz,
+            "n_validation_users": self.validation.n_users,
+            "n_validation_users_with_targets": self.validation.n_users_with_targets,
+            "n_test_users": self.test.n_users,
+            "n_test_users_with_targets": self.test.n_users_with_targets,
+            "seed": self.seed,
+            "n_heldout": self.n_heldout,
+            "holdout_fraction": self.holdout_fraction,
+        }
+
+
+def split_users(
+    data: Interactions,
+    *,
+    n_heldout: int,
+    holdout_fraction: float = 0.2,
+    seed: int = DEFAULT_SEED,
+    min_target_user_count: int = 5,
+) -> Split:
+    """Split users into train, validation and test (strong generalization).
+
+    Steps (PROTOCOL.md): shuffle users with ``default_rng(seed).permutation``; the last
+    ``n_heldout`` are test users, the ``n_heldout`` before them validation users, the rest
+    training users. The item vocabulary keeps only items with a training positive (held-out
+    interactions with other items are dropped). Each held-out user with at least
+    ``min_target_user_count`` remaining positives gets ``int(holdout_fraction * n)`` random
+    targets; the rest is fold-in. A pure function of its inputs and ``seed``.
+
+    Args:
+        data: Binarized, filtered interactions.
+        n_heldout: Users in each of validation and test.
+        holdout_fraction: Share of a held-out user's positives that become targets.
+        seed: Seed of the user permutation and of the target draw.
+        min_target_user_count: Held-out users with fewer positives get no target.
+
+    Returns:
+        The split.
+
+    Raises:
+        ValueError: bad arguments.
+        DataError: the split leaves no training users or no training items.
+    """
+    if not isinstance(n_heldout, int | np.integer) or n_heldout < 1:
+        raise ValueError(f"n_heldout must be an int >= 1, got {n_heldout!r}")
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    n_train = data.n_users - 2 * n_heldout
+    if n_train < 1:
+        raise DataError(
+            f"the split leaves no training users: {data.n_users} users cannot give "
+            f"2 x n_heldout={n_heldout} held-out users and at least one training user; "
+            "lower --n-heldout"
+        )
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(data.n_users)
+    train_rows = perm[:n_train]
+    validation_rows = perm[n_train : n_train + n_heldout]
+    test_rows = perm[n_train + n_heldout :]
+
+    train_full = data.matrix[train_rows]
+    item_mask = np.bincount(train_full.indices, minlength=data.n_items) > 0
+    kept_items = np.flatnonzero(item_mask)
+    if len(kept_items) == 0:
+        raise DataError("the training users have no interactions: no item vocabulary")
+    item_ids = data.item_ids[kept_items]
+    train = Interactions(train_full[:, kept_items].tocsr(), data.user_ids[train_rows], item_ids)
+
+    def held_out(rows: NDArray[np.int64]) -> HeldOut:
+        matrix = data.matrix[rows][:, kept_items].tocsr()
+        fold_in, targets = split_fold_in(
+            matrix, holdout_fraction=holdout_fraction, rng=rng,
+            min_user_count=min_target_user_count,
+        )
+        user_ids = data.user_ids[rows]
+        return HeldOut(
+            Interactions(fold_in, user_ids, item_ids), Interactions(targets, user_ids, item_ids)
+        )
+
+    return Split(
+        train=train,
+        validation=held_out(validation_rows),
+        test=held_out(test_rows),
+        seed=int(seed),
+        n_heldout=int(n_heldout),
+        holdout_fraction=float(holdout_fraction),
+    )
+
+
+def split_fold_in(
+    matrix: sp.csr_array,
+    *,
+    holdout_fraction: float = 0.2,
+    rng: np.random.Generator,
+    min_user_count: int = 5,
+) -> tuple[sp.csr_array, sp.csr_array]:
+    """Split each row's positives into (fold-in, targets), vectorized.
+
+    A row with ``n >= min_user_count`` positives gets ``int(holdout_fraction * n)`` targets drawn
+    uniformly at random; other rows keep everything as fold-in.
+    """
+    matrix = sp.csr_array(matrix)
+    matrix.sort_indices()
+    counts = np.diff(matrix.indptr)
+    n_targets = np.where(counts >= min_user_count, (holdout_fraction * counts).astype(np.int64), 0)
+    rows = np.repeat(np.arange(matrix.shape[0]), counts)
+    keys = rng.random(matrix.nnz)
+    order = np.lexsort((keys, rows))  # by row, then random key
+    rank_in_row = np.empty(matrix.nnz, dtype=np.int64)
+    rank_in_row[order] = np.arange(matrix.nnz) - matrix.indptr[rows[order]]
+    is_target = rank_in_row < n_targets[rows]
+
+    def part(mask: NDArray[np.bool_]) -> sp.csr_array:
+        out = sp.csr_array(
+            (matrix.data[mask], (rows[mask], matrix.indices[mask])), shape=matrix.shape,
+            dtype=np.float32,
+        )
+        out.sort_indices()
+        return out
+
+    return part(~is_target), part(is_target)

@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from recvae.config import MultDAEConfig, MultVAEConfig, config_from_dict
+from recvae.model import (
+    MultDAE,
+    MultVAE,
+    anneal_beta,
+    elbo_loss,
+    gaussian_kl,
+    l2_penalty,
+    multinomial_nll,
+)
+
+
+def test_vae_shapes_follow_the_paper_architecture() -> None:
+    model = MultVAE(MultVAEConfig(), n_items=50)
+    assert [tuple(layer.weight.shape) for layer in model.encoder] == [(600, 50), (400, 600)]
+    assert [tuple(layer.weight.shape) for layer in model.decoder] == [(600, 200), (50, 600)]
+    x = (torch.rand(7, 50) > 0.7).float()
+    logits, mu, logvar = model(x)
+    assert logits.shape == (7, 50)
+    assert mu.shape == logvar.shape == (7, 200)
+
+
+def test_dae_shapes_and_no_variance() -> None:
+    model = MultDAE(MultDAEConfig(), n_items=30)
+    logits, code, logvar = model((torch.rand(4, 30) > 0.5).float())
+    assert logits.shape == (4, 30) and code.shape == (4, 200) and logvar is None
+
+
+def test_eval_mode_uses_the_mean_and_is_deterministic() -> None:
+    torch.manual_seed(0)
+    model = MultVAE(MultVAEConfig(hidden_dims=(8,), latent_dim=4), n_items=12).eval()
+    x = (torch.rand(3, 12) > 0.5).float()
+    a, mu, _ = model(x)
+    b, _, _ = model(x)
+    assert torch.equal(a, b)
+    assert torch.allclose(a, model.decode(mu))
+
+
+def test_training_mode_samples() -> None:
+    torch.manual_seed(0)
+    model = MultVAE(MultVAEConfig(hidden_dims=(8,), latent_dim=4, dropout=0.0), n_items=12)
+    x = (torch.rand(3, 12) > 0.5).float()
+    a, _, _ = model(x)
+    b, _, _ = model(x)
+    assert not torch.equal(a, b)
+
+
+def test_multinomial_nll_matches_hand_computation() -> None:
+    logits = torch.tensor([[0.0, math.log(3.0)]])  # softmax = [1/4, 3/4]
+    x = torch.tensor([[1.0, 1.0]])
+    expected = -(math.log(0.25) + math.log(0.75))
+    assert multinomial_nll(logits, x).item() == pytest.approx(expected)
+
+
+def test_kl_is_zero_at_the_prior_and_matches_formula() -> None:
+    assert gaussian_kl(torch.zeros(2, 3), torch.zeros(2, 3)).item() == pytest.approx(0.0)
+    mu = torch.tensor([[1.0, 0.0]])
+    logvar = torch.tensor([[0.0, math.log(2.0)]])
+    expected = 0.5 * ((1 + 1 - 1 - 0) + (2 + 0 - 1 - math.log(2.0)))
+    assert gaussian_kl(mu, logvar).item() == pytest.approx(expected)
+
+
+def test_elbo_combines_terms_with_beta() -> None:
+    torch.manual_seed(1)
+    logits, x = torch.randn(4, 6), (torch.rand(4, 6) > 0.5).float()
+    mu, logvar = torch.randn(4, 3), torch.randn(4, 3)
+    total = elbo_loss(logits, x, mu, logvar, beta=0.3)
+    assert total.item() == pytest.approx(
+        (multinomial_nll(logits, x) + 0.3 * gaussian_kl(mu, logvar)).item()
+    )
+
+
+def test_anneal_schedule() -> None:
+    assert anneal_beta(0, beta_max=0.2, anneal_steps=100) == 0.0
+    assert anneal_beta(10, beta_max=0.2, anneal_steps=100) == pytest.approx(0.1)
+    assert anneal_beta(1000, beta_max=0.2, anneal_steps=100) == 0.2
+
+
+def test_l2_penalty_counts_weights_not_biases() -> None:
+    model = MultDAE(MultDAEConfig(latent_dim=2), n_items=3)
+    expected = sum(p.pow(2).sum() for n, p in model.named_parameters() if n.endswith("weight"))
+    assert l2_penalty(model).item() == pytest.approx(expected.item())
+
+
+def test_config_round_trip_and_validation() -> None:
+    cfg = MultVAEConfig(hidden_dims=(300, 100), latent_dim=50, beta_max=0.3)
+    assert config_from_dict(cfg.to_dict()) == cfg
+    import json
+
+    assert config_from_dict(json.loads(cfg.to_json())) == cfg
+    with pytest.raises(ValueError, match="dropout"):
+        MultVAEConfig(dropout=1.5)
+    with pytest.raises(ValueError, match="latent_dim"):
+        MultVAEConfig(latent_dim=0)
+    with pytest.raises(ValueError, match="bogus"):
+        config_from_dict({"model": "multvae", "bogus": 1})
+    with pytest.raises(ValueError, match="unknown model"):
+        config_from_dict({"model": "nope"})
+    with pytest.raises(ValueError, match="batch_size"):
+        MultDAEConfig(batch_size=0)

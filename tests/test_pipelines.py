@@ -1,0 +1,119 @@
+"""The ``recvae`` command line, run in-process and as the installed console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    code = main(["train", "--epochs", "3", "--no-progress", "--device", "cpu", "-o", str(out)])
+    assert code == 0
+    return out
+
+
+def test_train_writes_bundle_and_metrics(trained: Path) -> None:
+    assert (trained / "bundle" / "meta.json").is_file()
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["dataset"] == "ml-latest-small"
+    for name in ("recall@20", "recall@50", "ndcg@100"):
+        assert 0.0 <= metrics["test"][name] <= 1.0
+        assert metrics["test"][f"{name}_se"] > 0
+    meta = json.loads((trained / "bundle" / "meta.json").read_text())
+    assert meta["split"]["n_test_users"] == 100
+
+
+def test_train_output_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(["train", "--epochs", "1", "--no-progress", "-o", str(tmp_path / "r"),
+                         "--model", "multdae"], capsys)
+    assert code == 0
+    assert "recall@20" in out and "ndcg@100" in out and "±" in out
+    assert str(tmp_path / "r" / "bundle") in out
+
+
+def test_rerun_resumes_from_checkpoint(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Same output dir and config: the checkpoint says all 3 epochs are done, nothing retrains.
+    code, out, _ = _run(["train", "--epochs", "3", "--no-progress", "-o", str(trained)], capsys)
+    assert code == 0 and "of 3" in out
+
+
+def test_evaluate_and_recommend(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(["evaluate", str(trained / "bundle")], capsys)
+    assert code == 0 and "ndcg@100" in out and "| recall@20 |" in out
+    code, out, _ = _run(["recommend", str(trained / "bundle"), "1", "2", "3", "no-such", "-k", "4",
+                         "--json"], capsys)
+    assert code == 0
+    payload = json.loads(out)
+    assert len(payload["items"]) == 4 and payload["unknown_items"] == ["no-such"]
+    assert not {1, 2, 3} & {item["item_id"] for item in payload["items"]}
+
+
+def test_datasets_lists_loaders(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(["datasets"], capsys)
+    assert code == 0
+    for name in ("ml-latest-small", "ml-1m", "gowalla", "lastfm", "ml-100k"):
+        assert name in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--data", "/no/such/file.csv"], "/no/such/file.csv"),
+        (["train", "--dataset", "nope"], "nope"),
+        (["train", "--epochs", "0"], "epochs"),
+        (["train", "--n-heldout", "400"], "no training users"),
+        (["train", "--config", "/no/such.toml"], "config file not found"),
+        (["evaluate", "/no/bundle"], "no model bundle"),
+        (["recommend", "/no/bundle", "1"], "no model bundle"),
+    ],
+)
+def test_bad_input_gives_message_and_nonzero_exit(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, _, err = _run([*argv, *(["-o", str(tmp_path / "x")] if argv[0] == "train" else [])],
+                        capsys)
+    assert code != 0
+    assert message in err and err.startswith("recvae: error:")
+
+
+def test_train_on_a_csv_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lines = ["uid,iid,stars"]
+    for u in range(60):
+        for i in rng.choice(30, size=8, replace=False):
+            lines.append(f"user{u},item{i},{rng.integers(1, 6)}")
+    path = tmp_path / "log.csv"
+    path.write_text("\n".join(lines))
+    code, out, err = _run(["train", "--data", str(path), "--user-col", "uid", "--item-col", "iid",
+                           "--rating-col", "stars", "--threshold", "0", "--epochs", "2",
+                           "--no-progress", "--n-heldout", "5", "-o", str(tmp_path / "r")], capsys)
+    assert code == 0, err
+    code, _, err = _run(["train", "--data", str(path), "--user-col", "who", "--epochs", "1",
+                         "-o", str(tmp_path / "r2")], capsys)
+    assert code == 2 and "who" in err
+
+
+def test_console_script_help_and_config_preset(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "recvae"
+    result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
+    for command in ("train", "evaluate", "recommend", "datasets"):
+        assert command in result.stdout
+    bad = subprocess.run([str(exe), "train", "--epochs", "-3", "-o", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "epochs" in bad.stderr
