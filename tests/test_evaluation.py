@@ -114,11 +114,6 @@ SHAPES = [(1, 1), (3, 2), (5, 8), (13, 40), (64, 300)]
 KS = [1, 3, 10, 50]
 
 
-@pytest.fixture
-def rng() -> np.random.Generator:
-    return np.random.default_rng(20180423)
-
-
 # ---------------------------------------------------------------------------------------------
 # Per-user metrics against the reference
 
