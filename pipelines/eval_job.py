@@ -8,8 +8,14 @@ from pipelines.settings import JobSettings
 from pipelines.train_job import prepare
 
 
-def run_evaluate(bundle: Path, job: JobSettings, *, part: str = "test",
-                 ks: tuple[int, ...] = (20, 50, 100), device: str = "cpu") -> str:
+def run_evaluate(
+    bundle: Path,
+    job: JobSettings,
+    *,
+    part: str = "test",
+    ks: tuple[int, ...] = (20, 50, 100),
+    device: str = "cpu",
+) -> str:
     """Score ``bundle`` on the split that ``job`` describes; return a printable table.
 
     The bundle's item vocabulary decides the columns: held-out items it does not know are
@@ -25,8 +31,12 @@ def run_evaluate(bundle: Path, job: JobSettings, *, part: str = "test",
     heldout = split.test if part == "test" else split.validation
     # Map the split's item vocabulary onto the bundle's.
     positions = np.asarray(
-        [rec.vocab.item_index(i) if rec.vocab.item_index(i) is not None else -1
-         for i in heldout.fold_in.item_ids.tolist()], dtype=np.int64)
+        [
+            rec.vocab.item_index(i) if rec.vocab.item_index(i) is not None else -1
+            for i in heldout.fold_in.item_ids.tolist()
+        ],
+        dtype=np.int64,
+    )
     known = positions >= 0
     if not known.any():
         raise ValueError(f"bundle {bundle} shares no item with the dataset {job.data.name}")
@@ -35,12 +45,14 @@ def run_evaluate(bundle: Path, job: JobSettings, *, part: str = "test",
     def remap(matrix: sp.csr_array) -> sp.csr_array:
         coo = sp.coo_array(matrix[:, np.flatnonzero(known)])
         cols = positions[known][coo.col]
-        return sp.csr_array((coo.data, (coo.row, cols)), shape=(matrix.shape[0], rec.n_items),
-                            dtype=np.float32)
+        return sp.csr_array(
+            (coo.data, (coo.row, cols)), shape=(matrix.shape[0], rec.n_items), dtype=np.float32
+        )
 
     fold_in, targets = remap(heldout.fold_in.matrix), remap(heldout.targets.matrix)
-    result = evaluate(rec, fold_in, targets, ks=ks, device=device,
-                      item_popularity=rec.item_popularity())
+    result = evaluate(
+        rec, fold_in, targets, ks=ks, device=device, item_popularity=rec.item_popularity()
+    )
     lines = [
         f"bundle {bundle} (model {rec.config.model}, version {rec.version}) on "
         f"{job.data.name} {part} users: {result.n_users} scored, "

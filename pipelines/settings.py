@@ -109,8 +109,20 @@ def _take(section: dict[str, Any], cls: type, where: str) -> Any:
 
 def job_from_dict(raw: dict[str, Any]) -> JobSettings:
     """Build settings from a parsed TOML document (unknown sections or keys are rejected)."""
-    allowed = {"data", "protocol", "model", "run", "models", "experiment", "tune", "nightly",
-               "search", "serve", "mlflow", "report"}
+    allowed = {
+        "data",
+        "protocol",
+        "model",
+        "run",
+        "models",
+        "experiment",
+        "tune",
+        "nightly",
+        "search",
+        "serve",
+        "mlflow",
+        "report",
+    }
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ValueError(f"unknown section(s) in config: {', '.join(unknown)}")
@@ -124,6 +136,7 @@ def job_from_dict(raw: dict[str, Any]) -> JobSettings:
 
 def with_overrides(job: JobSettings, **sections: dict[str, Any]) -> JobSettings:
     """Apply non-None overrides per section (``data``, ``protocol``, ``model``, ``run``)."""
+
     def clean(d: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in d.items() if v is not None}
 

@@ -85,15 +85,25 @@ def run_train(
     out = output_dir or default_output_dir(job, config.model)
     options = job.run_options(checkpoint_dir=str(out / "checkpoints") if save else None)
     start = time.perf_counter()
-    recommender = train(split.train, config, validation=split.validation, options=options,
-                        on_epoch=on_epoch)
+    recommender = train(
+        split.train, config, validation=split.validation, options=options, on_epoch=on_epoch
+    )
     seconds = time.perf_counter() - start
     popularity = split.train.item_counts()
-    validation = evaluate(recommender, split.validation.fold_in.matrix,
-                          split.validation.targets.matrix, item_popularity=popularity,
-                          device=str(recommender.device))
-    test = evaluate(recommender, split.test.fold_in.matrix, split.test.targets.matrix,
-                    item_popularity=popularity, device=str(recommender.device))
+    validation = evaluate(
+        recommender,
+        split.validation.fold_in.matrix,
+        split.validation.targets.matrix,
+        item_popularity=popularity,
+        device=str(recommender.device),
+    )
+    test = evaluate(
+        recommender,
+        split.test.fold_in.matrix,
+        split.test.targets.matrix,
+        item_popularity=popularity,
+        device=str(recommender.device),
+    )
     recommender.meta.update(
         {
             "dataset": prepared.name,
@@ -127,12 +137,16 @@ def metric_rows(result: EvaluationResult, names: tuple[str, ...] = PAPER_METRICS
     return [f"{name:<12} {result.mean(name):.4f} ± {result.stderr(name):.4f}" for name in names]
 
 
-def results_table(rows: list[tuple[str, EvaluationResult, dict[str, Any]]],
-                  names: tuple[str, ...] = PAPER_METRICS) -> str:
+def results_table(
+    rows: list[tuple[str, EvaluationResult, dict[str, Any]]], names: tuple[str, ...] = PAPER_METRICS
+) -> str:
     """A markdown table: one row per model, mean ± standard error per metric."""
     extra_cols = sorted({k for _, _, extra in rows for k in extra})
-    header = ["model", *[n.replace("recall", "Recall").replace("ndcg", "NDCG") for n in names],
-              *extra_cols]
+    header = [
+        "model",
+        *[n.replace("recall", "Recall").replace("ndcg", "NDCG") for n in names],
+        *extra_cols,
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, result, extra in rows:
         cells = [label] + [f"{result.mean(n):.4f} ± {result.stderr(n):.4f}" for n in names]

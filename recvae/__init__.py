@@ -7,7 +7,7 @@ The public surface is listed in ``__all__``. Names are imported lazily (PEP 562)
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -62,21 +62,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
-
-
-if TYPE_CHECKING:  # pragma: no cover
-    from recvae.config import MultDAEConfig, MultVAEConfig, RunOptions, config_from_dict
-    from recvae.data import (
-        DataError,
-        Interactions,
-        UnknownUserError,
-        list_datasets,
-        load_dataset,
-        load_interactions,
-        synthetic_interactions,
-    )
-    from recvae.evaluation import EvaluationResult, Ranker, evaluate, ndcg_at_k, recall_at_k
-    from recvae.model import MultDAE, MultVAE, elbo_loss
-    from recvae.recommender import BundleError, Recommendations, Recommender
-    from recvae.split import HeldOut, Split, split_users
-    from recvae.training import Trainer, train

@@ -153,7 +153,8 @@ class MultVAEConfig(ModelConfig):
         _check(isinstance(self.latent_dim, int) and self.latent_dim >= 1, "latent_dim", ">= 1")
         _check(0.0 <= self.beta_max <= 10.0, "beta_max", "must be in [0, 10]")
         _check(
-            self.anneal_steps is None or (isinstance(self.anneal_steps, int) and self.anneal_steps > 0),
+            self.anneal_steps is None
+            or (isinstance(self.anneal_steps, int) and self.anneal_steps > 0),
             "anneal_steps",
             "must be None or an int > 0",
         )
@@ -200,9 +201,7 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     """
     name = data.get("model")
     if name not in CONFIG_TYPES:
-        raise ValueError(
-            f"unknown model '{name}' (known: {', '.join(sorted(CONFIG_TYPES))})"
-        )
+        raise ValueError(f"unknown model '{name}' (known: {', '.join(sorted(CONFIG_TYPES))})")
     return CONFIG_TYPES[name].from_dict(data)
 
 
@@ -224,8 +223,6 @@ class RunOptions:
             "device",
             "must be auto, cpu, cuda or cuda:N",
         )
-        _check(
-            self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1"
-        )
+        _check(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1")
         _check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         _check(self.validate_every >= 1, "validate_every", "must be >= 1")

@@ -137,7 +137,7 @@ class MultVAE(_Autoencoder):
 
 
 class MultDAE(_Autoencoder):
-    """The denoising autoencoder of Liang et al. (2018): ``[n_items, *hidden, latent, ..., n_items]``.
+    """The denoising autoencoder of Liang et al. (2018): ``[n_items, *hidden, latent, n_items]``.
 
     ``forward`` returns ``(logits, code, None)``: there is no posterior variance.
     """
@@ -193,7 +193,7 @@ def build_model(config: ModelConfig, n_items: int) -> nn.Module:
 
 # ---------------------------------------------------------------------------- losses
 def multinomial_nll(logits: Tensor, x: Tensor) -> Tensor:
-    """Mean negative multinomial log-likelihood ``-1/B sum_u sum_i x_ui log softmax(logits_u)_i``."""
+    """Mean negative multinomial log-likelihood ``-1/B sum_u sum_i x_ui log softmax(f_u)_i``."""
     return -(F.log_softmax(logits, dim=1) * x).sum(dim=1).mean()
 
 

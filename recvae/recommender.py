@@ -229,9 +229,7 @@ class Recommender:
         for row, items in enumerate(histories):
             w = None if weights is None else weights[row]
             if w is not None and len(w) != len(items):
-                raise ValueError(
-                    f"history {row}: {len(w)} weights for {len(items)} items"
-                )
+                raise ValueError(f"history {row}: {len(w)} weights for {len(items)} items")
             known_idx: list[int] = []
             known_w: list[float] = []
             unknown: list[Any] = []
@@ -259,8 +257,9 @@ class Recommender:
             )
             # Repeated ids in one history: keep the largest weight rather than summing.
             matrix.sum_duplicates()
-            matrix = _dedupe_max(matrix, np.concatenate(rows), np.concatenate(cols),
-                                 np.concatenate(vals))
+            matrix = _dedupe_max(
+                matrix, np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+            )
         else:
             matrix = sp.csr_array((n, self.n_items), dtype=np.float32)
         return matrix, unknown_all
@@ -309,7 +308,8 @@ class Recommender:
         unknown: Sequence[tuple[Any, ...]] = (),
     ) -> Recommendations:
         return Recommendations(
-            item_ids=self.item_ids[np.maximum(idx, 0)] if idx.size
+            item_ids=self.item_ids[np.maximum(idx, 0)]
+            if idx.size
             else np.empty(idx.shape, dtype=self.item_ids.dtype),
             scores=scores,
             item_idx=idx,
@@ -349,7 +349,10 @@ class Recommender:
         Unknown item ids are ignored and reported in ``unknown_items``.
         """
         return self.recommend_histories(
-            [item_ids], k, exclude_seen=exclude_seen, exclude=[exclude],
+            [item_ids],
+            k,
+            exclude_seen=exclude_seen,
+            exclude=[exclude],
             weights=None if weights is None else [weights],
         )
 
@@ -446,9 +449,7 @@ class Recommender:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.meta.update(
-            {"model_version": version, "created_at": meta["created_at"]}
-        )
+        self.meta.update({"model_version": version, "created_at": meta["created_at"]})
         return target
 
     @classmethod
@@ -507,7 +508,9 @@ class Recommender:
 
 
 def _dedupe_max(
-    matrix: sp.csr_array, rows: NDArray[np.int64], cols: NDArray[np.int64],
+    matrix: sp.csr_array,
+    rows: NDArray[np.int64],
+    cols: NDArray[np.int64],
     vals: NDArray[np.float32],
 ) -> sp.csr_array:
     if matrix.nnz == len(rows):

@@ -122,7 +122,9 @@ def split_users(
     def held_out(rows: NDArray[np.int64]) -> HeldOut:
         matrix = data.matrix[rows][:, kept_items].tocsr()
         fold_in, targets = split_fold_in(
-            matrix, holdout_fraction=holdout_fraction, rng=rng,
+            matrix,
+            holdout_fraction=holdout_fraction,
+            rng=rng,
             min_user_count=min_target_user_count,
         )
         user_ids = data.user_ids[rows]
@@ -165,7 +167,8 @@ def split_fold_in(
 
     def part(mask: NDArray[np.bool_]) -> sp.csr_array:
         out = sp.csr_array(
-            (matrix.data[mask], (rows[mask], matrix.indices[mask])), shape=matrix.shape,
+            (matrix.data[mask], (rows[mask], matrix.indices[mask])),
+            shape=matrix.shape,
             dtype=np.float32,
         )
         out.sort_indices()

@@ -218,7 +218,9 @@ class Trainer:
         for b in range(self.steps_per_epoch):
             rows = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             x = _batch_tensor(self.data.matrix, rows, self.device)
-            beta = anneal_beta(self.state.step, beta_max=self.beta_max, anneal_steps=self.anneal_steps)
+            beta = anneal_beta(
+                self.state.step, beta_max=self.beta_max, anneal_steps=self.anneal_steps
+            )
             loss, nll, kl = self._loss(x, beta)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -232,7 +234,8 @@ class Trainer:
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 bar.update(n)
                 bar.set_postfix(
-                    loss=f"{float(loss):.2f}", beta=f"{beta:.3f}",
+                    loss=f"{float(loss):.2f}",
+                    beta=f"{beta:.3f}",
                     users_s=f"{bar.n / elapsed:,.0f}",
                 )
         if bar is not None:
@@ -240,7 +243,11 @@ class Trainer:
         seconds = time.perf_counter() - start
         metrics = {k: v / self.data.n_users for k, v in totals.items()}
         metrics.update(
-            {"beta": beta, "epoch_seconds": seconds, "users_per_second": self.data.n_users / seconds}
+            {
+                "beta": beta,
+                "epoch_seconds": seconds,
+                "users_per_second": self.data.n_users / seconds,
+            }
         )
         return metrics
 
@@ -293,7 +300,10 @@ class Trainer:
             s.history.append({"epoch": float(epoch), **metrics})
             self.save_checkpoint()
             logger.info(
-                "epoch %d/%d loss %.3f beta %.3f %s(%.1fs)", epoch, cfg.epochs, metrics["loss"],
+                "epoch %d/%d loss %.3f beta %.3f %s(%.1fs)",
+                epoch,
+                cfg.epochs,
+                metrics["loss"],
                 metrics["beta"],
                 "".join(f"{k} {v:.4f} " for k, v in metrics.items() if k.startswith("val_")),
                 metrics["epoch_seconds"],

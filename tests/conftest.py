@@ -80,8 +80,15 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from recvae.training import train
 
     data, _ = make_checkerboard()
-    config = MultVAEConfig(hidden_dims=(16,), latent_dim=8, epochs=30, batch_size=16,
-                           learning_rate=1e-2, dropout=0.2, seed=1)
+    config = MultVAEConfig(
+        hidden_dims=(16,),
+        latent_dim=8,
+        epochs=30,
+        batch_size=16,
+        learning_rate=1e-2,
+        dropout=0.2,
+        seed=1,
+    )
     rec = train(data, config, options=RunOptions(device="cpu", progress=False))
     path = tmp_path_factory.mktemp("bundle") / "tiny"
     rec.save(path)

@@ -38,8 +38,19 @@ def test_train_writes_bundle_and_metrics(trained: Path) -> None:
 
 
 def test_train_output_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _run(["train", "--epochs", "1", "--no-progress", "-o", str(tmp_path / "r"),
-                         "--model", "multdae"], capsys)
+    code, out, _ = _run(
+        [
+            "train",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "-o",
+            str(tmp_path / "r"),
+            "--model",
+            "multdae",
+        ],
+        capsys,
+    )
     assert code == 0
     assert "recall@20" in out and "ndcg@100" in out and "±" in out
     assert str(tmp_path / "r" / "bundle") in out
@@ -54,8 +65,10 @@ def test_rerun_resumes_from_checkpoint(trained: Path, capsys: pytest.CaptureFixt
 def test_evaluate_and_recommend(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _run(["evaluate", str(trained / "bundle")], capsys)
     assert code == 0 and "ndcg@100" in out and "| recall@20 |" in out
-    code, out, _ = _run(["recommend", str(trained / "bundle"), "1", "2", "3", "no-such", "-k", "4",
-                         "--json"], capsys)
+    code, out, _ = _run(
+        ["recommend", str(trained / "bundle"), "1", "2", "3", "no-such", "-k", "4", "--json"],
+        capsys,
+    )
     assert code == 0
     payload = json.loads(out)
     assert len(payload["items"]) == 4 and payload["unknown_items"] == ["no-such"]
@@ -84,8 +97,9 @@ def test_datasets_lists_loaders(capsys: pytest.CaptureFixture[str]) -> None:
 def test_bad_input_gives_message_and_nonzero_exit(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    code, _, err = _run([*argv, *(["-o", str(tmp_path / "x")] if argv[0] == "train" else [])],
-                        capsys)
+    code, _, err = _run(
+        [*argv, *(["-o", str(tmp_path / "x")] if argv[0] == "train" else [])], capsys
+    )
     assert code != 0
     assert message in err and err.startswith("recvae: error:")
 
@@ -100,12 +114,44 @@ def test_train_on_a_csv_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
             lines.append(f"user{u},item{i},{rng.integers(1, 6)}")
     path = tmp_path / "log.csv"
     path.write_text("\n".join(lines))
-    code, out, err = _run(["train", "--data", str(path), "--user-col", "uid", "--item-col", "iid",
-                           "--rating-col", "stars", "--threshold", "0", "--epochs", "2",
-                           "--no-progress", "--n-heldout", "5", "-o", str(tmp_path / "r")], capsys)
+    code, out, err = _run(
+        [
+            "train",
+            "--data",
+            str(path),
+            "--user-col",
+            "uid",
+            "--item-col",
+            "iid",
+            "--rating-col",
+            "stars",
+            "--threshold",
+            "0",
+            "--epochs",
+            "2",
+            "--no-progress",
+            "--n-heldout",
+            "5",
+            "-o",
+            str(tmp_path / "r"),
+        ],
+        capsys,
+    )
     assert code == 0, err
-    code, _, err = _run(["train", "--data", str(path), "--user-col", "who", "--epochs", "1",
-                         "-o", str(tmp_path / "r2")], capsys)
+    code, _, err = _run(
+        [
+            "train",
+            "--data",
+            str(path),
+            "--user-col",
+            "who",
+            "--epochs",
+            "1",
+            "-o",
+            str(tmp_path / "r2"),
+        ],
+        capsys,
+    )
     assert code == 2 and "who" in err
 
 
@@ -114,6 +160,7 @@ def test_console_script_help_and_config_preset(tmp_path: Path) -> None:
     result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
     for command in ("train", "evaluate", "recommend", "datasets"):
         assert command in result.stdout
-    bad = subprocess.run([str(exe), "train", "--epochs", "-3", "-o", str(tmp_path)],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [str(exe), "train", "--epochs", "-3", "-o", str(tmp_path)], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "epochs" in bad.stderr

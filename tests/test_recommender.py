@@ -62,9 +62,7 @@ def test_unknown_items_are_reported_and_dropped(rec: Recommender) -> None:
     known = rec.item_ids[:3].tolist()
     result = rec.recommend_from_history([*known, "nope", 999999], k=3)
     assert result.unknown_items == (("nope", 999999),)
-    np.testing.assert_array_equal(
-        result.item_ids, rec.recommend_from_history(known, k=3).item_ids
-    )
+    np.testing.assert_array_equal(result.item_ids, rec.recommend_from_history(known, k=3).item_ids)
 
 
 def test_unknown_user_and_bad_k(rec: Recommender) -> None:
@@ -133,10 +131,16 @@ def test_string_ids_round_trip(tmp_path: Path) -> None:
     from recvae.training import train
 
     data, _ = make_checkerboard(20, 10)
-    named = Interactions(data.matrix, np.asarray([f"u{i}" for i in range(20)], dtype=object),
-                         np.asarray([f"item-{i}" for i in range(10)], dtype=object))
-    rec = train(named, MultVAEConfig(hidden_dims=(8,), latent_dim=4, epochs=2, batch_size=8),
-                options=RunOptions(device="cpu", progress=False))
+    named = Interactions(
+        data.matrix,
+        np.asarray([f"u{i}" for i in range(20)], dtype=object),
+        np.asarray([f"item-{i}" for i in range(10)], dtype=object),
+    )
+    rec = train(
+        named,
+        MultVAEConfig(hidden_dims=(8,), latent_dim=4, epochs=2, batch_size=8),
+        options=RunOptions(device="cpu", progress=False),
+    )
     loaded = Recommender.load(rec.save(tmp_path / "s"))
     out = loaded.recommend(["u3"], k=2)
     assert all(isinstance(i, str) and i.startswith("item-") for i in out.item_ids[0])

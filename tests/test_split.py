@@ -11,16 +11,19 @@ from recvae.split import split_users
 def _random_data(rng: np.random.Generator, n_users: int = 300, n_items: int = 80) -> Interactions:
     dense = rng.random((n_users, n_items)) < rng.uniform(0.03, 0.3, size=(n_users, 1))
     dense[:, 0] = True  # at least one positive per user
-    return Interactions(sp.csr_array(dense.astype(np.float32)), np.arange(n_users) + 1000,
-                        np.arange(n_items) * 3)
+    return Interactions(
+        sp.csr_array(dense.astype(np.float32)), np.arange(n_users) + 1000, np.arange(n_items) * 3
+    )
 
 
 def test_users_land_in_exactly_one_part(rng: np.random.Generator) -> None:
     data = _random_data(rng)
     split = split_users(data, n_heldout=40, seed=3)
-    train, val, test = (set(split.train.user_ids.tolist()),
-                        set(split.validation.fold_in.user_ids.tolist()),
-                        set(split.test.fold_in.user_ids.tolist()))
+    train, val, test = (
+        set(split.train.user_ids.tolist()),
+        set(split.validation.fold_in.user_ids.tolist()),
+        set(split.test.fold_in.user_ids.tolist()),
+    )
     assert len(val) == len(test) == 40 and len(train) == 300 - 80
     assert not (train & val) and not (train & test) and not (val & test)
     assert train | val | test == set(data.user_ids.tolist())

@@ -15,15 +15,28 @@ CPU = RunOptions(device="cpu", progress=False)
 
 
 def _small(**kw: object) -> MultVAEConfig:
-    base = dict(hidden_dims=(16,), latent_dim=8, epochs=30, batch_size=16, learning_rate=1e-2,
-                dropout=0.2, seed=1)
+    base = dict(
+        hidden_dims=(16,),
+        latent_dim=8,
+        epochs=30,
+        batch_size=16,
+        learning_rate=1e-2,
+        dropout=0.2,
+        seed=1,
+    )
     base.update(kw)
     return MultVAEConfig(**base)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("config", [_small(), MultDAEConfig(latent_dim=8, epochs=30,
-                                                             batch_size=16, learning_rate=1e-2,
-                                                             dropout=0.2, seed=1)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        _small(),
+        MultDAEConfig(
+            latent_dim=8, epochs=30, batch_size=16, learning_rate=1e-2, dropout=0.2, seed=1
+        ),
+    ],
+)
 def test_loss_falls_and_withheld_item_ranks_first(config) -> None:  # type: ignore[no-untyped-def]
     data, withheld = make_checkerboard()
     seen: list[float] = []
@@ -39,11 +52,14 @@ def test_same_seed_gives_identical_weights() -> None:
     a = train(data, _small(epochs=3), options=CPU)
     b = train(data, _small(epochs=3), options=CPU)
     c = train(data, _small(epochs=3, seed=2), options=CPU)
-    for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values(),
-                            strict=True):
+    for (name, p), q in zip(
+        a.model.state_dict().items(), b.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(p, q), name
-    assert any(not torch.equal(p, r) for p, r in zip(a.model.state_dict().values(),
-                                                      c.model.state_dict().values(), strict=True))
+    assert any(
+        not torch.equal(p, r)
+        for p, r in zip(a.model.state_dict().values(), c.model.state_dict().values(), strict=True)
+    )
 
 
 def test_learns_planted_structure_and_selects_on_validation() -> None:
@@ -52,8 +68,9 @@ def test_learns_planted_structure_and_selects_on_validation() -> None:
 
     data = planted_interactions(n_users=400, n_items=60, n_clusters=3, seed=0)
     split = split_users(data, n_heldout=60, seed=0)
-    rec = train(split.train, _small(epochs=15, batch_size=64), validation=split.validation,
-                options=CPU)
+    rec = train(
+        split.train, _small(epochs=15, batch_size=64), validation=split.validation, options=CPU
+    )
     test = split.test
     result = evaluate(rec, test.fold_in.matrix, test.targets.matrix)
 
@@ -72,10 +89,12 @@ def test_learns_planted_structure_and_selects_on_validation() -> None:
                 return ((users[:, None] % 3) == (items[None, :] % 3)).astype(np.float32)
             return np.random.default_rng(0).random((histories.shape[0], self.n_items))
 
-    oracle = evaluate(Fixed(True), test.fold_in.matrix, test.targets.matrix,
-                      batch_size=test.n_users)
-    random = evaluate(Fixed(False), test.fold_in.matrix, test.targets.matrix,
-                      batch_size=test.n_users)
+    oracle = evaluate(
+        Fixed(True), test.fold_in.matrix, test.targets.matrix, batch_size=test.n_users
+    )
+    random = evaluate(
+        Fixed(False), test.fold_in.matrix, test.targets.matrix, batch_size=test.n_users
+    )
     assert result.mean("ndcg@20") > random.mean("ndcg@20") + 0.1
     assert result.mean("ndcg@20") > 0.9 * oracle.mean("ndcg@20")
     assert 1 <= rec.meta["best_epoch"] <= 15
@@ -89,8 +108,12 @@ def test_early_stopping_stops() -> None:
 
     data = planted_interactions(n_users=300, n_items=40, seed=1)
     split = split_users(data, n_heldout=50, seed=0)
-    rec = train(split.train, _small(epochs=200, patience=2, learning_rate=5e-2),
-                validation=split.validation, options=CPU)
+    rec = train(
+        split.train,
+        _small(epochs=200, patience=2, learning_rate=5e-2),
+        validation=split.validation,
+        options=CPU,
+    )
     assert rec.meta["stopped_early"] and rec.meta["epochs_run"] < 200
     assert rec.meta["epochs_run"] == rec.meta["best_epoch"] + 2
 
@@ -105,8 +128,12 @@ def test_relative_and_absolute_anneal_schedules() -> None:
 def test_beta_reaches_cap_near_86_percent_of_training() -> None:
     data, _ = make_checkerboard()
     betas: list[float] = []
-    train(data, _small(epochs=50, batch_size=60), options=CPU,
-          on_epoch=lambda e, m: betas.append(m["beta"]))
+    train(
+        data,
+        _small(epochs=50, batch_size=60),
+        options=CPU,
+        on_epoch=lambda e, m: betas.append(m["beta"]),
+    )
     first_cap = next(i for i, b in enumerate(betas) if b >= 0.2 - 1e-9) + 1
     assert 0.80 * 50 <= first_cap <= 0.90 * 50
 
@@ -116,8 +143,9 @@ def test_beta_search_reports_best_beta() -> None:
 
     data = planted_interactions(n_users=300, n_items=40, seed=2)
     split = split_users(data, n_heldout=50, seed=0)
-    rec = train(split.train, _small(epochs=8, beta_search=True), validation=split.validation,
-                options=CPU)
+    rec = train(
+        split.train, _small(epochs=8, beta_search=True), validation=split.validation, options=CPU
+    )
     history = rec.meta["history"]
     assert history[-1]["beta"] == pytest.approx(1.0, abs=0.2)
     best = max(history, key=lambda h: h["val_ndcg@100"])
@@ -142,8 +170,9 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path) -> None
     epochs: list[int] = []
     resumed = train(data, config, options=opts, on_epoch=lambda e, m: epochs.append(e))
     assert epochs == [4, 5, 6]
-    for p, q in zip(full.model.state_dict().values(), resumed.model.state_dict().values(),
-                    strict=True):
+    for p, q in zip(
+        full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     assert len(resumed.meta["history"]) == 6
 
@@ -159,8 +188,9 @@ def test_checkpoint_of_another_config_is_refused(tmp_path: Path) -> None:
 def test_empty_data_and_bad_device_are_rejected() -> None:
     from recvae.data import Interactions
 
-    empty = Interactions.from_pairs(np.array([], dtype=int), np.array([], dtype=int),
-                                    n_users=3, n_items=4)
+    empty = Interactions.from_pairs(
+        np.array([], dtype=int), np.array([], dtype=int), n_users=3, n_items=4
+    )
     with pytest.raises(ValueError, match="empty"):
         Trainer(empty, _small(), options=CPU)
     if not torch.cuda.is_available():

@@ -10,36 +10,49 @@ from pipelines.settings import JobSettings, job_from_dict, read_toml, with_overr
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data (a built-in dataset or any interaction file)")
-    group.add_argument("--dataset", help="built-in dataset name (see `recvae datasets`); "
-                       "default ml-latest-small (bundled)")
-    group.add_argument("--data-dir", help="folder holding the dataset (or its parent), "
-                       "e.g. ../shared/data; default $RECVAE_DATA_DIR")
+    group.add_argument(
+        "--dataset",
+        help="built-in dataset name (see `recvae datasets`); default ml-latest-small (bundled)",
+    )
+    group.add_argument(
+        "--data-dir",
+        help="folder holding the dataset (or its parent), "
+        "e.g. ../shared/data; default $RECVAE_DATA_DIR",
+    )
     group.add_argument("--data", metavar="PATH", help="interaction file: CSV/TSV (.gz) or parquet")
     group.add_argument("--user-col", help="user id column of --data (default user_id)")
     group.add_argument("--item-col", help="item id column of --data (default item_id)")
     group.add_argument("--rating-col", help="rating column of --data (omit for implicit data)")
-    group.add_argument("--threshold", type=float,
-                       help="ratings above this are positives (default 3.5)")
+    group.add_argument(
+        "--threshold", type=float, help="ratings above this are positives (default 3.5)"
+    )
     group.add_argument("--separator", help="CSV separator of --data (default: from extension)")
 
 
 def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("protocol (strong generalization, PROTOCOL.md)")
-    group.add_argument("--n-heldout", type=int,
-                       help="validation and test users each (default: the dataset's)")
+    group.add_argument(
+        "--n-heldout", type=int, help="validation and test users each (default: the dataset's)"
+    )
     group.add_argument("--holdout-fraction", type=float, help="share of targets (default 0.2)")
     group.add_argument("--seed", type=int, help="split seed (default 98765)")
     group.add_argument("--min-user-count", type=int, help="minimum positives per user (default 5)")
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="TOML",
-                        help="job config file or preset name from pipelines/configs "
-                        "(flags override it)")
+    parser.add_argument(
+        "--config",
+        metavar="TOML",
+        help="job config file or preset name from pipelines/configs (flags override it)",
+    )
 
 
-def job_from_args(args: argparse.Namespace, *, model: dict[str, Any] | None = None,
-                  run: dict[str, Any] | None = None) -> JobSettings:
+def job_from_args(
+    args: argparse.Namespace,
+    *,
+    model: dict[str, Any] | None = None,
+    run: dict[str, Any] | None = None,
+) -> JobSettings:
     """Merge the TOML config (if any) with the command-line flags."""
     job = job_from_dict(read_toml(args.config)) if getattr(args, "config", None) else JobSettings()
     data = {

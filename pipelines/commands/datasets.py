@@ -7,8 +7,11 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("datasets", help="list the built-in datasets",
-                                   description="List the built-in dataset loaders and defaults.")
+    parser = subparsers.add_parser(
+        "datasets",
+        help="list the built-in datasets",
+        description="List the built-in dataset loaders and defaults.",
+    )
     parser.set_defaults(func=run_command)
 
 

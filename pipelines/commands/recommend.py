@@ -44,8 +44,9 @@ def run_command(args: argparse.Namespace) -> int:
     int_items = rec.item_ids.dtype != object
     if args.user is not None:
         int_users = rec.user_ids.dtype != object
-        result = rec.recommend([_parse_id(args.user, int_users)], args.k,
-                               exclude_seen=not args.include_seen)
+        result = rec.recommend(
+            [_parse_id(args.user, int_users)], args.k, exclude_seen=not args.include_seen
+        )
         unknown: tuple[Any, ...] = ()
     else:
         history = [_parse_id(i, int_items) for i in args.items]
@@ -53,11 +54,16 @@ def run_command(args: argparse.Namespace) -> int:
         unknown = result.unknown_items[0]
     ranked = result.to_lists()[0]
     if args.json:
-        print(json.dumps({
-            "items": [{"item_id": i, "score": s} for i, s in ranked],
-            "unknown_items": list(unknown),
-            "model_version": rec.version,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "items": [{"item_id": i, "score": s} for i, s in ranked],
+                    "unknown_items": list(unknown),
+                    "model_version": rec.version,
+                },
+                indent=2,
+            )
+        )
         return 0
     if unknown:
         print(f"ignored unknown item(s): {', '.join(map(str, unknown))}")

@@ -35,19 +35,28 @@ def register(subparsers: Any) -> None:
     model.add_argument("--learning-rate", "--lr", type=float, dest="learning_rate")
     model.add_argument("--beta-max", type=float, help="KL anneal cap (default 0.2)")
     model.add_argument("--anneal-steps", type=int, help="absolute anneal steps (paper: 200000)")
-    model.add_argument("--beta-search", action="store_true", default=None,
-                       help="anneal to 1.0 and report the best beta on validation")
+    model.add_argument(
+        "--beta-search",
+        action="store_true",
+        default=None,
+        help="anneal to 1.0 and report the best beta on validation",
+    )
     model.add_argument("--dropout", type=float)
     model.add_argument("--latent-dim", type=int)
     model.add_argument("--patience", type=int, help="early stopping patience in epochs")
-    model.add_argument("--model-seed", type=int, dest="model_seed",
-                       help="seed of weights, shuffling and sampling")
+    model.add_argument(
+        "--model-seed", type=int, dest="model_seed", help="seed of weights, shuffling and sampling"
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     run.add_argument("--threads", type=int, help="CPU threads for torch")
-    run.add_argument("--output", "-o", type=Path,
-                     help="run directory (bundle, checkpoints, metrics.json); "
-                     "default runs/<dataset>-<model>-<time>")
+    run.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        help="run directory (bundle, checkpoints, metrics.json); "
+        "default runs/<dataset>-<model>-<time>",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_command)
 
@@ -75,8 +84,11 @@ def run_command(args: argparse.Namespace) -> int:
     job = job_from_args(
         args,
         model=overrides,
-        run={"device": args.device, "num_threads": args.threads,
-             "progress": False if args.no_progress else None},
+        run={
+            "device": args.device,
+            "num_threads": args.threads,
+            "progress": False if args.no_progress else None,
+        },
     )
     if args.model and job.model.get("model") != args.model:
         # Switching model type drops fields that belong to the other config.
@@ -85,10 +97,14 @@ def run_command(args: argparse.Namespace) -> int:
     outcome = run_train(job, output_dir=args.output)
     rec = outcome.recommender
     split = outcome.split.summary()
-    print(f"dataset      {outcome.dataset}: {split['n_train_users']} train users, "
-          f"{split['n_items']} items; {split['n_test_users_with_targets']} test users scored")
-    print(f"model        {rec.config.model}, best epoch {rec.meta.get('best_epoch')} of "
-          f"{rec.meta.get('epochs_run')}, {outcome.train_seconds:.1f}s on {rec.meta.get('device')}")
+    print(
+        f"dataset      {outcome.dataset}: {split['n_train_users']} train users, "
+        f"{split['n_items']} items; {split['n_test_users_with_targets']} test users scored"
+    )
+    print(
+        f"model        {rec.config.model}, best epoch {rec.meta.get('best_epoch')} of "
+        f"{rec.meta.get('epochs_run')}, {outcome.train_seconds:.1f}s on {rec.meta.get('device')}"
+    )
     print("test metrics (mean ± standard error over test users):")
     for line in metric_rows(outcome.test):
         print(f"  {line}")
