@@ -70,11 +70,12 @@ def run_train(
     prepared: PreparedData | None = None,
     on_epoch: EpochCallback | None = None,
     save: bool = True,
+    ks: tuple[int, ...] = (20, 50, 100),
 ) -> TrainOutcome:
     """Train the configured model, evaluate it on the test users, save the bundle.
 
     The checkpoint directory is ``output_dir/checkpoints``: rerunning the same command after an
-    interruption resumes there.
+    interruption resumes there. ``ks`` are the cut-offs of the final evaluations.
     """
     from recvae.evaluation import evaluate
     from recvae.training import train
@@ -94,6 +95,7 @@ def run_train(
         recommender,
         split.validation.fold_in.matrix,
         split.validation.targets.matrix,
+        ks=ks,
         item_popularity=popularity,
         device=str(recommender.device),
     )
@@ -101,6 +103,7 @@ def run_train(
         recommender,
         split.test.fold_in.matrix,
         split.test.targets.matrix,
+        ks=ks,
         item_popularity=popularity,
         device=str(recommender.device),
     )

@@ -33,6 +33,13 @@ _EXPORTS: dict[str, str] = {
     "MultVAE": "recvae.model",
     "MultDAE": "recvae.model",
     "elbo_loss": "recvae.model",
+    # RecVAE (Shenbin et al. 2020)
+    "RecVAE": "recvae.recvae_model",
+    "RecVAEConfig": "recvae.recvae_model",
+    "RecVAETrainer": "recvae.recvae_model",
+    # blends of two rankers
+    "Blend": "recvae.blend",
+    "select_blend_weight": "recvae.blend",
     # training
     "train": "recvae.training",
     "Trainer": "recvae.training",
@@ -40,6 +47,22 @@ _EXPORTS: dict[str, str] = {
     "Recommender": "recvae.recommender",
     "Recommendations": "recvae.recommender",
     "BundleError": "recvae.recommender",
+    # VAE capabilities: anomaly scores, confidence, exploration
+    "AnomalyScores": "recvae.vae_tools",
+    "anomalous_users": "recvae.vae_tools",
+    # baselines (implicit's models need the baselines extra)
+    "Popularity": "recvae.baselines",
+    "PopularityConfig": "recvae.baselines",
+    "EASE": "recvae.baselines",
+    "EASEConfig": "recvae.baselines",
+    "ALSConfig": "recvae.baselines",
+    "BPRConfig": "recvae.baselines",
+    "ItemKNNConfig": "recvae.baselines",
+    "select_ease_lambda": "recvae.baselines",
+    "baseline_config_from_dict": "recvae.baselines",
+    "ALS": "recvae.baselines_implicit",
+    "BPR": "recvae.baselines_implicit",
+    "ItemKNN": "recvae.baselines_implicit",
     # evaluation
     "evaluate": "recvae.evaluation",
     "EvaluationResult": "recvae.evaluation",

@@ -8,6 +8,7 @@ appear in TOML presets, in MLflow params and in a bundle's ``config.json``; ``to
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -23,6 +24,8 @@ __all__ = [
 ]
 
 CONFIG_TYPES: dict[str, type[ModelConfig]] = {}
+# Models whose config lives in another module (imported on first use, keeping this one light).
+_CONFIG_MODULES: dict[str, str] = {"recvae": "recvae.recvae_model"}
 
 
 def register_config(cls: type[ModelConfig]) -> type[ModelConfig]:
@@ -200,6 +203,8 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
         ValueError: missing or unknown model name, unknown fields or invalid values.
     """
     name = data.get("model")
+    if name not in CONFIG_TYPES and name in _CONFIG_MODULES:
+        importlib.import_module(_CONFIG_MODULES[name])  # registers the config on import
     if name not in CONFIG_TYPES:
         raise ValueError(f"unknown model '{name}' (known: {', '.join(sorted(CONFIG_TYPES))})")
     return CONFIG_TYPES[name].from_dict(data)
@@ -215,6 +220,9 @@ class RunOptions:
     progress: bool = True  # show a progress bar on a terminal
     eval_batch_size: int = 2048  # users per scoring batch during validation
     validate_every: int = 1  # epochs between validation passes
+    precision: str = "fp32"  # "bf16": bf16 autocast for training's forward pass (GPU speed)
+    compile: bool = False  # torch.compile the training forward pass (pays on long GPU runs)
+    distributed: bool = False  # DDP over the torch.distributed group (see recvae.distributed)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form tags, never used by training
 
     def __post_init__(self) -> None:
@@ -226,3 +234,4 @@ class RunOptions:
         _check(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1")
         _check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         _check(self.validate_every >= 1, "validate_every", "must be >= 1")
+        _check(self.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16")

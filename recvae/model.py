@@ -4,13 +4,26 @@ Both models read a user's binary history ``x`` (``(batch, n_items)``), L2-normal
 dropout (the denoising), and decode a code to logits over all items; the multinomial
 likelihood is ``softmax(logits)``. Mult-VAE's encoder outputs a Gaussian ``(mu, logvar)`` and
 samples ``z = mu + sigma * eps`` in training (the reparameterization trick), ``z = mu`` in eval.
+
+Both also accept a :class:`SparseBatch` (the histories in CSR form) wherever they accept a dense
+``x``. The first layer of a normalized history is then a weighted sum of weight columns (an
+embedding bag over the nonzeros), and :func:`sparse_multinomial_nll` needs only the logits at the
+user's items, so no ``(batch, n_items)`` input or target is ever built. The first layer's weight
+is stored item-major for that path (``item_weight``, ``(n_items, hidden)``); its ``weight``,
+``state_dict`` keys and values are those of a plain ``nn.Linear``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import math
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,6 +33,8 @@ from recvae.config import ModelConfig, MultDAEConfig, MultVAEConfig
 __all__ = [
     "MultVAE",
     "MultDAE",
+    "SparseBatch",
+    "sparse_multinomial_nll",
     "build_model",
     "elbo_loss",
     "elbo_terms",
@@ -43,9 +58,194 @@ def _init_linear(layer: nn.Linear) -> None:
     nn.init.normal_(layer.bias, mean=0.0, std=0.001)
 
 
+class _ItemMajorLinear(nn.Module):
+    """``nn.Linear(n_items, out_features)`` with its weight stored item-major.
+
+    ``weight`` (``(out_features, n_items)``), ``bias``, the ``state_dict`` keys and ``forward`` are
+    those of ``nn.Linear``; the parameter itself is ``item_weight = weight.T``, contiguous, so the
+    sparse input path gathers item rows, its gradient is a row scatter, and a fused optimizer
+    updates it in place (a fused kernel copies non-contiguous tensors). State dicts of a plain
+    ``nn.Linear`` load into it and its state dicts load into one.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.item_weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        self.register_state_dict_post_hook(self._to_linear_keys)  # type: ignore[no-untyped-call]
+        self.register_load_state_dict_pre_hook(self._from_linear_keys)  # type: ignore[no-untyped-call]
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear) -> _ItemMajorLinear:
+        """The same layer (same values) in item-major storage."""
+        out = cls(layer.in_features, layer.out_features)
+        with torch.no_grad():
+            out.item_weight.copy_(layer.weight.t())
+            out.bias.copy_(layer.bias)
+        return out
+
+    @property
+    def weight(self) -> Tensor:
+        """``(out_features, n_items)``: a transposed view of ``item_weight``."""
+        return self.item_weight.t()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, item-major"
+
+    @staticmethod
+    def _to_linear_keys(
+        module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+    ) -> None:
+        # Rename item_weight to nn.Linear's weight (transposed view), keeping weight, bias order.
+        item_weight = state_dict.pop(prefix + "item_weight")
+        bias = state_dict.pop(prefix + "bias")
+        state_dict[prefix + "weight"] = item_weight.t()
+        state_dict[prefix + "bias"] = bias
+
+    @staticmethod
+    def _from_linear_keys(
+        module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+    ) -> None:
+        if prefix + "weight" in state_dict:
+            state_dict[prefix + "item_weight"] = state_dict.pop(prefix + "weight").t()
+
+
 def _normalize(x: Tensor) -> Tensor:
     # Per-user L2 normalization of the history; an empty history stays all zeros.
     return F.normalize(x, p=2.0, dim=1)
+
+
+Reduction = Literal["mean", "sum", "none"]
+
+
+def _reduce(per_user: Tensor, reduction: Reduction) -> Tensor:
+    if reduction == "mean":
+        return per_user.mean()
+    if reduction == "sum":
+        return per_user.sum()
+    if reduction == "none":
+        return per_user
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class SparseBatch:
+    """A batch of user histories in CSR form: the lean input of :class:`MultVAE`/:class:`MultDAE`.
+
+    Build one with :meth:`from_scipy` or :meth:`from_csr`; the trainer builds them directly from
+    the device-resident training matrix. All tensors live on one device.
+
+    Attributes:
+        indices: ``(nnz,)`` int64 item positions, row after row.
+        offsets: ``(batch + 1,)`` int64 row pointer (``offsets[0] == 0``).
+        values: ``(nnz,)`` float32 history weights ``x_ui`` (1.0 for a binary history).
+        weights: ``(nnz,)`` float32 L2-normalized history ``x_ui / max(||x_u||_2, 1e-12)``,
+            the first layer's input (what ``F.normalize`` gives the dense path).
+        row_of: ``(nnz,)`` int64 row of each entry.
+        n_items: Number of columns.
+        dropout_mask: Optional ``(nnz,)`` pre-drawn input dropout multipliers (0 or
+            ``1 / (1 - p)``), used in training mode instead of drawing new ones.
+        eps: Optional ``(batch, latent_dim)`` pre-drawn reparameterization noise, used in
+            training mode instead of drawing new noise.
+    """
+
+    indices: Tensor
+    offsets: Tensor
+    values: Tensor
+    weights: Tensor
+    row_of: Tensor
+    n_items: int
+    dropout_mask: Tensor | None = None
+    eps: Tensor | None = None
+
+    @property
+    def n_rows(self) -> int:
+        """Number of users in the batch."""
+        return int(self.offsets.shape[0]) - 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.indices.device
+
+    @classmethod
+    def from_csr(
+        cls,
+        indptr: Tensor,
+        indices: Tensor,
+        values: Tensor,
+        n_items: int,
+    ) -> SparseBatch:
+        """A batch from CSR arrays (tensors on one device; ``indptr`` starts at 0).
+
+        Args:
+            indptr: ``(batch + 1,)`` row pointer.
+            indices: ``(nnz,)`` column positions, without duplicates within a row.
+            values: ``(nnz,)`` history weights.
+            n_items: Number of columns.
+
+        Returns:
+            The batch, with ``row_of`` and the normalized ``weights`` computed.
+        """
+        indptr = indptr.to(torch.int64)
+        indices = indices.to(torch.int64)
+        values = values.to(torch.float32)
+        n_rows = int(indptr.shape[0]) - 1
+        counts = indptr[1:] - indptr[:-1]  # (batch,)
+        row_of = torch.repeat_interleave(
+            torch.arange(n_rows, device=indices.device), counts, output_size=int(indices.shape[0])
+        )  # (nnz,)
+        sq = torch.zeros(n_rows, dtype=values.dtype, device=values.device)
+        norms = sq.index_add_(0, row_of, values * values).sqrt_().clamp_min_(1e-12)  # (batch,)
+        return cls(indices, indptr, values, values / norms[row_of], row_of, int(n_items))
+
+    @classmethod
+    def from_scipy(
+        cls, matrix: sp.csr_array | sp.csr_matrix, device: str | torch.device = "cpu"
+    ) -> SparseBatch:
+        """A batch holding the rows of a SciPy CSR matrix (duplicates are summed first).
+
+        Args:
+            matrix: ``(batch, n_items)`` histories.
+            device: Where the tensors go.
+
+        Returns:
+            The batch on ``device``.
+        """
+        csr = sp.csr_array(matrix)
+        if not csr.has_canonical_format:
+            csr = csr.copy()
+            csr.sum_duplicates()
+        device = torch.device(device)
+        return cls.from_csr(
+            torch.from_numpy(np.asarray(csr.indptr, dtype=np.int64)).to(device),
+            torch.from_numpy(np.asarray(csr.indices, dtype=np.int64)).to(device),
+            torch.from_numpy(np.asarray(csr.data, dtype=np.float32)).to(device),
+            int(csr.shape[1]),
+        )
+
+    def to_dense(self) -> Tensor:
+        """The histories as a dense ``(batch, n_items)`` float32 tensor of ``values``."""
+        dense = torch.zeros(
+            (self.n_rows, self.n_items), dtype=self.values.dtype, device=self.values.device
+        )
+        dense[self.row_of, self.indices] = self.values
+        return dense
+
+    def row_sums(self) -> Tensor:
+        """``sum_i x_ui`` per user, ``(batch,)``."""
+        out = torch.zeros(self.n_rows, dtype=self.values.dtype, device=self.values.device)
+        return out.index_add_(0, self.row_of, self.values)
+
+    def with_noise(
+        self, *, dropout_mask: Tensor | None = None, eps: Tensor | None = None
+    ) -> SparseBatch:
+        """A copy carrying pre-drawn training noise (see the class attributes)."""
+        return dataclasses.replace(self, dropout_mask=dropout_mask, eps=eps)
 
 
 class _Autoencoder(nn.Module):
@@ -53,7 +253,13 @@ class _Autoencoder(nn.Module):
 
     config: ModelConfig
     n_items: int
+    encoder: nn.ModuleList
+    decoder: nn.ModuleList
+    drop: nn.Dropout
+    _act: Callable[[Tensor], Tensor]
     variational: bool = False
+    #: ``forward``/``encode`` accept a :class:`SparseBatch` as well as a dense tensor.
+    supports_sparse_input: bool = True
 
     def decode(self, z: Tensor) -> Tensor:
         """Logits over all items for codes ``z`` (``(batch, latent)`` -> ``(batch, n_items)``)."""
@@ -64,12 +270,41 @@ class _Autoencoder(nn.Module):
                 h = self._act(h)
         return h
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor | None]:  # pragma: no cover - abstract
+    def encode(  # pragma: no cover - abstract
+        self, x: Tensor | SparseBatch
+    ) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
+
+    def _input_layer(self, x: Tensor | SparseBatch) -> Tensor:
+        """The first encoder layer on the normalized, dropped-out history.
+
+        ``(batch, n_items)`` (or a :class:`SparseBatch`) -> ``(batch, hidden)``, before the
+        activation. For a sparse batch ``h_u = b + sum_{i in u} w_ui W[:, i]`` with ``w_u`` the
+        normalized history after dropout: dropping a zero changes nothing, so dropout on the
+        nonzeros alone (kept values scaled by ``1 / (1 - p)``) is the dense dropout exactly.
+        """
+        layer = self.encoder[0]
+        if not isinstance(x, SparseBatch):
+            return cast(Tensor, layer(self.drop(_normalize(x))))
+        assert isinstance(layer, _ItemMajorLinear)
+        if x.n_items != self.n_items:
+            raise ValueError(f"batch has {x.n_items} items but the model has {self.n_items}")
+        weights = x.weights
+        if self.training and self.drop.p > 0:
+            weights = self.drop(weights) if x.dropout_mask is None else weights * x.dropout_mask
+        h = F.embedding_bag(
+            x.indices,
+            layer.item_weight,  # (n_items, hidden): one row per item
+            x.offsets,
+            mode="sum",
+            per_sample_weights=weights.to(layer.item_weight.dtype),
+            include_last_offset=True,
+        )  # (batch, hidden)
+        return h + cast(Tensor, layer.bias)
 
     def item_embeddings(self) -> Tensor:
         """The decoder's output weights, one row per item (``(n_items, last_hidden)``)."""
-        return self.decoder[-1].weight
+        return cast(Tensor, self.decoder[-1].weight)
 
     @property
     def latent_dim(self) -> int:
@@ -108,31 +343,35 @@ class MultVAE(_Autoencoder):
         self.drop = nn.Dropout(config.dropout)
         for layer in [*self.encoder, *self.decoder]:
             _init_linear(layer)
+        self.encoder[0] = _ItemMajorLinear.from_linear(cast(nn.Linear, self.encoder[0]))
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Posterior parameters for histories ``x`` (``(batch, n_items)``).
+    def encode(self, x: Tensor | SparseBatch) -> tuple[Tensor, Tensor]:
+        """Posterior parameters for histories ``x`` (``(batch, n_items)`` or a sparse batch).
 
         Returns:
             ``(mu, logvar)``, each ``(batch, latent_dim)``.
         """
-        h = self.drop(_normalize(x))
-        for layer in self.encoder[:-1]:
-            h = self._act(layer(h))
-        out = self.encoder[-1](h)  # (batch, 2 * latent)
-        mu, logvar = out.chunk(2, dim=1)
+        h = self._input_layer(x)  # (batch, first hidden or 2 * latent)
+        for layer in self.encoder[1:]:
+            h = layer(self._act(h))
+        mu, logvar = h.chunk(2, dim=1)  # h: (batch, 2 * latent)
         return mu, logvar
 
-    def reparameterize(self, mu: Tensor, logvar: Tensor) -> Tensor:
-        """``z = mu + exp(logvar / 2) * eps`` in training; ``mu`` in eval mode."""
+    def reparameterize(self, mu: Tensor, logvar: Tensor, eps: Tensor | None = None) -> Tensor:
+        """``z = mu + exp(logvar / 2) * eps`` in training (new ``eps`` if None), ``mu`` in eval."""
         if not self.training:
             return mu
-        eps = torch.randn_like(mu)
+        if eps is None:
+            eps = torch.randn_like(mu)
         return mu + torch.exp(0.5 * logvar) * eps
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(logits (batch, n_items), mu (batch, latent), logvar (batch, latent))``."""
+    def forward(self, x: Tensor | SparseBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """``(logits (batch, n_items), mu (batch, latent), logvar (batch, latent))``.
+
+        A :class:`SparseBatch` may carry pre-drawn noise (``dropout_mask``, ``eps``).
+        """
         mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar)
+        z = self.reparameterize(mu, logvar, x.eps if isinstance(x, SparseBatch) else None)
         return self.decode(z), mu, logvar
 
 
@@ -162,20 +401,23 @@ class MultDAE(_Autoencoder):
         self.drop = nn.Dropout(config.dropout)
         for layer in [*self.encoder, *self.decoder]:
             _init_linear(layer)
+        self.encoder[0] = _ItemMajorLinear.from_linear(cast(nn.Linear, self.encoder[0]))
 
-    def encode(self, x: Tensor) -> tuple[Tensor, None]:
-        """The code for histories ``x``: ``((batch, latent_dim), None)``."""
-        h = self.drop(_normalize(x))
-        for layer in self.encoder:
+    def encode(self, x: Tensor | SparseBatch) -> tuple[Tensor, None]:
+        """The code for histories ``x`` (dense or sparse): ``((batch, latent_dim), None)``."""
+        h = self._act(self._input_layer(x))
+        for layer in self.encoder[1:]:
             h = self._act(layer(h))
         return h, None
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, None]:
+    def forward(self, x: Tensor | SparseBatch) -> tuple[Tensor, Tensor, None]:
         code, _ = self.encode(x)
         return self.decode(code), code, None
 
 
 MODEL_TYPES: dict[str, type[_Autoencoder]] = {"multvae": MultVAE, "multdae": MultDAE}
+# Models defined in other modules, imported on first use (they add themselves to MODEL_TYPES).
+_MODEL_MODULES: dict[str, str] = {"recvae": "recvae.recvae_model"}
 
 
 def build_model(config: ModelConfig, n_items: int) -> nn.Module:
@@ -184,6 +426,8 @@ def build_model(config: ModelConfig, n_items: int) -> nn.Module:
     Raises:
         ValueError: no model is registered for the config.
     """
+    if config.model not in MODEL_TYPES and config.model in _MODEL_MODULES:
+        importlib.import_module(_MODEL_MODULES[config.model])  # registers the model on import
     try:
         cls = MODEL_TYPES[config.model]
     except KeyError:
@@ -192,14 +436,76 @@ def build_model(config: ModelConfig, n_items: int) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------- losses
-def multinomial_nll(logits: Tensor, x: Tensor) -> Tensor:
-    """Mean negative multinomial log-likelihood ``-1/B sum_u sum_i x_ui log softmax(f_u)_i``."""
-    return -(F.log_softmax(logits, dim=1) * x).sum(dim=1).mean()
+def multinomial_nll(logits: Tensor, x: Tensor, *, reduction: Reduction = "mean") -> Tensor:
+    """Mean negative multinomial log-likelihood ``-1/B sum_u sum_i x_ui log softmax(f_u)_i``.
+
+    ``reduction="sum"`` gives the sum over users, ``"none"`` the ``(batch,)`` per-user values.
+    """
+    per_user = -(F.log_softmax(logits, dim=1) * x).sum(dim=1)  # (batch,)
+    return _reduce(per_user, reduction)
 
 
-def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
-    """Mean KL to the standard normal: ``1/B sum_u 1/2 sum_d (exp(lv) + mu^2 - 1 - lv)``."""
-    return 0.5 * (torch.exp(logvar) + mu.pow(2) - 1.0 - logvar).sum(dim=1).mean()
+def sparse_multinomial_nll(
+    logits: Tensor, batch: SparseBatch, *, reduction: Reduction = "mean"
+) -> Tensor:
+    """:func:`multinomial_nll` with the target given as a :class:`SparseBatch`.
+
+    ``nll_u = -sum_{i in u} x_ui log softmax(f_u)_i = sum_{i in u} x_ui (logsumexp_j f_uj - f_ui)``,
+    for a binary history ``n_u * logsumexp(f_u) - sum_{i in u} f_ui``: only the logits at the
+    user's items are gathered, no dense target is built. Computed in float32 whatever the
+    logits' dtype (bf16 under autocast).
+
+    Args:
+        logits: ``(batch, n_items)`` decoder outputs.
+        batch: The same users' histories (``values`` are the ``x_ui``).
+        reduction: ``"mean"`` over users, ``"sum"``, or ``"none"`` for ``(batch,)`` values.
+
+    Returns:
+        A scalar tensor, or ``(batch,)`` with ``reduction="none"``.
+    """
+    per_user = _SparseNLL.apply(logits, batch.row_of, batch.indices, batch.values)  # (batch,)
+    return _reduce(cast(Tensor, per_user), reduction)
+
+
+class _SparseNLL(torch.autograd.Function):
+    """Per-user NLL from the nonzeros; the gradient ``g_u (n_u softmax(f_u) - x_u)`` in place.
+
+    Saves only the float32 log-probabilities (autograd through ``log_softmax`` and the gather
+    would also keep a dense zero-filled gradient of the gather and a second dense buffer), which
+    matters for GPU memory at large batches.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, logits: Tensor, row_of: Tensor, indices: Tensor, values: Tensor
+    ) -> Tensor:
+        dtype = logits.dtype if logits.dtype == torch.float64 else torch.float32
+        log_probs = F.log_softmax(logits.to(dtype), dim=1)  # (batch, n_items)
+        picked = log_probs[row_of, indices] * values.to(dtype)  # (nnz,)
+        per_user = torch.zeros(logits.shape[0], dtype=dtype, device=logits.device)
+        ctx.save_for_backward(log_probs, row_of, indices, values)
+        ctx.logits_dtype = logits.dtype
+        return -per_user.index_add_(0, row_of, picked)  # (batch,)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        log_probs, row_of, indices, values = ctx.saved_tensors
+        values = values.to(log_probs.dtype)
+        n_per_user = torch.zeros_like(grad).index_add_(0, row_of, values)  # (batch,)
+        out = log_probs.exp()  # (batch, n_items) softmax
+        out.mul_((grad * n_per_user).unsqueeze(1))
+        out.index_put_((row_of, indices), -(values * grad[row_of]), accumulate=True)
+        return out.to(ctx.logits_dtype), None, None, None
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: Reduction = "mean") -> Tensor:
+    """Mean KL to the standard normal: ``1/B sum_u 1/2 sum_d (exp(lv) + mu^2 - 1 - lv)``.
+
+    ``reduction="sum"`` gives the sum over users, ``"none"`` the ``(batch,)`` per-user values.
+    """
+    per_user = 0.5 * (torch.exp(logvar) + mu.pow(2) - 1.0 - logvar).sum(dim=1)  # (batch,)
+    return _reduce(per_user, reduction)
 
 
 def elbo_terms(logits: Tensor, x: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,8 +25,25 @@ from recvae.config import ModelConfig, config_from_dict
 from recvae.data.interactions import Interactions, UnknownUserError
 from recvae.evaluation import topk_indices
 from recvae.model import build_model
+from recvae.vae_tools import (
+    AnomalyReference,
+    AnomalyScores,
+    as_latent_model,
+    check_exploration,
+    make_generator,
+    negative_elbo_terms,
+    posterior_confidence,
+    reference_histories,
+    sample_latent,
+)
 
-__all__ = ["Recommender", "Recommendations", "BundleError", "BUNDLE_FORMAT_VERSION"]
+__all__ = [
+    "Recommender",
+    "Recommendations",
+    "AnomalyScores",
+    "BundleError",
+    "BUNDLE_FORMAT_VERSION",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +66,17 @@ class Recommendations:
             ``item_ids`` entry is meaningless).
         item_idx: ``(n_users, k)`` item positions in the model's vocabulary, ``-1`` for padding.
         unknown_items: For history-based calls, the history items the model did not know.
+        confidence: ``(n_users,)`` float32 confidence of each user's posterior,
+            ``1 - mean_d min(sigma_d, 1)`` in [0, 1] (see ``recvae.vae_tools``); higher means
+            the history pins the user's latent code down more. None for a model without a
+            posterior (Mult-DAE).
     """
 
     item_ids: NDArray[Any]
     scores: NDArray[np.float32]
     item_idx: NDArray[np.int64]
     unknown_items: tuple[tuple[Any, ...], ...] = field(default=())
+    confidence: NDArray[np.float32] | None = None
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -122,6 +145,9 @@ class Recommender:
             train_matrix, np.arange(0) if user_ids is None else user_ids, item_ids
         )
         self.meta: dict[str, Any] = dict(meta or {})
+        # Anomaly reference of the training users, computed on first use.
+        self._anomaly_reference: AnomalyReference | None = None
+        self._anomaly_lock = threading.Lock()
         if int(getattr(model, "n_items", len(item_ids))) != len(item_ids):
             raise ValueError(
                 f"model has {model.n_items} outputs but {len(item_ids)} item ids were given"
@@ -273,15 +299,22 @@ class Recommender:
         exclude_seen: bool,
         exclude: Sequence[Sequence[int]] | None = None,
         batch_size: int = 4096,
-    ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        explore: bool = False,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> tuple[NDArray[np.int64], NDArray[np.float32], NDArray[np.float32] | None]:
         if not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
+        generator = self._exploration_generator(explore, temperature, seed)
         k = min(int(k), self.n_items)
         all_idx: list[NDArray[np.int64]] = []
         all_scores: list[NDArray[np.float32]] = []
+        all_confidence: list[NDArray[np.float32]] = []
         for start in range(0, histories.shape[0], batch_size):
             chunk = histories[start : start + batch_size]
-            scores = self.score(chunk)  # (batch, n_items)
+            scores, confidence = self._score_with_confidence(
+                chunk, temperature=temperature, generator=generator
+            )  # (batch, n_items), (batch,) or None
             with torch.inference_mode():
                 if exclude_seen and chunk.nnz:
                     coo = sp.coo_array(chunk)
@@ -297,15 +330,24 @@ class Recommender:
                 top = top.masked_fill(idx < 0, -torch.inf)
             all_idx.append(idx.cpu().numpy().astype(np.int64))
             all_scores.append(top.cpu().numpy().astype(np.float32))
+            if confidence is not None:
+                all_confidence.append(confidence)
         if not all_idx:
-            return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
-        return np.concatenate(all_idx), np.concatenate(all_scores)
+            empty_confidence = np.zeros(0, dtype=np.float32) if self._variational() else None
+            return (
+                np.zeros((0, k), dtype=np.int64),
+                np.zeros((0, k), dtype=np.float32),
+                empty_confidence,
+            )
+        conf = np.concatenate(all_confidence) if all_confidence else None
+        return np.concatenate(all_idx), np.concatenate(all_scores), conf
 
     def _package(
         self,
         idx: NDArray[np.int64],
         scores: NDArray[np.float32],
         unknown: Sequence[tuple[Any, ...]] = (),
+        confidence: NDArray[np.float32] | None = None,
     ) -> Recommendations:
         return Recommendations(
             item_ids=self.item_ids[np.maximum(idx, 0)]
@@ -314,10 +356,18 @@ class Recommender:
             scores=scores,
             item_idx=idx,
             unknown_items=tuple(unknown),
+            confidence=confidence,
         )
 
     def recommend(
-        self, user_ids: Sequence[Any], k: int = 20, *, exclude_seen: bool = True
+        self,
+        user_ids: Sequence[Any],
+        k: int = 20,
+        *,
+        exclude_seen: bool = True,
+        explore: bool = False,
+        temperature: float = 1.0,
+        seed: int | None = None,
     ) -> Recommendations:
         """Top-K items for training users, from their stored histories.
 
@@ -325,15 +375,32 @@ class Recommender:
             user_ids: External ids of users seen in training.
             k: Items per user (capped at the catalog size).
             exclude_seen: Leave out items in the user's history.
+            explore: Rank from a posterior sample of z instead of its mean (Thompson-style);
+                the scores are then the sampled logits.
+            temperature: With ``explore``, the posterior's sigma is scaled by this (0 gives the
+                deterministic ranking). Ignored otherwise.
+            seed: With ``explore``, seeds the sample: the same call gives the same result.
+                None draws a fresh seed. Ignored otherwise.
+
+        Returns:
+            The top-K lists, with ``confidence`` filled for a variational model.
 
         Raises:
             UnknownUserError: a user id is not a training user.
-            ValueError: ``k < 1``.
+            ValueError: ``k < 1``, a bad ``temperature`` or ``seed``, or ``explore`` with a
+                model that has no posterior.
         """
         rows = np.asarray([self.vocab.user_index(u) for u in user_ids], dtype=np.int64)
         histories = self.train_matrix[rows]
-        idx, scores = self._topk(histories, k, exclude_seen=exclude_seen)
-        return self._package(idx, scores)
+        idx, scores, confidence = self._topk(
+            histories,
+            k,
+            exclude_seen=exclude_seen,
+            explore=explore,
+            temperature=temperature,
+            seed=seed,
+        )
+        return self._package(idx, scores, confidence=confidence)
 
     def recommend_from_history(
         self,
@@ -343,10 +410,14 @@ class Recommender:
         exclude_seen: bool = True,
         exclude: Sequence[Any] = (),
         weights: Sequence[float] | None = None,
+        explore: bool = False,
+        temperature: float = 1.0,
+        seed: int | None = None,
     ) -> Recommendations:
         """Top-K for one (possibly new) user's history, folded in without retraining.
 
-        Unknown item ids are ignored and reported in ``unknown_items``.
+        Unknown item ids are ignored and reported in ``unknown_items``. ``explore``,
+        ``temperature`` and ``seed`` work as in :meth:`recommend`.
         """
         return self.recommend_histories(
             [item_ids],
@@ -354,6 +425,9 @@ class Recommender:
             exclude_seen=exclude_seen,
             exclude=[exclude],
             weights=None if weights is None else [weights],
+            explore=explore,
+            temperature=temperature,
+            seed=seed,
         )
 
     def recommend_histories(
@@ -364,8 +438,16 @@ class Recommender:
         exclude_seen: bool = True,
         exclude: Sequence[Sequence[Any]] | None = None,
         weights: Sequence[Sequence[float] | None] | None = None,
+        explore: bool = False,
+        temperature: float = 1.0,
+        seed: int | None = None,
     ) -> Recommendations:
-        """Top-K for a batch of histories (lists of external item ids), scored as one batch."""
+        """Top-K for a batch of histories (lists of external item ids), scored as one batch.
+
+        ``explore``, ``temperature`` and ``seed`` work as in :meth:`recommend`; with a seed the
+        whole batch's draw is reproducible (a user's sample depends on its row in the batch).
+        """
+        check_exploration(temperature, seed)
         matrix, unknown = self.histories_matrix(histories, weights)
         exclude_idx = None
         if exclude is not None:
@@ -373,8 +455,16 @@ class Recommender:
                 [i for i in (self.vocab.item_index(x) for x in items) if i is not None]
                 for items in exclude
             ]
-        idx, scores = self._topk(matrix, k, exclude_seen=exclude_seen, exclude=exclude_idx)
-        return self._package(idx, scores, unknown)
+        idx, scores, confidence = self._topk(
+            matrix,
+            k,
+            exclude_seen=exclude_seen,
+            exclude=exclude_idx,
+            explore=explore,
+            temperature=temperature,
+            seed=seed,
+        )
+        return self._package(idx, scores, unknown, confidence)
 
     def user_history(self, user_id: Any) -> NDArray[Any]:
         """External item ids of a training user's history.
@@ -394,6 +484,298 @@ class Recommender:
     def item_popularity(self) -> NDArray[np.int64]:
         """Training interaction count per item."""
         return self.vocab.item_counts()
+
+    # ------------------------------------------------------------------ VAE capabilities
+    def _variational(self) -> bool:
+        return bool(getattr(self.model, "variational", False))
+
+    def _as_history_matrix(
+        self, histories: sp.csr_array | sp.csr_matrix | NDArray[Any] | Sequence[Sequence[Any]]
+    ) -> tuple[sp.csr_array, tuple[tuple[Any, ...], ...]]:
+        """A CSR matrix (checked) from a matrix or from lists of external item ids."""
+        if sp.issparse(histories) or isinstance(histories, np.ndarray):
+            matrix = sp.csr_array(histories, dtype=np.float32)
+            if matrix.ndim != 2 or matrix.shape[1] != self.n_items:
+                raise ValueError(
+                    f"histories must have shape (n, {self.n_items}), got {matrix.shape}"
+                )
+            if matrix.nnz and (not np.all(np.isfinite(matrix.data)) or matrix.data.min() < 0):
+                raise ValueError("history values must be finite and >= 0")
+            return matrix, ()
+        if isinstance(histories, str | bytes):
+            raise ValueError("histories must be a matrix or a sequence of item-id sequences")
+        for row, items in enumerate(histories):
+            if isinstance(items, str | bytes) or not isinstance(items, Sequence | np.ndarray):
+                raise ValueError(
+                    f"history {row} must be a sequence of item ids, got {type(items).__name__}"
+                )
+        matrix, unknown = self.histories_matrix(histories)
+        return matrix, tuple(unknown)
+
+    def _exploration_generator(
+        self, explore: bool, temperature: float, seed: int | None
+    ) -> torch.Generator | None:
+        check_exploration(temperature, seed)
+        if not explore:
+            return None
+        if not self._variational():
+            raise ValueError(
+                f"explore needs a model with a posterior (multvae); '{self.config.model}' has none"
+            )
+        return make_generator(seed)
+
+    def _score_with_confidence(
+        self,
+        histories: sp.csr_array | NDArray[Any] | torch.Tensor,
+        *,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, NDArray[np.float32] | None]:
+        """Logits from ``z = mu`` (or a tempered sample with a generator), and the confidence."""
+        self.model.eval()
+        with torch.inference_mode():
+            x = self._dense(histories)  # (batch, n_items)
+            model = as_latent_model(self.model)
+            mu, logvar = model.encode(x)  # (batch, latent) each
+            z = mu
+            if generator is not None:
+                assert logvar is not None  # checked by _exploration_generator
+                z = sample_latent(mu, logvar, temperature=temperature, generator=generator)
+            logits = model.decode(z).float()  # (batch, n_items)
+            confidence = None if logvar is None else posterior_confidence(logvar).cpu().numpy()
+        return logits, None if confidence is None else confidence.astype(np.float32)
+
+    def score_sampled(
+        self,
+        histories: sp.csr_array | NDArray[Any] | torch.Tensor,
+        *,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Scores of every item from a tempered posterior sample of z (the ``explore`` ranking).
+
+        ``z = mu + temperature * sigma * eps``; temperature 0 equals :meth:`score`.
+
+        Args:
+            histories: ``(n_users, n_items)`` histories.
+            temperature: Scale of the posterior's sigma (>= 0).
+            seed: Seeds ``eps``; None draws a fresh seed.
+
+        Returns:
+            ``(n_users, n_items)`` float32 logits on the model's device (seen items not masked).
+
+        Raises:
+            ValueError: bad ``temperature``/``seed``, or a model without a posterior.
+        """
+        generator = self._exploration_generator(True, temperature, seed)
+        scores, _ = self._score_with_confidence(
+            histories, temperature=temperature, generator=generator
+        )
+        return scores
+
+    def confidence(
+        self, histories: sp.csr_array | sp.csr_matrix | NDArray[Any] | Sequence[Sequence[Any]]
+    ) -> NDArray[np.float32]:
+        """Posterior confidence ``1 - mean_d min(sigma_d, 1)`` of each history, in [0, 1].
+
+        The same value ``Recommendations.confidence`` carries.
+
+        Args:
+            histories: A ``(n_users, n_items)`` matrix, or lists of external item ids (unknown
+                ids are dropped).
+
+        Returns:
+            ``(n_users,)`` float32.
+
+        Raises:
+            ValueError: the model has no posterior (Mult-DAE), or the histories are malformed.
+        """
+        if not self._variational():
+            raise ValueError(
+                f"confidence needs a model with a posterior (multvae); "
+                f"'{self.config.model}' has none"
+            )
+        matrix, _ = self._as_history_matrix(histories)
+        out: list[NDArray[np.float32]] = [np.zeros(0, dtype=np.float32)]
+        for start in range(0, matrix.shape[0], 4096):
+            _, conf = self._score_with_confidence(matrix[start : start + 4096])
+            assert conf is not None
+            out.append(conf)
+        return np.concatenate(out)
+
+    def _elbo_terms(
+        self, matrix: sp.csr_array, batch_size: int
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        reconstruction: list[NDArray[np.float64]] = [np.zeros(0)]
+        kl: list[NDArray[np.float64]] = [np.zeros(0)]
+        self.model.eval()
+        with torch.inference_mode():
+            for start in range(0, matrix.shape[0], batch_size):
+                x = self._dense(matrix[start : start + batch_size])  # (batch, n_items)
+                rec_term, kl_term = negative_elbo_terms(self.model, x)  # (batch,) each
+                reconstruction.append(rec_term.double().cpu().numpy())
+                kl.append(kl_term.double().cpu().numpy())
+        return np.concatenate(reconstruction), np.concatenate(kl)
+
+    def _raw_anomaly_scores(
+        self, matrix: sp.csr_array, batch_size: int
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], NDArray[np.int64]]:
+        reconstruction, kl = self._elbo_terms(matrix, batch_size)
+        total = np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
+        lengths = np.diff(sp.csr_array(matrix).indptr).astype(np.int64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scores = np.where(total > 0, (reconstruction + kl) / total, np.nan)
+        return scores, reconstruction, kl, lengths
+
+    def anomaly_reference(self, source: str = "auto") -> AnomalyReference:
+        """The length-stratified reference that anomaly percentiles compare with (cached).
+
+        Two reference populations exist (each as full histories plus one random sub-history per
+        user, see :func:`recvae.vae_tools.reference_histories`):
+
+        - ``"training"``: the training users (at most 20,000, a seeded sample), scored from the
+          stored training matrix on first use; call this once after loading (e.g. in a server's
+          start-up) so that the first request does not pay for it. The model was fitted to these
+          users, so they score lower than new users of the same population: against them, a new
+          normal user's median percentile is well above 50. It is the right reference for
+          training users themselves (the nightly job's exclusion).
+        - ``"held-out"``: held-out users, set by :meth:`calibrate_anomalies` and kept in
+          ``meta["anomaly_reference"]`` (so saved with the bundle). Calibrated for new users.
+
+        ``"auto"`` picks ``"held-out"`` when the recommender has it, else ``"training"``.
+
+        Args:
+            source: ``"auto"``, ``"training"`` or ``"held-out"``.
+
+        Raises:
+            ValueError: an unknown source, no held-out calibration when ``"held-out"`` is asked
+                for, a malformed ``meta["anomaly_reference"]``, or no training users.
+        """
+        resolved = self.anomaly_reference_source(source)
+        if resolved == "held-out":
+            return AnomalyReference.from_dict(self.meta["anomaly_reference"])
+        with self._anomaly_lock:
+            if self._anomaly_reference is None:
+                if self.train_matrix.nnz == 0:
+                    raise ValueError(
+                        "anomaly percentiles need the training users' histories, "
+                        "but this recommender has none"
+                    )
+                self._anomaly_reference = self._build_anomaly_reference(
+                    self.train_matrix, source="training", seed=0
+                )
+            return self._anomaly_reference
+
+    def _build_anomaly_reference(
+        self, matrix: sp.csr_array, *, source: str, seed: int
+    ) -> AnomalyReference:
+        histories, n_users = reference_histories(matrix, seed=seed)
+        scores, _, _, lengths = self._raw_anomaly_scores(histories, 1024)
+        reference = AnomalyReference.from_scores(scores, lengths, source=source, n_users=n_users)
+        logger.info(
+            "anomaly reference (%s): %d users, %d histories, median score %.4f",
+            source,
+            n_users,
+            histories.shape[0],
+            reference.median_score,
+        )
+        return reference
+
+    def anomaly_reference_source(self, source: str = "auto") -> str:
+        """Which reference ``source`` resolves to: ``"training"`` or ``"held-out"``.
+
+        Raises:
+            ValueError: an unknown source, or ``"held-out"`` without a calibration.
+        """
+        if source not in ("auto", "training", "held-out"):
+            raise ValueError(f"reference must be auto, training or held-out, got {source!r}")
+        calibrated = "anomaly_reference" in self.meta
+        if source == "held-out" and not calibrated:
+            raise ValueError(
+                "no held-out anomaly reference: call calibrate_anomalies(held-out histories) "
+                "before saving the bundle"
+            )
+        if source == "auto":
+            return "held-out" if calibrated else "training"
+        return source
+
+    def calibrate_anomalies(
+        self,
+        histories: sp.csr_array | sp.csr_matrix | NDArray[Any] | Sequence[Sequence[Any]],
+        *,
+        seed: int = 0,
+    ) -> None:
+        """Make held-out users the anomaly reference: percentiles then suit new users.
+
+        Scores ``histories`` (users the model was not trained on, e.g. the validation users'
+        fold-in plus targets) with one random sub-history each, and stores the length-binned
+        quantiles in ``meta["anomaly_reference"]`` (about 25 KB), which :meth:`save` writes to
+        ``meta.json``: no format change, an old bundle simply has no such key. Call it after the
+        final weights are set; it describes these weights only.
+
+        Args:
+            histories: Held-out users' histories (matrix or lists of external item ids).
+            seed: Seed of the sub-history sampling.
+
+        Raises:
+            ValueError: malformed histories, or fewer than 20 non-empty histories.
+        """
+        matrix, _ = self._as_history_matrix(histories)
+        n_users = int((np.diff(matrix.indptr) > 0).sum())
+        if n_users < 20:
+            raise ValueError(
+                f"calibrating anomaly percentiles needs at least 20 non-empty histories, "
+                f"got {n_users}"
+            )
+        reference = self._build_anomaly_reference(matrix, source="held-out", seed=seed)
+        self.meta["anomaly_reference"] = reference.to_dict()
+
+    def anomaly_scores(
+        self,
+        histories: sp.csr_array | sp.csr_matrix | NDArray[Any] | Sequence[Sequence[Any]],
+        *,
+        reference: str = "auto",
+        batch_size: int = 1024,
+    ) -> AnomalyScores:
+        """How unusual each history is under the model: negative ELBO per item and percentile.
+
+        ``score = (reconstruction NLL at z = mu + KL(q(z|x) || N(0, I))) / sum_i x_i`` (nats per
+        history item; for Mult-DAE the KL term is 0), and its percentile among reference
+        histories of a similar length (:meth:`anomaly_reference`). Higher is more unusual. Rank
+        by percentile to compare users of different lengths: the score itself runs higher for
+        short histories (the KL term is a near-fixed cost spread over few items). An empty
+        history (after dropping unknown items) gets NaN.
+
+        Args:
+            histories: A ``(n_users, n_items)`` matrix over the model's items (binary, or
+                non-negative weights), or lists of external item ids (unknown ids dropped and
+                reported).
+            reference: Percentiles against ``"training"`` users, ``"held-out"`` users (see
+                :meth:`calibrate_anomalies`) or ``"auto"`` (held-out when available).
+            batch_size: Users scored per forward pass.
+
+        Returns:
+            The scores, percentiles, history lengths, the two ELBO terms and the reference used.
+
+        Raises:
+            ValueError: malformed histories, a bad ``batch_size`` or ``reference``, or no
+                reference to compute percentiles against.
+        """
+        if not isinstance(batch_size, int | np.integer) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        source = self.anomaly_reference_source(reference)
+        matrix, unknown = self._as_history_matrix(histories)
+        reference_model = self.anomaly_reference(source)
+        scores, reconstruction, kl, lengths = self._raw_anomaly_scores(matrix, int(batch_size))
+        return AnomalyScores(
+            scores=scores,
+            percentiles=reference_model.percentiles(scores, lengths),
+            history_lengths=lengths,
+            reconstruction=reconstruction,
+            kl=kl,
+            unknown_items=unknown,
+            reference=source,
+        )
 
     # ------------------------------------------------------------------ bundle
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

@@ -1,8 +1,21 @@
 """The training loop: Adam over shuffled user batches, KL annealing, validation, checkpoints.
 
-The loop densifies one batch of CSR rows at a time (never the whole matrix), validates on
-held-out users after every epoch, keeps the best epoch's weights, stops early on a patience,
-and writes a checkpoint every epoch from which an interrupted run resumes exactly.
+The loop validates on held-out users after every epoch (or every ``validate_every``), keeps the
+best epoch's weights, stops early on a patience, and writes a checkpoint every epoch from which an
+interrupted run resumes exactly.
+
+The data path is lean and never builds a ``(batch, n_items)`` input or target: the training
+matrix lives on the training device as CSR tensors, is shuffled there once per epoch, and each
+batch is a slice of it (a :class:`~recvae.model.SparseBatch`; no per-batch host work, so the same
+code is the GPU path). The model's first layer reads the batch as an embedding bag over the
+nonzeros, input dropout touches only the nonzeros, and the multinomial likelihood gathers the
+logits at the users' items (:func:`~recvae.model.sparse_multinomial_nll`). The noise (input
+dropout, reparameterization) is drawn for each global batch from the seeded torch generator, so a
+run is reproducible, resumes exactly, and gives the same result under DDP
+(``RunOptions(distributed=True)``, see :mod:`recvae.distributed`) as in one process. Adam is
+torch's fused implementation where the device has one. ``RunOptions.precision="bf16"`` runs the
+forward pass under bf16 autocast (the likelihood stays float32) and ``RunOptions.compile``
+compiles it. Models without sparse input (``supports_sparse_input``) get dense batches.
 """
 
 from __future__ import annotations
@@ -11,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,20 +34,40 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 
+from recvae import distributed as dist_utils
 from recvae.config import ModelConfig, MultVAEConfig, RunOptions
 from recvae.data.interactions import Interactions
 from recvae.evaluation import evaluate
-from recvae.model import anneal_beta, build_model, gaussian_kl, l2_penalty, multinomial_nll
+from recvae.model import (
+    SparseBatch,
+    anneal_beta,
+    build_model,
+    gaussian_kl,
+    l2_penalty,
+    multinomial_nll,
+    sparse_multinomial_nll,
+)
 from recvae.recommender import Recommender, resolve_device
 from recvae.split import HeldOut
 
-__all__ = ["train", "Trainer", "EpochCallback", "CheckpointMismatchError", "beta_schedule"]
+__all__ = [
+    "train",
+    "Trainer",
+    "EpochCallback",
+    "CheckpointMismatchError",
+    "beta_schedule",
+    "TRAINER_TYPES",
+    "register_trainer",
+]
 
 logger = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 CHECKPOINT_NAME = "checkpoint.pt"
+# 2: Adam's moments of an item-major first layer are stored item-major (1: as nn.Linear's).
+CHECKPOINT_FORMAT = 2
 _VALIDATION_METRICS = ("ndcg@100", "recall@20", "recall@50")
+_BAR_EVERY = 20  # steps between progress-bar loss updates
 
 
 class CheckpointMismatchError(ValueError):
@@ -64,6 +97,125 @@ def _batch_tensor(matrix: sp.csr_array, rows: np.ndarray, device: torch.device) 
     return torch.from_numpy(dense).to(device, non_blocking=True)
 
 
+class _EpochMatrix:
+    """One epoch's shuffled training matrix: CSR tensors on the device, host row pointer.
+
+    Row ``r`` is user ``perm[r]``; a batch of consecutive rows is a set of views (the host copy
+    of the row pointer gives the slice bounds without a device synchronization).
+    """
+
+    def __init__(
+        self,
+        indptr: np.ndarray,
+        indices: Tensor,
+        values: Tensor,
+        weights: Tensor,
+        row_of: Tensor,
+        n_items: int,
+    ) -> None:
+        self.indptr = indptr  # (n_rows + 1,) host int64
+        self.indptr_t = torch.from_numpy(indptr).to(indices.device)
+        self.indices = indices  # (nnz,)
+        self.values = values  # (nnz,)
+        self.weights = weights  # (nnz,) normalized history
+        self.row_of = row_of  # (nnz,)
+        self.n_items = n_items
+
+    def nnz_range(self, start: int, stop: int) -> tuple[int, int]:
+        return int(self.indptr[start]), int(self.indptr[stop])
+
+    def batch(self, start: int, stop: int) -> SparseBatch:
+        lo, hi = self.nnz_range(start, stop)
+        return SparseBatch(
+            indices=self.indices[lo:hi],
+            offsets=self.indptr_t[start : stop + 1] - lo,
+            values=self.values[lo:hi],
+            weights=self.weights[lo:hi],
+            row_of=self.row_of[lo:hi] - start,
+            n_items=self.n_items,
+        )
+
+
+class _DeviceMatrix:
+    """The training matrix as CSR tensors on the training device (copied there once)."""
+
+    def __init__(self, matrix: sp.csr_array, device: torch.device) -> None:
+        csr = sp.csr_array(matrix)
+        if not csr.has_canonical_format:
+            csr = csr.copy()
+            csr.sum_duplicates()
+        self.n_rows, self.n_items = (int(d) for d in csr.shape)
+        self.nnz = int(csr.nnz)
+        self.device = device
+        indptr = np.asarray(csr.indptr, dtype=np.int64)
+        self.counts = np.diff(indptr)  # (n_rows,) host
+        self.starts = torch.from_numpy(indptr[:-1].copy()).to(device)
+        base = SparseBatch.from_csr(
+            torch.from_numpy(indptr).to(device),
+            torch.from_numpy(np.asarray(csr.indices, dtype=np.int64)).to(device),
+            torch.from_numpy(np.asarray(csr.data, dtype=np.float32)).to(device),
+            self.n_items,
+        )
+        self.indices, self.values, self.weights = base.indices, base.values, base.weights
+
+    def shuffled(self, perm: np.ndarray) -> _EpochMatrix:
+        """The rows in the order ``perm`` (all on the device: O(nnz) gathers, once per epoch)."""
+        counts = self.counts[perm]
+        indptr = np.zeros(self.n_rows + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        perm_t = torch.from_numpy(np.asarray(perm, dtype=np.int64)).to(self.device)
+        new_starts = torch.from_numpy(indptr[:-1].copy()).to(self.device)
+        row_of = torch.repeat_interleave(
+            torch.arange(self.n_rows, device=self.device),
+            torch.from_numpy(counts).to(self.device),
+            output_size=self.nnz,
+        )  # (nnz,) new row of every entry
+        # Entry k of new row r comes from position starts[perm[r]] + (k - new_starts[r]).
+        shift = self.starts[perm_t] - new_starts  # (n_rows,)
+        source = shift[row_of] + torch.arange(self.nnz, device=self.device)  # (nnz,)
+        return _EpochMatrix(
+            indptr,
+            self.indices[source],
+            self.values[source],
+            self.weights[source],
+            row_of,
+            self.n_items,
+        )
+
+
+def _transpose_item_major_moments(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    # A format-1 checkpoint kept the first layer's Adam moments in nn.Linear's (out, n_items)
+    # layout; the parameter is now item-major, (n_items, out).
+    item_major = {
+        id(module.item_weight) for module in model.modules() if hasattr(module, "item_weight")
+    }
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if id(param) not in item_major:
+                continue
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.dim() == 2:
+                    state[key] = value.t().contiguous()
+
+
+class _SparseRanker:
+    """Validation scorer: histories go to the device as a sparse batch, never densified."""
+
+    def __init__(self, model: nn.Module, n_items: int, device: torch.device) -> None:
+        self.model: Any = model  # a model with encode/decode (supports_sparse_input)
+        self.n_items = n_items
+        self.device = device
+
+    def score(self, histories: sp.csr_array) -> Tensor:
+        self.model.eval()
+        with torch.inference_mode():
+            batch = SparseBatch.from_scipy(histories, self.device)
+            mu, _ = self.model.encode(batch)  # (batch, latent)
+            logits: Tensor = self.model.decode(mu)  # (batch, n_items)
+            return logits.float()
+
+
 @dataclass
 class _State:
     epoch: int = 0  # epochs completed
@@ -84,9 +236,20 @@ class Trainer:
         config: Model hyperparameters.
         validation: Held-out users scored after each epoch (best epoch by
             ``config.select_metric``); without it the last epoch is kept.
-        options: Device, threads, checkpoint directory, progress bar.
-        on_epoch: Called as ``on_epoch(epoch, metrics)`` after every epoch (1-based).
+        options: Device, threads, checkpoint directory, progress bar, precision, compile,
+            distributed.
+        on_epoch: Called as ``on_epoch(epoch, metrics)`` after every epoch (1-based); on rank 0
+            only in distributed training.
+
+    Raises:
+        ValueError: empty data, a vocabulary mismatch with ``validation``, or
+            ``distributed=True`` without a process group or for a model or trainer that does
+            not support it.
     """
+
+    #: Weights loaded into the fresh model when training starts from scratch (a warm start);
+    #: ignored when a checkpoint is resumed. :func:`train` sets it from ``initial_state``.
+    initial_state: Mapping[str, Tensor] | None = None
 
     def __init__(
         self,
@@ -109,7 +272,23 @@ class Trainer:
         self.validation = validation
         self.options = options or RunOptions()
         self.on_epoch = on_epoch
-        self.device = resolve_device(self.options.device)
+        if self.options.distributed:
+            if not dist_utils.is_initialized():
+                raise ValueError(
+                    "RunOptions(distributed=True) needs a torch.distributed process group: run "
+                    "under torchrun and call recvae.distributed.init_from_env() first"
+                )
+            if type(self)._run_epoch is not Trainer._run_epoch:
+                raise ValueError(
+                    f"{type(self).__name__} has its own epoch loop and does not support "
+                    "distributed training"
+                )
+            self.device = dist_utils.local_device(self.options.device)
+        else:
+            self.device = resolve_device(self.options.device)
+        self.rank = dist_utils.get_rank() if self.options.distributed else 0
+        self.world_size = dist_utils.get_world_size() if self.options.distributed else 1
+        self.is_main = self.rank == 0
         if self.options.num_threads is not None:
             torch.set_num_threads(self.options.num_threads)
         self.steps_per_epoch = math.ceil(data.n_users / config.batch_size)
@@ -118,7 +297,23 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model: nn.Module = build_model(config, data.n_items).to(self.device)
         # Weight decay is the paper's explicit L2 term in the loss, not Adam's coupled decay.
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
+        # The fused kernel is the same update in one pass over each tensor (several times
+        # faster than the per-tensor loop on large item matrices).
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(),
+            lr=config.learning_rate,
+            fused=True if self.device.type in ("cpu", "cuda") else None,
+        )
+        self.sparse_input = bool(getattr(self.model, "supports_sparse_input", False))
+        if self.options.distributed and not self.sparse_input:
+            raise ValueError(f"distributed training does not support model '{config.model}'")
+        self._device_matrix: _DeviceMatrix | None = None
+        module: Any = self.model
+        if self.options.distributed:
+            module = dist_utils.wrap_ddp(self.model, self.device)
+        if self.options.compile:
+            module = torch.compile(module, dynamic=True)
+        self._train_module = module  # what the training step calls (DDP and/or compiled)
         self.state = _State()
         self.checkpoint_path = (
             Path(self.options.checkpoint_dir) / CHECKPOINT_NAME
@@ -131,7 +326,7 @@ class Trainer:
     def _checkpoint_payload(self) -> dict[str, Any]:
         s = self.state
         return {
-            "format": 1,
+            "format": CHECKPOINT_FORMAT,
             "config": self.config.to_json(),
             "fingerprint": self._fingerprint,
             "epoch": s.epoch,
@@ -149,8 +344,8 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """Write the checkpoint atomically (temp file + rename)."""
-        if self.checkpoint_path is None:
+        """Write the checkpoint atomically (temp file + rename); only rank 0 writes."""
+        if self.checkpoint_path is None or not self.is_main:
             return
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint_path.with_suffix(".tmp")
@@ -180,6 +375,8 @@ class Trainer:
             )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if int(ckpt.get("format", 1)) < 2:
+            _transpose_item_major_moments(self.model, self.optimizer)
         torch.set_rng_state(ckpt["torch_rng"].cpu())
         if self.device.type == "cuda" and ckpt["cuda_rng"]:
             torch.cuda.set_rng_state_all([t.cpu() for t in ckpt["cuda_rng"]])
@@ -198,78 +395,192 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ loop
-    def _loss(self, x: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
-        logits, mu, logvar = self.model(x)
-        nll = multinomial_nll(logits, x)
-        kl = gaussian_kl(mu, logvar) if logvar is not None else torch.zeros((), device=x.device)
+    def _autocast(self) -> Any:
+        return torch.autocast(
+            device_type=self.device.type,
+            dtype=torch.bfloat16,
+            enabled=self.options.precision == "bf16",
+        )
+
+    def _loss(
+        self, x: Tensor | SparseBatch, beta: float, *, denominator: float | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(loss, nll, kl)`` of one batch, ``loss = nll + beta * kl (+ L2 penalty)``.
+
+        ``nll`` and ``kl`` are means over the batch's users, or their sums divided by
+        ``denominator`` when given (a distributed shard of a larger global batch).
+
+        Args:
+            x: Dense ``(batch, n_items)`` histories or a :class:`SparseBatch`.
+            beta: KL weight.
+            denominator: Divides the per-user sums instead of the batch size.
+        """
+        with self._autocast():
+            logits, mu, logvar = self._train_module(x)  # logits: (batch, n_items)
+        if isinstance(x, SparseBatch):
+            n_rows = x.n_rows
+            nll_sum = sparse_multinomial_nll(logits, x, reduction="sum")
+        else:
+            n_rows = int(x.shape[0])
+            nll_sum = multinomial_nll(logits.float(), x, reduction="sum")
+        if logvar is not None:
+            kl_sum = gaussian_kl(mu.float(), logvar.float(), reduction="sum")
+        else:
+            kl_sum = torch.zeros((), device=logits.device)
+        denom = float(n_rows) if denominator is None else float(denominator)
+        nll = nll_sum / denom
+        kl = kl_sum / denom
         loss = nll + beta * kl
         if self.config.weight_decay > 0:
             loss = loss + self.config.weight_decay * l2_penalty(self.model)
         return loss, nll, kl
 
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """The order of the training users in ``epoch`` (the same on every rank)."""
+        return np.random.default_rng([self.config.seed, epoch]).permutation(self.data.n_users)
+
+    def _training_matrix(self) -> _DeviceMatrix:
+        if self._device_matrix is None:
+            self._device_matrix = _DeviceMatrix(self.data.matrix, self.device)
+        return self._device_matrix
+
+    def _sparse_batch(
+        self, matrix: _EpochMatrix, start: int, stop: int, lo: int, hi: int
+    ) -> SparseBatch:
+        """Rows ``[lo, hi)`` of the global batch ``[start, stop)``, with its training noise.
+
+        The noise is drawn for the whole global batch and sliced, so a user's noise does not
+        depend on how the batch is sharded across ranks.
+        """
+        batch = matrix.batch(lo, hi)
+        p = float(self.config.dropout)
+        mask = None
+        if p > 0:
+            g_lo, g_hi = matrix.nnz_range(start, stop)
+            l_lo, l_hi = matrix.nnz_range(lo, hi)
+            uniform = torch.rand(g_hi - g_lo, device=self.device)  # (global nnz,)
+            keep = uniform[l_lo - g_lo : l_hi - g_lo] >= p  # (nnz,)
+            mask = keep.to(torch.float32) * (1.0 / (1.0 - p))
+        eps = None
+        if getattr(self.model, "variational", False):
+            latent = int(self.model.latent_dim)  # type: ignore[arg-type]
+            noise = torch.randn(stop - start, latent, device=self.device)  # (global batch, latent)
+            eps = noise[lo - start : hi - start]
+        return batch.with_noise(dropout_mask=mask, eps=eps)
+
     def _run_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         cfg = self.config
-        perm = np.random.default_rng([cfg.seed, epoch]).permutation(self.data.n_users)
-        totals = {"loss": 0.0, "nll": 0.0, "kl": 0.0}
+        n_users = self.data.n_users
+        perm = self._permutation(epoch)
+        shuffled = self._training_matrix().shuffled(perm) if self.sparse_input else None
+        # Summed on the device: no host synchronization per step.
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, nll, kl
         beta = 0.0
-        start = time.perf_counter()
-        bar = _progress(self.options.progress, self.data.n_users, f"epoch {epoch}")
+        start_time = time.perf_counter()
+        bar = _progress(self.options.progress and self.is_main, n_users, f"epoch {epoch}")
         for b in range(self.steps_per_epoch):
-            rows = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            x = _batch_tensor(self.data.matrix, rows, self.device)
+            start, stop = b * cfg.batch_size, min((b + 1) * cfg.batch_size, n_users)
+            offset_lo, offset_hi = dist_utils.shard_range(stop - start, self.rank, self.world_size)
+            lo, hi = start + offset_lo, start + offset_hi
+            x: Tensor | SparseBatch
+            if shuffled is not None:
+                x = self._sparse_batch(shuffled, start, stop, lo, hi)
+            else:
+                x = _batch_tensor(self.data.matrix, perm[lo:hi], self.device)
             beta = anneal_beta(
                 self.state.step, beta_max=self.beta_max, anneal_steps=self.anneal_steps
             )
-            loss, nll, kl = self._loss(x, beta)
+            if self.world_size > 1:
+                # DDP averages gradients over ranks: dividing each shard's sums by
+                # batch / world_size makes that average the gradient of the global batch mean.
+                weight = (stop - start) / self.world_size
+                loss, nll, kl = self._loss(x, beta, denominator=weight)
+            else:
+                weight = float(stop - start)
+                loss, nll, kl = self._loss(x, beta)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.state.step += 1
-            n = len(rows)
-            totals["loss"] += float(loss.detach()) * n
-            totals["nll"] += float(nll.detach()) * n
-            totals["kl"] += float(kl.detach()) * n
+            totals += torch.stack([loss.detach(), nll.detach(), kl.detach()]).double() * weight
             if bar is not None:
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.update(n)
-                bar.set_postfix(
-                    loss=f"{float(loss):.2f}",
-                    beta=f"{beta:.3f}",
-                    users_s=f"{bar.n / elapsed:,.0f}",
-                )
+                bar.update(stop - start)
+                if b % _BAR_EVERY == 0 or b == self.steps_per_epoch - 1:
+                    # Reading the loss waits for the device: only every few steps.
+                    elapsed = max(time.perf_counter() - start_time, 1e-9)
+                    bar.set_postfix(
+                        loss=f"{float(loss):.2f}",
+                        beta=f"{beta:.3f}",
+                        users_s=f"{bar.n / elapsed:,.0f}",
+                    )
         if bar is not None:
             bar.close()
-        seconds = time.perf_counter() - start
-        metrics = {k: v / self.data.n_users for k, v in totals.items()}
-        metrics.update(
-            {
-                "beta": beta,
-                "epoch_seconds": seconds,
-                "users_per_second": self.data.n_users / seconds,
-            }
-        )
-        return metrics
+        if self.world_size > 1:
+            dist_utils.all_reduce_sum(totals)
+        loss_sum, nll_sum, kl_sum = totals.tolist()  # waits for the device
+        seconds = time.perf_counter() - start_time
+        return {
+            "loss": loss_sum / n_users,
+            "nll": nll_sum / n_users,
+            "kl": kl_sum / n_users,
+            "beta": beta,
+            "epoch_seconds": seconds,
+            "users_per_second": n_users / seconds,
+        }
 
     def validate(self) -> dict[str, float]:
-        """Validation metrics of the current weights (mean over users with targets)."""
+        """Validation metrics of the current weights (mean over users with targets).
+
+        Computes only the metrics that are reported and selected on. Under DDP each rank
+        scores a shard of the validation users and the per-metric sums are all-reduced, so every
+        rank gets the same values.
+        """
         if self.validation is None:
             return {}
-        ranker = Recommender(self.model, self.config, self.data.item_ids)
+        names = list(dict.fromkeys((*_VALIDATION_METRICS, self.config.select_metric)))
+        bases, ks = [], []
+        for name in names:
+            base, _, k = name.partition("@")
+            if not k.isdigit() or int(k) < 1:
+                raise ValueError(f"validation metric {name!r} must look like 'ndcg@100'")
+            bases.append(base)
+            ks.append(int(k))
+        fold_in = self.validation.fold_in.matrix
+        targets = self.validation.targets.matrix
+        if self.world_size > 1:
+            lo, hi = dist_utils.shard_range(fold_in.shape[0], self.rank, self.world_size)
+            fold_in, targets = fold_in[lo:hi], targets[lo:hi]
+        ranker: Any
+        if self.sparse_input:
+            ranker = _SparseRanker(self.model, self.data.n_items, self.device)
+        else:
+            ranker = Recommender(self.model, self.config, self.data.item_ids)
         result = evaluate(
             ranker,
-            self.validation.fold_in.matrix,
-            self.validation.targets.matrix,
-            ks=(20, 50, 100),
+            fold_in,
+            targets,
+            ks=sorted(set(ks)),
             batch_size=self.options.eval_batch_size,
             device=str(self.device),
+            metrics=list(dict.fromkeys(bases)),
         )
-        names = dict.fromkeys((*_VALIDATION_METRICS, self.config.select_metric))
-        return {f"val_{name}": result.mean(name) for name in names}
+        if self.world_size == 1:
+            return {f"val_{name}": result.mean(name) for name in names}
+        sums = torch.zeros((len(names), 2), dtype=torch.float64, device=self.device)
+        for i, name in enumerate(names):
+            values = result.per_user[name][result.user_has_targets]
+            sums[i, 0], sums[i, 1] = float(values.sum()), float(values.size)
+        dist_utils.all_reduce_sum(sums)
+        return {
+            f"val_{name}": float(sums[i, 0] / sums[i, 1]) if sums[i, 1] > 0 else math.nan
+            for i, name in enumerate(names)
+        }
 
     def fit(self) -> Recommender:
         """Train (resuming from a checkpoint when one exists) and return the best model."""
-        self.try_resume()
+        if not self.try_resume() and self.initial_state is not None:
+            self.model.load_state_dict(self.initial_state)
         cfg = self.config
         s = self.state
         while s.epoch < cfg.epochs and not s.stopped_early:
@@ -299,6 +610,8 @@ class Trainer:
             s.epoch = epoch
             s.history.append({"epoch": float(epoch), **metrics})
             self.save_checkpoint()
+            if not self.is_main:
+                continue
             logger.info(
                 "epoch %d/%d loss %.3f beta %.3f %s(%.1fs)",
                 epoch,
@@ -353,6 +666,21 @@ def _progress(enabled: bool, total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="user", leave=False, disable=None)
 
 
+#: Trainer class per model name; models not listed here use :class:`Trainer`. A model module
+#: that needs its own loop (e.g. ``recvae.recvae_model``) registers with :func:`register_trainer`.
+TRAINER_TYPES: dict[str, type[Trainer]] = {}
+
+
+def register_trainer(model: str) -> Callable[[type[Trainer]], type[Trainer]]:
+    """Class decorator: make :func:`train` use this trainer for configs named ``model``."""
+
+    def decorator(cls: type[Trainer]) -> type[Trainer]:
+        TRAINER_TYPES[model] = cls
+        return cls
+
+    return decorator
+
+
 def train(
     data: Interactions,
     config: ModelConfig,
@@ -360,6 +688,7 @@ def train(
     validation: HeldOut | None = None,
     options: RunOptions | None = None,
     on_epoch: EpochCallback | None = None,
+    initial_state: Mapping[str, Tensor] | None = None,
 ) -> Recommender:
     """Train a model and return it as a :class:`Recommender` (best validation epoch).
 
@@ -367,12 +696,19 @@ def train(
         data: Training users' interactions.
         config: A ``MultVAEConfig`` or ``MultDAEConfig``.
         validation: Held-out users for model selection and early stopping.
-        options: Device, threads, checkpointing (resume is automatic), progress bar.
+        options: Device, threads, checkpointing (resume is automatic), progress bar,
+            precision (bf16 autocast), compile, distributed (see :mod:`recvae.distributed`).
         on_epoch: Telemetry hook ``on_epoch(epoch, metrics)``.
+        initial_state: A full state dict to start from (a warm start); used only when no
+            checkpoint is resumed.
 
     Raises:
-        ValueError: empty data or a vocabulary mismatch with ``validation``.
+        ValueError: empty data, a vocabulary mismatch with ``validation``, or distributed
+            training without a process group.
         CheckpointMismatchError: the checkpoint directory holds another run's checkpoint.
         FloatingPointError: the loss became NaN or infinite.
     """
-    return Trainer(data, config, validation=validation, options=options, on_epoch=on_epoch).fit()
+    trainer_cls = TRAINER_TYPES.get(config.model, Trainer)
+    trainer = trainer_cls(data, config, validation=validation, options=options, on_epoch=on_epoch)
+    trainer.initial_state = initial_state
+    return trainer.fit()

@@ -11,6 +11,8 @@ import scipy.sparse as sp
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# `recvae train/experiment/tune` log to MLflow by default; tests opt in with --tracking-uri.
+os.environ.setdefault("RECVAE_TRACKING", "off")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -93,3 +95,35 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("bundle") / "tiny"
     rec.save(path)
     return path
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty sqlite MLflow store in ``tmp_path`` (``sqlite:///.../mlflow.db``).
+
+    Creating a store runs all of MLflow's schema migrations (10-20 s here), so a migrated empty
+    database is made once, kept in pytest's cache (keyed by the MLflow version), and copied.
+    """
+    pytest.importorskip("mlflow")
+    import shutil
+    import uuid
+
+    import mlflow
+
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        folder = cache.mkdir(f"mlflow-{mlflow.__version__}-empty-store")
+    else:  # no cache plugin: one template per test session
+        folder = request.getfixturevalue("tmp_path_factory").getbasetemp() / "mlflow-template"
+        folder.mkdir(exist_ok=True)
+    template = Path(folder) / "mlflow.db"
+    if not template.is_file():
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        building = Path(folder) / f"building-{uuid.uuid4().hex}.db"
+        store = SqlAlchemyStore(f"sqlite:///{building}", (Path(folder) / "artifacts").as_uri())
+        store.engine.dispose()
+        building.replace(template)
+    database = tmp_path / "mlflow.db"
+    shutil.copyfile(template, database)
+    return f"sqlite:///{database}"

@@ -20,6 +20,18 @@ def register(subparsers: Any) -> None:
     parser.add_argument("-k", type=int, default=10, help="number of items (default 10)")
     parser.add_argument("--include-seen", action="store_true", help="do not exclude history items")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    explore = parser.add_argument_group("exploration (Mult-VAE only)")
+    explore.add_argument(
+        "--explore",
+        action="store_true",
+        help="rank from a sample of the user's posterior instead of its mean (Thompson-style)",
+    )
+    explore.add_argument(
+        "--temperature",
+        type=float,
+        help="scale of the posterior's sigma when exploring (default 1.0; 0 = no exploration)",
+    )
+    explore.add_argument("--seed", type=int, help="seed of the sample (default: random)")
     parser.set_defaults(func=run_command)
 
 
@@ -40,25 +52,36 @@ def run_command(args: argparse.Namespace) -> int:
         raise CLIError(f"-k must be >= 1, got {args.k}")
     if not args.items and args.user is None:
         raise CLIError("give item ids of a history, or --user ID")
+    if not args.explore and (args.temperature is not None or args.seed is not None):
+        raise CLIError("--temperature and --seed apply only with --explore")
+    explore = {
+        "explore": args.explore,
+        "temperature": 1.0 if args.temperature is None else args.temperature,
+        "seed": args.seed,
+    }
     rec = Recommender.load(args.bundle)
     int_items = rec.item_ids.dtype != object
     if args.user is not None:
         int_users = rec.user_ids.dtype != object
         result = rec.recommend(
-            [_parse_id(args.user, int_users)], args.k, exclude_seen=not args.include_seen
+            [_parse_id(args.user, int_users)], args.k, exclude_seen=not args.include_seen, **explore
         )
         unknown: tuple[Any, ...] = ()
     else:
         history = [_parse_id(i, int_items) for i in args.items]
-        result = rec.recommend_from_history(history, args.k, exclude_seen=not args.include_seen)
+        result = rec.recommend_from_history(
+            history, args.k, exclude_seen=not args.include_seen, **explore
+        )
         unknown = result.unknown_items[0]
     ranked = result.to_lists()[0]
+    confidence = None if result.confidence is None else float(result.confidence[0])
     if args.json:
         print(
             json.dumps(
                 {
                     "items": [{"item_id": i, "score": s} for i, s in ranked],
                     "unknown_items": list(unknown),
+                    "confidence": confidence,
                     "model_version": rec.version,
                 },
                 indent=2,
@@ -69,6 +92,8 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"ignored unknown item(s): {', '.join(map(str, unknown))}")
     if args.user is None and len(unknown) == len(args.items):
         print("no known item in the history: scores come from the model's prior (z = 0 input)")
+    if confidence is not None:
+        print(f"confidence {confidence:.3f} (0 = no more than the prior, 1 = certain)")
     print(f"{'rank':>4}  {'item_id':<16} score")
     for rank, (item, score) in enumerate(ranked, 1):
         print(f"{rank:>4}  {item!s:<16} {score:.4f}")

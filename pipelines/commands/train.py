@@ -13,6 +13,7 @@ from pipelines.commands._common import (
     add_protocol_arguments,
     job_from_args,
 )
+from pipelines.tracking_hooks import add_tracking_arguments
 
 
 def register(subparsers: Any) -> None:
@@ -29,7 +30,7 @@ def register(subparsers: Any) -> None:
     add_data_arguments(parser)
     add_protocol_arguments(parser)
     model = parser.add_argument_group("model and training (override the config)")
-    model.add_argument("--model", choices=["multvae", "multdae"], help="default multvae")
+    model.add_argument("--model", choices=["multvae", "multdae", "recvae"], help="default multvae")
     model.add_argument("--epochs", type=int)
     model.add_argument("--batch-size", type=int)
     model.add_argument("--learning-rate", "--lr", type=float, dest="learning_rate")
@@ -58,6 +59,14 @@ def register(subparsers: Any) -> None:
         "default runs/<dataset>-<model>-<time>",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast (GPU speed)")
+    run.add_argument("--compile", action="store_true", default=None, help="torch.compile")
+    run.add_argument(
+        "--distributed",
+        action="store_true",
+        help="DDP over the processes torchrun started (torchrun ... -m pipelines.train_ddp)",
+    )
+    add_tracking_arguments(parser)
     parser.set_defaults(func=run_command)
 
 
@@ -78,7 +87,13 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from pipelines.train_job import metric_rows, run_train
+    if args.distributed:
+        from pipelines.train_ddp import run_distributed
+
+        return run_distributed(args)
+    from pipelines.experiment import tracked_train
+    from pipelines.tracking_hooks import make_tracker
+    from pipelines.train_job import metric_rows
 
     overrides = model_overrides(args)
     job = job_from_args(
@@ -88,13 +103,20 @@ def run_command(args: argparse.Namespace) -> int:
             "device": args.device,
             "num_threads": args.threads,
             "progress": False if args.no_progress else None,
+            "precision": args.precision,
+            "compile": args.compile,
         },
     )
     if args.model and job.model.get("model") != args.model:
         # Switching model type drops fields that belong to the other config.
         job.model.clear()
         job.model.update({k: v for k, v in overrides.items() if v is not None})
-    outcome = run_train(job, output_dir=args.output)
+    tracker = make_tracker(
+        track=args.track,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment_name or f"recvae-{job.data.name}",
+    )
+    outcome = tracked_train(job, tracker=tracker, output_dir=args.output)
     rec = outcome.recommender
     split = outcome.split.summary()
     print(
@@ -109,5 +131,7 @@ def run_command(args: argparse.Namespace) -> int:
     for line in metric_rows(outcome.test):
         print(f"  {line}")
     print(f"bundle       {outcome.bundle_path}")
+    if tracker.enabled:
+        print(f"mlflow       {tracker.tracking_uri}, experiment {tracker.experiment!r}")
     sys.stdout.flush()
     return 0

@@ -1,0 +1,248 @@
+"""``recvae retrain``: the nightly job, its rollback and its simulation.
+
+::
+
+    recvae retrain --config pipelines/configs/nightly.toml [--date YYYY-MM-DD] [--force]
+    recvae retrain rollback --config pipelines/configs/nightly.toml [--to VERSION]
+    recvae retrain simulate [--days 7] [--output DIR]
+    recvae rollback --config pipelines/configs/nightly.toml          (same as retrain rollback)
+
+Exit codes: 0 promoted, 3 champion kept, 4 data rejected, 5 another run holds the lock,
+1 failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+EXIT_CODES_HELP = (
+    "exit codes: 0 challenger promoted, 3 champion kept (challenger did not pass the gate), "
+    "4 data rejected by validation, 5 another run holds the lock, 1 failure, "
+    "2 usage or configuration error"
+)
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_rollback_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="TOML",
+        default=argparse.SUPPRESS,
+        help="nightly config file (or preset name, e.g. nightly)",
+    )
+    parser.add_argument(
+        "--to",
+        metavar="VERSION",
+        help="registry version to point the alias at (default: the previous champion)",
+    )
+    parser.set_defaults(func=rollback_command)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "retrain",
+        help="nightly retraining: validate, train, compare with the champion, promote or keep",
+        description=(
+            "Run one night of the retraining job: validate the new partitions of the data lake, "
+            "build the training matrix and a fresh split, train a challenger (resuming from its "
+            "checkpoint after a crash), compare it with the champion on the same users, promote "
+            "it only if its NDCG@100 is within the tolerance, and notify the serving layer. "
+            "Rerunning a completed date does nothing unless --force."
+        ),
+        epilog=EXIT_CODES_HELP,
+    )
+    parser.add_argument("--config", metavar="TOML", help="nightly config file (or preset name)")
+    parser.add_argument("--date", type=_date, help="the night to run (default: yesterday in UTC)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="run again even if the date completed, or is older than the last completed run",
+    )
+    parser.add_argument("--summary", type=Path, help="also write the JSON summary here")
+    parser.add_argument("--lake", type=Path, help="override [nightly] lake")
+    parser.add_argument("--state-dir", type=Path, help="override [nightly] state_dir")
+    parser.set_defaults(func=retrain_command, action=None)
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+
+    rollback = actions.add_parser(
+        "rollback",
+        help="move the champion alias back to the previous champion",
+        description="Point the champion alias at the previous champion (or --to VERSION) and "
+        "notify the serving layer. Exit 5 while a run holds the lock.",
+    )
+    _add_rollback_arguments(rollback)
+
+    simulate = actions.add_parser(
+        "simulate",
+        help="replay ml-latest-small as daily partitions and run the job night after night",
+        description=(
+            "Cut the bundled ml-latest-small log into consecutive daily partitions and run the "
+            "real job every night, with a corrupted partition, a crippled challenger, a run "
+            "killed mid-training and a concurrent run on chosen nights. Prints the timeline "
+            "of decisions and plots it (timeline.png). Exits 1 if a safety expectation fails."
+        ),
+    )
+    simulate.add_argument("--days", type=_positive_int, default=7, help="nights to run (default 7)")
+    simulate.add_argument(
+        "--history-days", type=_positive_int, default=21, help="backlog partitions (default 21)"
+    )
+    simulate.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        help="new directory for everything (default runs/nightly-sim-TIME)",
+    )
+    simulate.add_argument("--epochs", type=_positive_int, default=10, help="epochs per night")
+    simulate.add_argument(
+        "--tolerance", type=float, default=0.01, help="gate tolerance (default 0.01)"
+    )
+    for name, night in (("corrupt", 3), ("cripple", 4), ("kill", 5), ("concurrent", 6)):
+        simulate.add_argument(
+            f"--{name}-night",
+            type=int,
+            default=night,
+            metavar="N",
+            help=f"night of the {name} scenario (default {night}; 0 turns it off)",
+        )
+    simulate.add_argument(
+        "--in-process",
+        action="store_true",
+        help="simulate the kill and the concurrent run inside this process (faster, no kill -9)",
+    )
+    simulate.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    simulate.add_argument("--no-plot", action="store_true", help="skip timeline.png")
+    simulate.set_defaults(func=simulate_command)
+
+    top = subparsers.add_parser(
+        "rollback",
+        help="move the nightly champion alias back (same as `retrain rollback`)",
+        description="Point the champion alias at the previous champion (or --to VERSION).",
+    )
+    _add_rollback_arguments(top)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from pipelines.nightly.settings import load_settings
+    from pipelines.settings import CONFIG_DIR
+
+    config = getattr(args, "config", None)
+    if not config:
+        raise ValueError("--config is required (e.g. --config pipelines/configs/nightly.toml)")
+    path = Path(config)
+    if not path.exists() and not path.suffix and (CONFIG_DIR / f"{config}.toml").exists():
+        path = CONFIG_DIR / f"{config}.toml"
+    return load_settings(
+        path, lake=getattr(args, "lake", None), state_dir=getattr(args, "state_dir", None)
+    )
+
+
+def retrain_command(args: argparse.Namespace) -> int:
+    from pipelines.nightly.job import run_retrain
+
+    settings = _settings(args)
+    outcome = run_retrain(settings, args.date, force=args.force, summary_path=args.summary)
+    summary = outcome.summary
+    stream = sys.stdout if outcome.exit_code in (0, 3) else sys.stderr
+    label = f"{outcome.status} (already done)" if outcome.already_done else outcome.status
+    print(f"recvae retrain {summary.get('date')}: {label}: {outcome.reason}", file=stream)
+    registry = summary.get("registry") or {}
+    if registry.get("new_version"):
+        name = f"{registry['model']}@{registry['alias']}"
+        print(f"champion: {name} -> version {registry['new_version']}")
+    notify = summary.get("notify") or {}
+    if notify.get("ok") is False:
+        print(f"warning: serving layer not notified: {notify.get('error')}", file=sys.stderr)
+    if outcome.status != "busy" and not outcome.already_done:
+        day = str(summary.get("date"))
+        print(f"summary: {settings.state_dir / 'runs' / day / 'summary.json'}")
+    return outcome.exit_code
+
+
+def rollback_command(args: argparse.Namespace) -> int:
+    from pipelines.nightly.job import ExitCode, run_rollback
+    from pipelines.nightly.lock import LockBusyError
+
+    settings = _settings(args)
+    try:
+        record = run_rollback(settings, to_version=args.to)
+    except LockBusyError as exc:
+        print(f"recvae: error: {exc}", file=sys.stderr)
+        return int(ExitCode.BUSY)
+    print(
+        f"rolled back {record['model']}@{record['alias']}: version {record['from_version']} -> "
+        f"{record['to_version']}"
+    )
+    notify = record.get("notify") or {}
+    if notify.get("ok") is False:
+        print(f"warning: serving layer not notified: {notify.get('error')}", file=sys.stderr)
+    return 0
+
+
+def simulate_command(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from pipelines.nightly.simulate import (
+        SimulationOptions,
+        expectations,
+        format_timeline,
+        run_simulation,
+    )
+
+    output = args.output or Path("runs") / (
+        "nightly-sim-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    )
+    scenarios = {
+        name: night
+        for name, night in (
+            ("corrupt", args.corrupt_night),
+            ("cripple", args.cripple_night),
+            ("kill", args.kill_night),
+            ("concurrent", args.concurrent_night),
+        )
+        if night
+    }
+    options = SimulationOptions(
+        output=output,
+        days=args.days,
+        history_days=args.history_days,
+        scenarios=scenarios,
+        epochs=args.epochs,
+        tolerance=args.tolerance,
+        subprocess_scenarios=not args.in_process,
+        threads=args.threads,
+        plot=not args.no_plot,
+    )
+    result = run_simulation(options)
+    print(format_timeline(result.rows))
+    print()
+    failed_must = 0
+    for check in expectations(result.rows, options):
+        mark = "ok  " if check["ok"] else ("FAIL" if check["must"] else "note")
+        failed_must += int(check["must"] and not check["ok"])
+        print(f"[{mark}] {check['message']}")
+    print()
+    print(f"timeline: {result.timeline_json}")
+    if result.plot is not None:
+        print(f"plot:     {result.plot}")
+    print(f"config:   {result.config}")
+    return 1 if failed_must else 0

@@ -1,0 +1,128 @@
+"""``recvae runs``: recent MLflow runs and their key metrics, for a terminal.
+
+The MLflow UI reads the same store: ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+_COLUMNS = (
+    ("validation_ndcg_at_100", "val NDCG@100"),
+    ("test_recall_at_20", "R@20"),
+    ("test_recall_at_50", "R@50"),
+    ("test_ndcg_at_100", "NDCG@100"),
+    ("test_ndcg_at_100_se", "± se"),
+)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "runs",
+        help="list recent MLflow runs with their test metrics",
+        description=(
+            "List the most recent runs of the tracking store, newest first, with validation "
+            "NDCG@100 and the test metrics. Child runs (one per model of an experiment, one "
+            "per tuning trial) are indented under their parent. The MLflow UI shows the same "
+            "store: mlflow ui --backend-store-uri sqlite:///mlflow.db"
+        ),
+    )
+    parser.add_argument(
+        "--experiment",
+        action="append",
+        help="only this MLflow experiment (repeatable; default all)",
+    )
+    parser.add_argument("--limit", type=int, default=20, help="at most this many runs (20)")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    parser.set_defaults(func=run_command)
+
+
+def _time(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def _duration(start: int, end: int | None) -> str:
+    if end is None:
+        return "running"
+    seconds = max(0, end - start) / 1000
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def format_runs(runs: list[Any]) -> str:
+    """A plain-text table of :class:`recvae.tracking.RunSummary` rows (children indented)."""
+    ids = {run.run_id for run in runs}
+    ordered: list[tuple[Any, int]] = []
+    children: dict[str, list[Any]] = {}
+    for run in runs:
+        if run.parent_run_id in ids:
+            children.setdefault(run.parent_run_id, []).append(run)
+
+    def add(run: Any, depth: int) -> None:
+        ordered.append((run, depth))
+        for child in sorted(children.get(run.run_id, []), key=lambda r: r.start_time):
+            add(child, depth + 1)
+
+    for run in runs:
+        if run.parent_run_id not in ids:
+            add(run, 0)
+    header = ["started (UTC)", "experiment", "run", "model", "status", "time"]
+    header += [title for _, title in _COLUMNS]
+    rows = [header]
+    for run, depth in ordered:
+        model = run.params.get("label") or run.params.get("model") or run.tags.get("model", "")
+        name = ("  " * depth + ("└ " if depth else "")) + (run.name or run.run_id[:8])
+        cells = [
+            _time(run.start_time),
+            run.experiment,
+            name,
+            model,
+            run.status.lower(),
+            _duration(run.start_time, run.end_time),
+        ]
+        for key, _ in _COLUMNS:
+            value = run.metrics.get(key)
+            cells.append("" if value is None else f"{value:.4f}")
+        rows.append(cells)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in rows
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from pipelines.cli import CLIError
+    from pipelines.tracking_hooks import tracking_available
+
+    if args.limit < 1:
+        raise CLIError(f"--limit must be >= 1, got {args.limit}")
+    if not tracking_available():
+        raise CLIError("recvae runs needs mlflow: pip install 'recvae[track]'")
+    from recvae.tracking import configure_tracking, recent_runs
+
+    uri = configure_tracking(args.tracking_uri)
+    if uri.startswith("sqlite:///"):
+        database = Path(uri[len("sqlite:///") :])
+        if not database.is_file():
+            raise CLIError(
+                f"no MLflow store at {database}: run `recvae train` or `recvae experiment` "
+                "first, or pass --tracking-uri"
+            )
+    runs = recent_runs(experiment_names=args.experiment, limit=args.limit)
+    if not runs:
+        print(f"no runs in {uri}")
+        return 0
+    print(format_runs(runs))
+    print(f"\n{len(runs)} run(s) from {uri}; details: mlflow ui --backend-store-uri {uri}")
+    return 0

@@ -1,0 +1,171 @@
+"""Multi-GPU / multi-node training: ``recvae train`` under torchrun with DistributedDataParallel.
+
+Usage (same options as ``recvae train``)::
+
+    torchrun --nproc_per_node=4 -m pipelines.train_ddp --config gpu-large-batch --dataset ml-1m
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 \\
+        -m pipelines.train_ddp --config gpu-large-batch --data ratings.parquet --output runs/big
+    torchrun --nproc_per_node=2 $(which recvae) train --distributed ...   # the same thing
+
+Every rank loads the data and makes the same seeded split. ``batch_size`` stays the global batch
+(each rank trains on its shard of it, see :mod:`recvae.distributed`), so a run gives the same
+model as a single-process one. Rank 0 writes the checkpoints, scores the test users, saves the
+bundle and ``metrics.json`` and prints the summary; rerunning the command resumes from the last
+checkpoint (the output directory must be on a filesystem every rank can read). On CPUs (gloo),
+give each process its share of the cores with ``--threads``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``recvae train`` parser (this entry point takes the same options)."""
+    from pipelines.commands import train as train_command
+
+    parser = argparse.ArgumentParser(prog="torchrun ... -m pipelines.train_ddp")
+    subparsers = parser.add_subparsers(dest="command")
+    train_command.register(subparsers)
+    return parser
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def run_distributed(args: argparse.Namespace) -> int:
+    """Train with DDP across the torchrun processes; rank 0 evaluates, saves and reports.
+
+    Args:
+        args: Parsed ``recvae train`` arguments.
+
+    Returns:
+        The exit code (0).
+
+    Raises:
+        ValueError: not started by torchrun, bad settings, or a model without DDP support.
+    """
+    from pipelines.commands._common import job_from_args
+    from pipelines.commands.train import model_overrides
+    from pipelines.train_job import default_output_dir, metric_rows, prepare
+    from recvae import distributed as dist_utils
+    from recvae.evaluation import evaluate
+    from recvae.training import train
+
+    overrides = model_overrides(args)
+    job = job_from_args(
+        args,
+        model=overrides,
+        run={
+            "device": args.device,
+            "num_threads": args.threads,
+            "progress": False if args.no_progress else None,
+            "precision": args.precision,
+            "compile": args.compile,
+            "distributed": True,
+        },
+    )
+    if args.model and job.model.get("model") != args.model:
+        job.model.clear()
+        job.model.update({k: v for k, v in overrides.items() if v is not None})
+    config = job.model_config()  # fail on bad settings before joining the group
+    context = dist_utils.init_from_env(device=str(job.run.get("device", "auto")))
+    try:
+        prepared = prepare(job)
+        split = prepared.split
+        # Every rank must use rank 0's directory (a default name holds a timestamp).
+        proposed = str(args.output or default_output_dir(job, config.model))
+        out = Path(str(dist_utils.broadcast_object(proposed)))
+        options = job.run_options(checkpoint_dir=str(out / "checkpoints"))
+        start = time.perf_counter()
+        recommender = train(split.train, config, validation=split.validation, options=options)
+        seconds = time.perf_counter() - start
+        if context.is_main:
+            popularity = split.train.item_counts()
+            results = {
+                part: evaluate(
+                    recommender,
+                    held_out.fold_in.matrix,
+                    held_out.targets.matrix,
+                    item_popularity=popularity,
+                    device=str(recommender.device),
+                )
+                for part, held_out in (("validation", split.validation), ("test", split.test))
+            }
+            recommender.meta.update(
+                {
+                    "dataset": prepared.name,
+                    "data_fingerprint": prepared.fingerprint,
+                    "split": split.summary(),
+                    "job": job.to_dict(),
+                    "train_seconds": seconds,
+                    "world_size": context.world_size,
+                    "metrics": {part: result.summary() for part, result in results.items()},
+                }
+            )
+            bundle = recommender.save(out / "bundle", overwrite=True)
+            summary = {
+                "dataset": prepared.name,
+                "model": config.model,
+                "bundle": str(bundle),
+                "train_seconds": seconds,
+                "world_size": context.world_size,
+                "best_epoch": recommender.meta.get("best_epoch"),
+                **{part: result.summary() for part, result in results.items()},
+            }
+            (out / "metrics.json").write_text(json.dumps(_json_safe(summary), indent=2))
+            counts = split.summary()
+            print(
+                f"dataset      {prepared.name}: {counts['n_train_users']} train users, "
+                f"{counts['n_items']} items; {counts['n_test_users_with_targets']} test users"
+            )
+            print(
+                f"model        {config.model}, best epoch {recommender.meta.get('best_epoch')} "
+                f"of {recommender.meta.get('epochs_run')}, {seconds:.1f}s on "
+                f"{context.world_size} x {recommender.meta.get('device')} ({context.backend})"
+            )
+            print("test metrics (mean ± standard error over test users):")
+            for line in metric_rows(results["test"]):
+                print(f"  {line}")
+            print(f"bundle       {bundle}")
+            sys.stdout.flush()
+        dist_utils.barrier()
+    finally:
+        dist_utils.destroy()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point for ``torchrun ... -m pipelines.train_ddp``; returns the exit code.
+
+    ``-v``/``-vv`` anywhere in the arguments turn on info/debug logging.
+    """
+    raw = list(sys.argv[1:] if argv is None else argv)
+    verbosity = {"-v": 1, "--verbose": 1, "-vv": 2}
+    level = logging.WARNING - 10 * min(sum(verbosity.get(a, 0) for a in raw), 2)
+    args = build_parser().parse_args(["train", *(a for a in raw if a not in verbosity)])
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run_distributed(args)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"recvae train (distributed): error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

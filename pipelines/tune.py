@@ -1,0 +1,773 @@
+"""``recvae tune``: hyperparameter search on validation NDCG@100 (optuna), test scored once.
+
+The search is described in the config's ``[tune]`` section; the fixed settings of the tuned
+model come from its ``[models.<label>]`` table (or the type's defaults)::
+
+    [tune]
+    model = "multvae"          # a [models.<label>] label or a model type
+    sampler = "tpe"            # "tpe" or "random"
+    n_trials = 20              # budget in trials (finished ones count across resumptions) ...
+    timeout_minutes = 60       # ... and/or in minutes per invocation
+    seed = 0
+
+    [tune.space]
+    beta_max = { low = 0.05, high = 0.5, log = true }
+    dropout = { low = 0.2, high = 0.7 }
+    latent_dim = { choices = [100, 200, 400] }
+    hidden_dims = { choices = [[300], [600], [600, 300]] }
+    learning_rate = { low = 1e-4, high = 3e-3, log = true }
+    epochs = { low = 50, high = 200, step = 50 }
+
+    [tune.spaces.als]          # used by `recvae tune --model als`
+    factors = { choices = [64, 128, 256] }
+    regularization = { low = 0.01, high = 100.0, log = true }
+
+A range with integer bounds is an integer parameter. Each trial trains on the training users and
+is scored on the validation users only; it is logged as a child MLflow run of the tuning run.
+When the budget is spent, the best trial's model (its checkpoint when it is an autoencoder) is
+scored once on the test users and saved (``best.json``, ``best/bundle``).
+
+The study lives in ``<output>/optuna.db`` (sqlite): rerunning the same command resumes it,
+retrying a trial an interruption cut short (from its checkpoint), and counting finished trials
+against ``n_trials``. A study may not be resumed with other settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines.experiment import (
+    PAPER_METRICS,
+    ModelSpec,
+    _evaluate,
+    build_baseline,
+    check_requirements,
+    model_spec,
+    thread_limits,
+)
+from pipelines.settings import JobSettings
+from pipelines.tracking_hooks import Tracker, evaluation_metrics, run_tags
+from pipelines.train_job import PreparedData, prepare
+
+if TYPE_CHECKING:
+    import optuna
+
+logger = logging.getLogger(__name__)
+
+SELECT_METRIC = "ndcg@100"
+STUDY_NAME = "tune"
+_TUNE_KEYS = {
+    "model",
+    "sampler",
+    "n_trials",
+    "timeout_minutes",
+    "seed",
+    "space",
+    "spaces",
+    "output_dir",
+}
+_SPACE_KEYS = {"low", "high", "log", "step", "choices"}
+
+
+# ------------------------------------------------------------------------------ settings
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ParamSpace:
+    """One searched parameter: a range (``low``/``high``, optional ``log`` or ``step``) or a
+    list of ``choices`` (lists among them, such as ``hidden_dims``, are allowed)."""
+
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def __post_init__(self) -> None:
+        where = f"[tune.space] {self.name}"
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.step is not None:
+                raise ValueError(f"{where}: give either choices or low/high, not both")
+            if not self.choices:
+                raise ValueError(f"{where}: choices must not be empty")
+            return
+        if self.low is None or self.high is None:
+            raise ValueError(f"{where}: give low and high, or choices")
+        for bound in (self.low, self.high):
+            if isinstance(bound, bool) or not isinstance(bound, int | float):
+                raise ValueError(f"{where}: low and high must be numbers")
+        if not self.low <= self.high:
+            raise ValueError(f"{where}: low must be <= high, got {self.low} > {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"{where}: a log range needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError(f"{where}: log and step cannot be combined")
+        if self.step is not None and not self.step > 0:
+            raise ValueError(f"{where}: step must be > 0")
+        if not isinstance(self.log, bool):
+            raise ValueError(f"{where}: log must be true or false")
+
+    @property
+    def is_int(self) -> bool:
+        return (
+            _is_int(self.low) and _is_int(self.high) and (self.step is None or _is_int(self.step))
+        )
+
+    @classmethod
+    def from_dict(cls, name: str, data: Any) -> ParamSpace:
+        """Build from a TOML inline table.
+
+        Raises:
+            ValueError: Unknown keys or invalid bounds, named.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(
+                f"[tune.space] {name} must be a table such as {{ low = 0.1, high = 0.5 }} "
+                "or { choices = [...] }"
+            )
+        unknown = sorted(set(data) - _SPACE_KEYS)
+        if unknown:
+            raise ValueError(
+                f"[tune.space] {name}: unknown key(s) {', '.join(unknown)} "
+                f"(valid: {', '.join(sorted(_SPACE_KEYS))})"
+            )
+        choices = data.get("choices")
+        return cls(
+            name=name,
+            low=data.get("low"),
+            high=data.get("high"),
+            log=data.get("log", False),
+            step=data.get("step"),
+            choices=None if choices is None else tuple(_hashable(c) for c in choices),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.choices is not None:
+            return {"choices": [_plain(c) for c in self.choices]}
+        out: dict[str, Any] = {"low": self.low, "high": self.high}
+        if self.log:
+            out["log"] = True
+        if self.step is not None:
+            out["step"] = self.step
+        return out
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        """Draw this parameter for ``trial`` (lists come back as tuples)."""
+        if self.choices is not None:
+            # optuna stores categorical values as JSON-able scalars: encode lists as strings.
+            encoded = [json.dumps(_plain(c)) for c in self.choices]
+            return _hashable(json.loads(trial.suggest_categorical(self.name, encoded)))
+        assert self.low is not None and self.high is not None
+        if self.is_int:
+            return trial.suggest_int(
+                self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
+        return trial.suggest_float(
+            self.name, float(self.low), float(self.high), step=self.step, log=self.log
+        )
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(_hashable(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, list | tuple) else value
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """The ``[tune]`` section and the model it tunes."""
+
+    spec: ModelSpec
+    space: tuple[ParamSpace, ...]
+    sampler: str = "tpe"
+    n_trials: int | None = 20
+    timeout_minutes: float | None = None
+    seed: int = 0
+    output_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.space:
+            raise ValueError("[tune.space] is empty: give at least one parameter to search")
+        if self.sampler not in ("tpe", "random"):
+            raise ValueError(f"[tune] sampler must be 'tpe' or 'random', got {self.sampler!r}")
+        if self.n_trials is None and self.timeout_minutes is None:
+            raise ValueError("[tune] needs a budget: n_trials and/or timeout_minutes")
+        if self.n_trials is not None and (not _is_int(self.n_trials) or self.n_trials < 1):
+            raise ValueError(f"[tune] n_trials must be an int >= 1, got {self.n_trials!r}")
+        if self.timeout_minutes is not None and not (
+            isinstance(self.timeout_minutes, int | float) and self.timeout_minutes > 0
+        ):
+            raise ValueError(f"[tune] timeout_minutes must be > 0, got {self.timeout_minutes!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"[tune] seed must be an int, got {self.seed!r}")
+        fields = set(self.spec.config.to_dict()) - {"model"}
+        unknown = sorted(p.name for p in self.space if p.name not in fields)
+        if unknown:
+            raise ValueError(
+                f"[tune.space] {', '.join(unknown)}: not a field of {self.spec.model} "
+                f"(fields: {', '.join(sorted(fields))})"
+            )
+
+    def fingerprint(self, data_fingerprint: str) -> str:
+        """What a resumed study must match: the model, its fixed config, the space, the data."""
+        payload = {
+            "model": self.spec.config.to_dict(),
+            "space": {p.name: p.to_dict() for p in self.space},
+            "sampler": self.sampler,
+            "seed": self.seed,
+            "data": data_fingerprint,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tune_from_dict(raw: Mapping[str, Any], *, model: str | None = None) -> TuneSettings:
+    """Read ``[tune]`` (and the tuned model's ``[models.<label>]`` table) of a parsed config.
+
+    Args:
+        raw: The parsed TOML document.
+        model: Override ``[tune] model``.
+
+    Raises:
+        ValueError: A missing or invalid section, unknown keys, a space that does not fit the
+            model.
+    """
+    section = dict(raw.get("tune", {}))
+    unknown = sorted(set(section) - _TUNE_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) in [tune]: {', '.join(unknown)} "
+            f"(valid: {', '.join(sorted(_TUNE_KEYS))})"
+        )
+    label = model or section.get("model")
+    if not label:
+        raise ValueError("[tune] model is missing: name the model to tune (or pass --model)")
+    tables = raw.get("models", {})
+    spec = model_spec(str(label), tables.get(label, {}) if isinstance(tables, Mapping) else {})
+    spaces = section.get("spaces", {})
+    if not isinstance(spaces, Mapping):
+        raise ValueError("[tune.spaces] must hold one table per model: [tune.spaces.<label>]")
+    if label in spaces:
+        space_raw = spaces[label]
+    elif label == section.get("model"):
+        space_raw = section.get("space", {})
+    else:
+        raise ValueError(
+            f"no search space for {label!r}: add [tune.spaces.{label}] "
+            f"(spaces given: {', '.join(spaces) or 'none'})"
+        )
+    if not isinstance(space_raw, Mapping):
+        raise ValueError(f"the search space of {label!r} must be a table of parameter ranges")
+    return TuneSettings(
+        spec=dataclasses.replace(spec, lambdas=()),
+        space=tuple(ParamSpace.from_dict(name, value) for name, value in space_raw.items()),
+        sampler=section.get("sampler", "tpe"),
+        n_trials=section.get("n_trials", 20 if "timeout_minutes" not in section else None),
+        timeout_minutes=section.get("timeout_minutes"),
+        seed=section.get("seed", 0),
+        output_dir=section.get("output_dir"),
+    )
+
+
+# ------------------------------------------------------------------------------ results
+@dataclass
+class TuneResult:
+    """The outcome of a (possibly resumed) search.
+
+    Attributes:
+        best_trial: The chosen trial's number.
+        best_params: Its searched parameters.
+        best_config: The full config it trained with.
+        validation: Its validation metrics (``validation_ndcg@100``, ...).
+        test: Its test metrics, from the single test scoring.
+        trials: One record per finished trial (number, state, params, validation value).
+        n_new_trials: Trials run by this invocation.
+        output_dir: The study's directory.
+        seconds: Wall time of this invocation.
+        test_reused: The test metrics came from ``best.json`` (the best trial had already been
+            scored), not from a new scoring.
+        run_id: The MLflow parent run.
+        bundle_path: The best autoencoder's bundle.
+    """
+
+    best_trial: int
+    best_params: dict[str, Any]
+    best_config: dict[str, Any]
+    validation: dict[str, float]
+    test: dict[str, float]
+    trials: list[dict[str, Any]]
+    n_new_trials: int
+    output_dir: Path
+    seconds: float
+    test_reused: bool = False
+    run_id: str | None = None
+    bundle_path: Path | None = None
+    tracking_errors: list[str] = field(default_factory=list)
+
+
+def _trial_dir(out: Path, config: Mapping[str, Any]) -> Path:
+    key = hashlib.sha256(json.dumps(dict(config), sort_keys=True).encode()).hexdigest()[:12]
+    return out / "trials" / key
+
+
+def _sampler(settings: TuneSettings) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=settings.seed)
+    return optuna.samplers.TPESampler(seed=settings.seed)
+
+
+def _recover_interrupted(study: optuna.Study) -> int:
+    """Mark trials left RUNNING by an interrupted run as failed and queue their params again."""
+    from optuna.trial import TrialState
+
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in stale:
+        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        study.enqueue_trial(dict(trial.params), skip_if_exists=False)
+        logger.warning("trial %d was interrupted; it will run again", trial.number)
+    return len(stale)
+
+
+def _requeue_last_failure(study: optuna.Study, n_before: int) -> None:
+    """After Ctrl-C: optuna marked the running trial failed; retry it on the next resume."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False)[n_before:]:
+        if trial.state == TrialState.FAIL and "validation" not in trial.user_attrs:
+            if not trial.user_attrs.get("interrupted"):
+                study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+                study.enqueue_trial(dict(trial.params), skip_if_exists=False)
+
+
+def _finished(study: optuna.Study) -> list[Any]:
+    from optuna.trial import TrialState
+
+    return [
+        trial
+        for trial in study.get_trials(deepcopy=False)
+        if trial.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+        and not trial.user_attrs.get("interrupted")
+    ]
+
+
+def _fit(
+    spec: ModelSpec,
+    job: JobSettings,
+    prepared: PreparedData,
+    *,
+    checkpoint_dir: Path,
+    threads: int | None,
+    device: str,
+    on_epoch: Any = None,
+) -> tuple[Any, float]:
+    """Fit on the training users (autoencoders: best epoch on validation); ``(ranker, s)``."""
+    split = prepared.split
+    start = time.perf_counter()
+    if spec.is_autoencoder:
+        from recvae.training import train
+
+        options = job.run_options(
+            checkpoint_dir=str(checkpoint_dir),
+            **({"num_threads": threads} if threads is not None else {}),
+            **({"device": device} if device else {}),
+        )
+        ranker = train(
+            split.train,
+            spec.config,  # type: ignore[arg-type]
+            validation=split.validation,
+            options=options,
+            on_epoch=on_epoch,
+        )
+    else:
+        ranker = build_baseline(
+            spec, threads=threads, device="cpu" if device == "auto" else device
+        ).fit(split.train)
+    return ranker, time.perf_counter() - start
+
+
+def run_tune(
+    job: JobSettings,
+    settings: TuneSettings,
+    *,
+    tracker: Tracker | None = None,
+    output_dir: Path | None = None,
+    prepared: PreparedData | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+    registered_model: str | None = None,
+    alias: str | None = None,
+    report: Callable[[str], None] | None = None,
+) -> TuneResult:
+    """Search the space on validation NDCG@100, then score the chosen config once on test.
+
+    Args:
+        job: Data, protocol and run options.
+        settings: The model, space, sampler and budget.
+        tracker: MLflow logging (disabled when None): a parent run, one child run per trial.
+        output_dir: The study directory (default ``runs/tune-<dataset>-<label>``, stable, so
+            that rerunning resumes).
+        prepared: An already loaded split.
+        threads: torch, BLAS and implicit threads.
+        device: Device of autoencoders (default the job's).
+        registered_model: Register the best autoencoder's bundle under this name.
+        alias: Move this alias to it.
+        report: Called with a progress line per trial.
+
+    Returns:
+        The :class:`TuneResult`.
+
+    Raises:
+        ValueError: The study directory holds a study with other settings, or a model cannot
+            run here, or no trial finished.
+    """
+    import optuna
+
+    tracker = tracker or Tracker.disabled()
+    say = report or (lambda message: logger.info("%s", message))
+    check_requirements(_as_experiment(settings))
+    start = time.perf_counter()
+    prepared = prepared or prepare(job)
+    split = prepared.split
+    label = settings.spec.label
+    out = Path(output_dir or settings.output_dir or Path("runs") / f"tune-{prepared.name}-{label}")
+    out.mkdir(parents=True, exist_ok=True)
+    device = device or str(job.run.get("device") or "auto")
+    fingerprint = settings.fingerprint(prepared.fingerprint)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{(out / 'optuna.db').resolve()}"
+    study = optuna.create_study(
+        study_name=STUDY_NAME,
+        storage=storage,
+        direction="maximize",
+        sampler=_sampler(settings),
+        load_if_exists=True,
+    )
+    stored = study.user_attrs.get("fingerprint")
+    if stored is None:
+        study.set_user_attr("fingerprint", fingerprint)
+        study.set_user_attr("model", settings.spec.config.to_dict())
+        study.set_user_attr("space", {p.name: p.to_dict() for p in settings.space})
+    elif stored != fingerprint:
+        raise ValueError(
+            f"{out} holds a study of other settings (model, space, sampler, seed or data differ: "
+            f"{stored} != {fingerprint}); use another --output to start a new search"
+        )
+    recovered = _recover_interrupted(study)
+    done = len(_finished(study))
+    remaining = None if settings.n_trials is None else max(0, settings.n_trials - done)
+    say(
+        f"study {out / 'optuna.db'}: {done} trial(s) finished"
+        + (f", {recovered} interrupted one(s) queued again" if recovered else "")
+        + (f"; {remaining} to run" if remaining is not None else "")
+        + (f", at most {settings.timeout_minutes:g} min" if settings.timeout_minutes else "")
+    )
+    tags = run_tags(
+        dataset=prepared.name,
+        fingerprint=prepared.fingerprint,
+        device=device,
+        kind="tune",
+        model=settings.spec.model,
+    )
+    parent_id = study.user_attrs.get("mlflow_run_id")
+    if parent_id and not tracker.run_exists(parent_id):
+        parent_id = None  # another store (or tracking off then): start a new parent run
+    n_before = len(study.trials)
+    popularity = split.train.item_counts()
+    with (
+        thread_limits(threads),
+        tracker.run(
+            f"tune-{prepared.name}-{label}", run_id=parent_id, tags=None if parent_id else tags
+        ) as run_id,
+    ):
+        if run_id and not parent_id:
+            study.set_user_attr("mlflow_run_id", run_id)
+            tracker.log_params(
+                {
+                    **job.to_dict(),
+                    "split": split.summary(),
+                    "tune": {
+                        "label": label,
+                        "sampler": settings.sampler,
+                        "n_trials": settings.n_trials,
+                        "timeout_minutes": settings.timeout_minutes,
+                        "seed": settings.seed,
+                        "metric": f"validation {SELECT_METRIC}",
+                    },
+                    "space": {p.name: json.dumps(p.to_dict()) for p in settings.space},
+                    "base": settings.spec.config.to_dict(),
+                }
+            )
+        best_so_far = _best_value(study)
+
+        def objective(trial: optuna.Trial) -> float:
+            nonlocal best_so_far
+            params = {p.name: p.suggest(trial) for p in settings.space}
+            config = settings.spec.config.replace(**params)
+            spec = ModelSpec(label=label, config=config)
+            trial_dir = _trial_dir(out, config.to_dict())
+            trial.set_user_attr("config", _jsonable(config.to_dict()))
+            with tracker.run(
+                f"trial-{trial.number}", nested=True, tags={**tags, "trial": str(trial.number)}
+            ):
+                tracker.log_params({"trial": trial.number, **spec.params()})
+                ranker, seconds = _fit(
+                    spec,
+                    job,
+                    prepared,
+                    checkpoint_dir=trial_dir,
+                    threads=threads,
+                    device=device,
+                    on_epoch=tracker.epoch_hook(),
+                )
+                validation = _evaluate(
+                    ranker, split.validation, ks=(20, 50, 100), popularity=popularity
+                )
+                metrics = evaluation_metrics("validation", validation)
+                value = validation.mean(SELECT_METRIC)
+                tracker.log_metrics({**metrics, "train_seconds": seconds})
+            if not math.isfinite(value):
+                raise ValueError("the validation users have no targets: nothing to select on")
+            trial.set_user_attr("validation", _jsonable(_paper(metrics, "validation")))
+            trial.set_user_attr("train_seconds", seconds)
+            if value > best_so_far:
+                _drop_checkpoint(out, keep=trial_dir)
+                best_so_far = value
+            elif trial_dir.exists():
+                shutil.rmtree(trial_dir, ignore_errors=True)
+            say(
+                f"trial {trial.number}: validation {SELECT_METRIC} {value:.4f} "
+                f"(best {best_so_far:.4f}) {params} {seconds:.1f}s"
+            )
+            return value
+
+        if remaining is None or remaining > 0:
+            try:
+                study.optimize(
+                    objective,
+                    n_trials=remaining,
+                    timeout=None
+                    if settings.timeout_minutes is None
+                    else settings.timeout_minutes * 60,
+                    catch=(ValueError, FloatingPointError, RuntimeError),
+                    gc_after_trial=True,
+                )
+            except KeyboardInterrupt:
+                _requeue_last_failure(study, n_before)
+                raise
+        n_new = len(_finished(study)) - done
+        result = _finish(
+            study,
+            settings,
+            job,
+            prepared,
+            out=out,
+            tracker=tracker,
+            threads=threads,
+            device=device,
+            registered_model=registered_model,
+            alias=alias,
+            say=say,
+        )
+        result.n_new_trials = n_new
+        result.run_id = run_id
+        result.seconds = time.perf_counter() - start
+    result.tracking_errors = list(tracker.errors)
+    return result
+
+
+def _as_experiment(settings: TuneSettings) -> Any:
+    from pipelines.experiment import ExperimentSettings
+
+    return ExperimentSettings(models=(settings.spec,))
+
+
+def _best_value(study: optuna.Study) -> float:
+    from optuna.trial import TrialState
+
+    values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    return max((v for v in values if v is not None), default=-math.inf)
+
+
+def _drop_checkpoint(out: Path, *, keep: Path) -> None:
+    """Remove every trial checkpoint but ``keep`` (the new best), saving disk."""
+    trials = out / "trials"
+    if not trials.is_dir():
+        return
+    for path in trials.iterdir():
+        if path != keep and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _paper(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
+    names = [f"{prefix}_{n}" for n in PAPER_METRICS] + [f"{prefix}_{n}_se" for n in PAPER_METRICS]
+    return {name: metrics[name] for name in names if name in metrics}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _finish(
+    study: optuna.Study,
+    settings: TuneSettings,
+    job: JobSettings,
+    prepared: PreparedData,
+    *,
+    out: Path,
+    tracker: Tracker,
+    threads: int | None,
+    device: str,
+    registered_model: str | None,
+    alias: str | None,
+    say: Callable[[str], None],
+) -> TuneResult:
+    """Score the best trial once on the test users (or reuse that score) and record it."""
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise ValueError(f"no trial finished in {out}: see the log for the failures")
+    best = study.best_trial
+    trials = [
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "params": _decode(settings, t.params),
+        }
+        for t in study.get_trials(deepcopy=False)
+    ]
+    best_file = out / "best.json"
+    previous = json.loads(best_file.read_text()) if best_file.is_file() else None
+    config_dict = dict(best.user_attrs["config"])
+    if previous and previous.get("trial") == best.number and previous.get("test"):
+        say(f"best trial {best.number} was already scored on the test users: {best_file}")
+        bundle = previous.get("bundle")
+        return TuneResult(
+            best_trial=best.number,
+            best_params=dict(previous["params"]),
+            best_config=config_dict,
+            validation=dict(previous["validation"]),
+            test=dict(previous["test"]),
+            trials=trials,
+            n_new_trials=0,
+            output_dir=out,
+            seconds=0.0,
+            test_reused=True,
+            bundle_path=Path(bundle) if bundle else None,
+        )
+    spec = ModelSpec(label=settings.spec.label, config=_config_from(settings, config_dict))
+    say(
+        f"best trial {best.number} (validation {SELECT_METRIC} {best.value:.4f}): "
+        "scoring the test users"
+    )
+    # An autoencoder's checkpoint of the best trial is kept, so this loads rather than retrains.
+    ranker, _ = _fit(
+        spec,
+        job,
+        prepared,
+        checkpoint_dir=_trial_dir(out, config_dict),
+        threads=threads,
+        device=device,
+    )
+    split = prepared.split
+    popularity = split.train.item_counts()
+    test = _evaluate(ranker, split.test, ks=(20, 50, 100), popularity=popularity)
+    test_metrics = evaluation_metrics(
+        "test", test, history_lengths=split.test.fold_in.user_counts()
+    )
+    bundle_path: Path | None = None
+    if spec.is_autoencoder:
+        bundle_path = ranker.save(out / "best" / "bundle", overwrite=True)
+    record = {
+        "trial": best.number,
+        "params": _decode(settings, best.params),
+        "config": config_dict,
+        "validation": dict(best.user_attrs.get("validation", {})),
+        "test": _jsonable(test_metrics),
+        "bundle": None if bundle_path is None else str(bundle_path),
+    }
+    tmp = best_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(best_file)
+    tracker.log_params({f"best.{k}": v for k, v in record["params"].items()})
+    tracker.log_metrics(
+        {"best_trial": float(best.number), f"best_validation_{SELECT_METRIC}": float(best.value)}
+    )
+    tracker.log_metrics(test_metrics)
+    tracker.log_artifact(best_file)
+    if bundle_path is not None:
+        tracker.log_bundle(bundle_path, registered_model=registered_model, alias=alias)
+    return TuneResult(
+        best_trial=best.number,
+        best_params=record["params"],
+        best_config=config_dict,
+        validation=record["validation"],
+        test=record["test"],
+        trials=trials,
+        n_new_trials=0,
+        output_dir=out,
+        seconds=0.0,
+        bundle_path=bundle_path,
+    )
+
+
+def _decode(settings: TuneSettings, params: Mapping[str, Any]) -> dict[str, Any]:
+    """optuna's stored params as the config values (categorical choices are JSON strings)."""
+    categorical = {p.name for p in settings.space if p.choices is not None}
+    return {
+        name: json.loads(value) if name in categorical and isinstance(value, str) else value
+        for name, value in params.items()
+    }
+
+
+def _config_from(settings: TuneSettings, config: Mapping[str, Any]) -> Any:
+    return settings.spec.config.from_dict(dict(config))
+
+
+def trials_table(trials: Sequence[Mapping[str, Any]], *, limit: int | None = None) -> str:
+    """A plain-text table of trials, best validation value first."""
+    done = [t for t in trials if t["value"] is not None]
+    done.sort(key=lambda t: -t["value"])
+    if limit is not None:
+        done = done[:limit]
+    lines = [f"{'trial':>5}  {'val ' + SELECT_METRIC:>14}  params"]
+    for t in done:
+        lines.append(f"{t['number']:>5}  {t['value']:>14.4f}  {json.dumps(t['params'])}")
+    return "\n".join(lines)
+
+
+def result_summary(result: TuneResult) -> list[str]:
+    """Printable lines: the choice and its single test scoring."""
+    lines = [f"best trial   {result.best_trial}: {json.dumps(result.best_params)}"]
+    for name in PAPER_METRICS:
+        val = result.validation.get(f"validation_{name}")
+        test = result.test.get(f"test_{name}")
+        se = result.test.get(f"test_{name}_se")
+        val_text = "" if val is None else f"validation {val:.4f}   "
+        test_text = "" if test is None else f"test {test:.4f} ± {se or 0:.4f}"
+        lines.append(f"  {name:<10} {val_text}{test_text}")
+    return lines

@@ -1,0 +1,649 @@
+"""Simple, strong baselines behind the ``Ranker`` protocol: popularity and EASE.
+
+Every baseline is fitted on the training users' matrix and scores held-out users from their
+fold-in histories alone (``score(histories) -> (n_users, n_items)``), so :func:`recvae.evaluate`
+measures it exactly as it measures Mult-VAE. This module needs only the core dependencies; the
+configs of implicit's models (ALS, BPR, item-kNN) live here too, so that a pipeline can read and
+check them without implicit installed. Their models are in :mod:`recvae.baselines_implicit`.
+
+EASE (Steck, "Embarrassingly Shallow Autoencoders for Sparse Data", WWW 2019) is the closed form
+
+    P = (X^T X + lambda I)^-1,    B = I - P diag(1 / diag(P)),
+
+that is ``B_ij = -P_ij / P_jj`` off the diagonal and ``B_jj = 0``; a user's scores are ``x_u B``.
+
+Memory: EASE holds one dense ``n_items x n_items`` matrix. The CPU path forms the Gram matrix in a
+preallocated array and inverts it in place (LAPACK ``potrf``/``potri`` on the symmetric matrix),
+so the peak is that one matrix plus the sparse Gram matrix ``X^T X`` it came from and a
+``block x n_items`` temporary: with ``dtype="auto"`` a catalog up to 16,384 items uses float64
+(2 GiB at the bound), a larger one float32 (gowalla's 40,981 items: about 6.3 GiB). The time is
+``n_items^3`` floating point operations, about 15 minutes for 41k items on one CPU core. A CUDA
+device (``EASE(config, device="cuda")``) runs the same algebra in torch (Cholesky, then
+``cholesky_inverse``), which needs about twice the matrix in GPU memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from numpy.typing import NDArray
+from scipy.linalg import lapack
+
+from recvae.data.interactions import Interactions
+from recvae.evaluation import evaluate
+from recvae.split import HeldOut
+
+__all__ = [
+    "ALSConfig",
+    "BASELINE_CONFIGS",
+    "BPRConfig",
+    "BaselineConfig",
+    "EASE",
+    "EASEConfig",
+    "ItemKNNConfig",
+    "LambdaSelection",
+    "Popularity",
+    "PopularityConfig",
+    "baseline_config_from_dict",
+    "ease_weights",
+    "select_ease_lambda",
+]
+
+logger = logging.getLogger(__name__)
+
+BASELINE_CONFIGS: dict[str, type[BaselineConfig]] = {}
+
+_FLOAT64_MAX_BYTES = 2 * 1024**3  # dtype="auto" uses float64 while the matrix fits in this
+_KEEP_BEST_MAX_BYTES = 2 * 1024**3  # lambda selection keeps the best model if it is this small
+_SYMMETRIZE_BLOCK = 1024  # rows per block when mirroring a triangle in place
+
+
+def _register(cls: type[BaselineConfig]) -> type[BaselineConfig]:
+    BASELINE_CONFIGS[cls.model] = cls
+    return cls
+
+
+def _check(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"invalid config field '{name}': {message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+# ------------------------------------------------------------------------------ configs
+@dataclass(frozen=True, slots=True)
+class BaselineConfig:
+    """Base of the baselines' frozen configs: ``to_dict``/``from_dict`` like ``ModelConfig``."""
+
+    model: ClassVar[str] = "baseline"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict including the ``model`` name (used as MLflow params)."""
+        out: dict[str, Any] = {"model": self.model}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BaselineConfig:
+        """Build from a dict (the ``model`` key is optional but must match).
+
+        Args:
+            data: Field values by name.
+
+        Returns:
+            The config.
+
+        Raises:
+            ValueError: Unknown keys, a wrong model name or an invalid value.
+        """
+        data = dict(data)
+        name = data.pop("model", cls.model)
+        if name != cls.model:
+            raise ValueError(f"config is for model '{name}', not '{cls.model}'")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown config field(s) for {cls.model}: {', '.join(unknown)} "
+                f"(valid: {', '.join(sorted(names)) or 'none'})"
+            )
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> BaselineConfig:
+        """A copy with some fields changed (validated).
+
+        Raises:
+            ValueError: An unknown field or an invalid value.
+        """
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown config field(s) for {self.model}: {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class PopularityConfig(BaselineConfig):
+    """Most-popular items: every user gets the items ranked by training-user counts."""
+
+    model: ClassVar[str] = "popularity"
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class EASEConfig(BaselineConfig):
+    """EASE (Steck 2019): one ridge-regularized item-item weight matrix with a zero diagonal."""
+
+    model: ClassVar[str] = "ease"
+
+    regularization: float = 500.0  # lambda, added to the diagonal of X^T X
+    dtype: Literal["auto", "float64", "float32"] = "auto"  # auto: float64 while it fits 2 GiB
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.regularization, int | float)
+            and not isinstance(self.regularization, bool)
+            and math.isfinite(self.regularization)
+            and self.regularization > 0,
+            "regularization",
+            "must be a finite number > 0",
+        )
+        _check(
+            self.dtype in ("auto", "float64", "float32"),
+            "dtype",
+            "must be auto, float64 or float32",
+        )
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class ALSConfig(BaselineConfig):
+    """implicit's alternating least squares (Hu, Koren and Volinsky 2008)."""
+
+    model: ClassVar[str] = "als"
+
+    factors: int = 100  # size of the user and item factors
+    regularization: float = 0.01  # L2 weight on the factors
+    alpha: float = 1.0  # confidence = 1 + alpha * x
+    iterations: int = 15  # alternating sweeps
+    use_cg: bool = True  # conjugate-gradient steps in training (fold-in is always exact)
+    seed: int = 98765  # seeds the initial factors
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.factors) and self.factors >= 1, "factors", "must be an int >= 1")
+        _check(self.regularization >= 0, "regularization", "must be >= 0")
+        _check(self.alpha > 0, "alpha", "must be > 0")
+        _check(_is_int(self.iterations) and self.iterations >= 1, "iterations", "an int >= 1")
+        _check(isinstance(self.use_cg, bool), "use_cg", "must be true or false")
+        _check(_is_int(self.seed), "seed", "must be an int")
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class BPRConfig(BaselineConfig):
+    """implicit's Bayesian personalized ranking (Rendle et al. 2009).
+
+    Held-out users are folded in by the same objective with the item factors frozen (see
+    :class:`recvae.baselines_implicit.BPR`).
+    """
+
+    model: ClassVar[str] = "bpr"
+
+    factors: int = 100  # size of the factors (implicit adds one for the item bias)
+    learning_rate: float = 0.01  # SGD step in training
+    regularization: float = 0.01  # L2 weight on the factors
+    iterations: int = 100  # epochs of SGD
+    verify_negative_samples: bool = True  # resample a negative the user liked
+    fold_in_steps: int = 100  # gradient steps when folding in held-out users
+    fold_in_samples: int = 64  # (positive, negative) pairs per user and step
+    fold_in_learning_rate: float = 0.5  # step size of the fold-in ascent
+    seed: int = 98765  # seeds training and the fold-in sampling
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.factors) and self.factors >= 1, "factors", "must be an int >= 1")
+        _check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _check(self.regularization >= 0, "regularization", "must be >= 0")
+        _check(_is_int(self.iterations) and self.iterations >= 1, "iterations", "an int >= 1")
+        _check(
+            isinstance(self.verify_negative_samples, bool),
+            "verify_negative_samples",
+            "must be true or false",
+        )
+        _check(
+            _is_int(self.fold_in_steps) and self.fold_in_steps >= 1, "fold_in_steps", "an int >= 1"
+        )
+        _check(
+            _is_int(self.fold_in_samples) and self.fold_in_samples >= 1,
+            "fold_in_samples",
+            "an int >= 1",
+        )
+        _check(self.fold_in_learning_rate > 0, "fold_in_learning_rate", "must be > 0")
+        _check(_is_int(self.seed), "seed", "must be an int")
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class ItemKNNConfig(BaselineConfig):
+    """implicit's item-item nearest neighbours; a user's scores are ``history @ similarity``."""
+
+    model: ClassVar[str] = "itemknn"
+
+    similarity: Literal["cosine", "bm25", "tfidf"] = "cosine"  # item-item weighting
+    neighbours: int = 100  # K: neighbours kept per item
+    bm25_k1: float = 1.2  # BM25 term saturation (similarity = "bm25")
+    bm25_b: float = 0.75  # BM25 length normalization (similarity = "bm25")
+
+    def __post_init__(self) -> None:
+        _check(
+            self.similarity in ("cosine", "bm25", "tfidf"),
+            "similarity",
+            "must be cosine, bm25 or tfidf",
+        )
+        _check(_is_int(self.neighbours) and self.neighbours >= 1, "neighbours", "an int >= 1")
+        _check(self.bm25_k1 >= 0, "bm25_k1", "must be >= 0")
+        _check(0.0 <= self.bm25_b <= 1.0, "bm25_b", "must be in [0, 1]")
+
+
+def baseline_config_from_dict(data: dict[str, Any]) -> BaselineConfig:
+    """Build the right baseline config from a dict with a ``model`` key.
+
+    Args:
+        data: ``{"model": "ease", "regularization": 200.0, ...}``.
+
+    Returns:
+        The config.
+
+    Raises:
+        ValueError: A missing or unknown model name, unknown fields or invalid values.
+    """
+    name = data.get("model")
+    if name not in BASELINE_CONFIGS:
+        raise ValueError(
+            f"unknown baseline '{name}' (known: {', '.join(sorted(BASELINE_CONFIGS))})"
+        )
+    return BASELINE_CONFIGS[str(name)].from_dict(data)
+
+
+def _check_fitted(n_items: int | None, name: str) -> int:
+    if n_items is None:
+        raise ValueError(f"{name} is not fitted: call fit(train) first")
+    return n_items
+
+
+def _check_histories(histories: sp.csr_array, n_items: int) -> sp.csr_array:
+    if not sp.issparse(histories):
+        raise ValueError("histories must be a scipy sparse matrix (n_users, n_items)")
+    if histories.shape[1] != n_items:
+        raise ValueError(f"histories must have shape (n, {n_items}), got {histories.shape}")
+    return sp.csr_array(histories)
+
+
+# ------------------------------------------------------------------------------ popularity
+class Popularity:
+    """Ranks items by how many training users have them; the same list for every user.
+
+    Args:
+        config: The (empty) config, for a uniform interface.
+    """
+
+    def __init__(self, config: PopularityConfig | None = None) -> None:
+        self.config = config or PopularityConfig()
+        self.counts: NDArray[np.float32] | None = None
+
+    @property
+    def n_items(self) -> int:
+        return _check_fitted(None if self.counts is None else len(self.counts), "Popularity")
+
+    def fit(self, train: Interactions) -> Popularity:
+        """Count each item's training users.
+
+        Args:
+            train: The training users.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: The training matrix is empty.
+        """
+        if train.nnz == 0:
+            raise ValueError("cannot fit Popularity on an empty matrix")
+        self.counts = train.item_counts().astype(np.float32)
+        return self
+
+    def score(self, histories: sp.csr_array) -> torch.Tensor:
+        """The training counts for every user, as a read-only expanded view.
+
+        Args:
+            histories: ``(n_users, n_items)`` fold-in histories (only their number is used).
+
+        Returns:
+            ``(n_users, n_items)`` float32 tensor (a broadcast view: copy before writing).
+
+        Raises:
+            ValueError: Not fitted, or the histories have the wrong width.
+        """
+        histories = _check_histories(histories, self.n_items)
+        assert self.counts is not None
+        return torch.from_numpy(self.counts).expand(histories.shape[0], -1)
+
+
+# ------------------------------------------------------------------------------ EASE
+def _ease_dtype(config: EASEConfig, n_items: int) -> np.dtype[Any]:
+    if config.dtype == "float64":
+        return np.dtype(np.float64)
+    if config.dtype == "float32":
+        return np.dtype(np.float32)
+    return np.dtype(np.float64 if n_items**2 * 8 <= _FLOAT64_MAX_BYTES else np.float32)
+
+
+def _sparse_gram(matrix: sp.csr_array, dtype: np.dtype[Any]) -> sp.csr_array:
+    """``X^T X`` as a sparse matrix (item co-occurrence counts), ``(n_items, n_items)``."""
+    x = sp.csr_array(matrix).astype(dtype)
+    return sp.csr_array(x.T @ x)
+
+
+def _mirror_lower_to_upper(matrix: NDArray[np.floating[Any]]) -> None:
+    """Copy the lower triangle onto the upper one, in place, one row block at a time."""
+    n = matrix.shape[0]
+    for start in range(0, n, _SYMMETRIZE_BLOCK):
+        stop = min(start + _SYMMETRIZE_BLOCK, n)
+        block = matrix[start:stop, start:stop]
+        upper = np.triu_indices(stop - start, 1)
+        block[upper] = block.T[upper]
+        if stop < n:
+            matrix[start:stop, stop:] = matrix[stop:, start:stop].T
+
+
+def ease_weights(
+    gram: sp.csr_array | NDArray[np.floating[Any]],
+    regularization: float,
+    *,
+    dtype: np.dtype[Any] | type[np.floating[Any]] = np.float64,
+) -> NDArray[np.floating[Any]]:
+    """EASE's item-item weights ``B`` from the Gram matrix ``X^T X``, on the CPU.
+
+    ``P = (G + lambda I)^-1`` by a Cholesky factorization and inversion done in place
+    (LAPACK ``potrf``/``potri``), then ``B_ij = -P_ij / P_jj`` and ``B_jj = 0``.
+
+    Args:
+        gram: ``(n_items, n_items)`` symmetric Gram matrix, sparse or dense (a dense input of
+            ``dtype`` is overwritten and returned; anything else is copied first).
+        regularization: ``lambda`` > 0.
+        dtype: float64 or float32.
+
+    Returns:
+        ``B``, ``(n_items, n_items)`` of ``dtype``.
+
+    Raises:
+        ValueError: ``regularization`` is not positive, the matrix is not square, or it is not
+            positive definite (which a Gram matrix plus ``lambda I`` always is, unless it holds
+            NaN or infinite values).
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    if not regularization > 0:
+        raise ValueError(f"regularization must be > 0, got {regularization}")
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"the Gram matrix must be square, got shape {gram.shape}")
+    n = gram.shape[0]
+    if sp.issparse(gram):
+        weights = np.zeros((n, n), dtype=dtype)
+        sp.csr_array(gram).astype(dtype).toarray(out=weights)
+    elif isinstance(gram, np.ndarray) and gram.dtype == dtype and gram.flags.c_contiguous:
+        weights = gram
+    else:
+        weights = np.ascontiguousarray(gram, dtype=dtype)
+    weights[np.diag_indices(n)] += dtype.type(regularization)
+    potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (weights,))
+    # The matrix is symmetric, so its transpose is the same matrix in Fortran order: LAPACK then
+    # works in place. Its upper triangle is the C-order lower triangle.
+    fortran = weights.T
+    factor, info = potrf(fortran, lower=0, overwrite_a=1, clean=0)
+    if info != 0:
+        raise ValueError(
+            f"X^T X + lambda I is not positive definite (LAPACK potrf info={info}); "
+            "the data may contain NaN or infinite values"
+        )
+    inverse, info = potri(factor, lower=0, overwrite_c=1)
+    if info != 0:
+        raise ValueError(f"inverting X^T X + lambda I failed (LAPACK potri info={info})")
+    if not np.shares_memory(inverse, weights):  # pragma: no cover - LAPACK copied the input
+        logger.warning("EASE inversion was not done in place; peak memory doubled")
+        weights = np.ascontiguousarray(inverse.T)
+    _mirror_lower_to_upper(weights)  # weights = P, symmetric
+    diagonal = np.diag(weights).copy()
+    np.divide(weights, -diagonal[None, :], out=weights)  # B_ij = -P_ij / P_jj
+    weights[np.diag_indices(n)] = 0.0
+    return weights
+
+
+def _ease_weights_torch(
+    gram: sp.csr_array, regularization: float, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """EASE's ``B`` computed by torch on ``device`` (needs about twice the matrix there)."""
+    n = gram.shape[0]
+    coo = sp.coo_array(gram)
+    dense = torch.zeros((n, n), dtype=dtype, device=device)  # (n_items, n_items)
+    dense[
+        torch.as_tensor(coo.row, dtype=torch.long, device=device),
+        torch.as_tensor(coo.col, dtype=torch.long, device=device),
+    ] = torch.as_tensor(coo.data, dtype=dtype, device=device)
+    dense.diagonal().add_(regularization)
+    factor, info = torch.linalg.cholesky_ex(dense)
+    if int(info) != 0:
+        raise ValueError(f"X^T X + lambda I is not positive definite (cholesky info={int(info)})")
+    del dense
+    weights = torch.cholesky_inverse(factor)  # P
+    del factor
+    weights.div_(-weights.diagonal().clone()[None, :])  # B_ij = -P_ij / P_jj
+    weights.diagonal().zero_()
+    return weights
+
+
+class EASE:
+    """EASE (Steck 2019): ``scores = history @ B`` with ``B`` in closed form.
+
+    Args:
+        config: ``regularization`` (lambda) and the float type.
+        device: ``"cpu"`` (NumPy/LAPACK, in place) or a CUDA device, or ``"auto"`` (CUDA when
+            available). Not a model setting: the weights are the same up to rounding.
+    """
+
+    def __init__(self, config: EASEConfig | None = None, *, device: str = "cpu") -> None:
+        self.config = config or EASEConfig()
+        self.device = _resolve_device(device)
+        self.weights: NDArray[np.floating[Any]] | torch.Tensor | None = None
+        self.fit_seconds: float | None = None
+
+    @property
+    def n_items(self) -> int:
+        return _check_fitted(None if self.weights is None else self.weights.shape[0], "EASE")
+
+    def fit(self, train: Interactions) -> EASE:
+        """Compute ``B`` from the training users.
+
+        Args:
+            train: The training users.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: The training matrix is empty.
+        """
+        if train.nnz == 0:
+            raise ValueError("cannot fit EASE on an empty matrix")
+        dtype = _ease_dtype(self.config, train.n_items)
+        return self._fit_gram(_sparse_gram(train.matrix, dtype), dtype)
+
+    def _fit_gram(self, gram: sp.csr_array, dtype: np.dtype[Any]) -> EASE:
+        start = time.perf_counter()
+        self.weights = None  # free the previous matrix before building the next
+        if self.device.type == "cpu":
+            self.weights = ease_weights(gram, self.config.regularization, dtype=dtype)
+        else:
+            torch_dtype = torch.float64 if dtype == np.float64 else torch.float32
+            self.weights = _ease_weights_torch(
+                gram, self.config.regularization, self.device, torch_dtype
+            )
+        self.fit_seconds = time.perf_counter() - start
+        logger.info(
+            "EASE lambda=%g: %d items, %s on %s, %.1fs",
+            self.config.regularization,
+            gram.shape[0],
+            dtype,
+            self.device,
+            self.fit_seconds,
+        )
+        return self
+
+    def score(self, histories: sp.csr_array) -> NDArray[np.floating[Any]] | torch.Tensor:
+        """``history @ B`` for each fold-in history.
+
+        Args:
+            histories: ``(n_users, n_items)`` binary fold-in histories.
+
+        Returns:
+            ``(n_users, n_items)`` scores (NumPy on the CPU path, a tensor on a CUDA device).
+
+        Raises:
+            ValueError: Not fitted, or the histories have the wrong width.
+        """
+        histories = _check_histories(histories, self.n_items)
+        weights = self.weights
+        if isinstance(weights, np.ndarray):
+            # Sparse times dense: cost nnz(histories) * n_items, not n_users * n_items^2.
+            return np.asarray(histories.astype(weights.dtype) @ weights)
+        assert weights is not None
+        dense = torch.from_numpy(np.asarray(histories.toarray(), dtype=np.float32)).to(
+            weights.device, weights.dtype
+        )  # (n_users, n_items)
+        return dense @ weights
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' was requested but CUDA is not available")
+    return resolved
+
+
+@dataclass(frozen=True)
+class LambdaSelection:
+    """The outcome of :func:`select_ease_lambda`.
+
+    Attributes:
+        best: The chosen ``lambda``.
+        scores: ``lambda -> validation metric`` for every candidate, in the order tried.
+        metric: The validation metric that chose (``"ndcg@100"``).
+        model: EASE fitted with the best ``lambda`` on the training users.
+    """
+
+    best: float
+    scores: dict[float, float]
+    metric: str
+    model: EASE
+
+
+def select_ease_lambda(
+    train: Interactions,
+    validation: HeldOut,
+    lambdas: Sequence[float],
+    *,
+    config: EASEConfig | None = None,
+    device: str = "cpu",
+    metric: str = "ndcg@100",
+    batch_size: int = 1024,
+) -> LambdaSelection:
+    """Choose EASE's ``lambda`` by a validation metric; test users are never seen here.
+
+    The Gram matrix is computed once; each candidate is fitted on ``train`` and scored on
+    ``validation`` (fold-in -> targets). Ties go to the candidate tried first. The best model is
+    kept while its matrix fits in 2 GiB; a larger one is fitted again at the end, so that only
+    one dense matrix is ever held.
+
+    Args:
+        train: The training users.
+        validation: Validation users (fold-in and targets).
+        lambdas: Candidate values, each > 0, at least one.
+        config: Other EASE settings (``dtype``); its ``regularization`` is ignored.
+        device: As for :class:`EASE`.
+        metric: A per-user metric that :func:`recvae.evaluate` computes, e.g. ``"ndcg@100"``.
+        batch_size: Users scored at once.
+
+    Returns:
+        The :class:`LambdaSelection`.
+
+    Raises:
+        ValueError: No candidate, a candidate <= 0, a bad metric name, or data mismatch.
+    """
+    candidates = [float(value) for value in lambdas]
+    if not candidates:
+        raise ValueError("lambdas must hold at least one candidate")
+    bad = [value for value in candidates if not (math.isfinite(value) and value > 0)]
+    if bad:
+        raise ValueError(f"every lambda must be a finite number > 0, got {bad}")
+    name, _, k_text = metric.partition("@")
+    if not k_text.isdigit() or int(k_text) < 1:
+        raise ValueError(f"metric must look like 'ndcg@100', got {metric!r}")
+    if validation.fold_in.n_items != train.n_items:
+        raise ValueError(
+            f"validation has {validation.fold_in.n_items} items but training data has "
+            f"{train.n_items}: both must share the training item vocabulary"
+        )
+    if train.nnz == 0:
+        raise ValueError("cannot fit EASE on an empty matrix")
+    base = config or EASEConfig()
+    dtype = _ease_dtype(base, train.n_items)
+    gram = _sparse_gram(train.matrix, dtype)
+    keep_best = train.n_items**2 * dtype.itemsize <= _KEEP_BEST_MAX_BYTES
+    scores: dict[float, float] = {}
+    best_value, best_score = candidates[0], -math.inf
+    best_model: EASE | None = None
+    model: EASE | None = None
+    for value in candidates:
+        model = None  # drop the previous matrix (unless it is the kept best) before the next
+        model = EASE(base.replace(regularization=value), device=device)  # type: ignore[arg-type]
+        model._fit_gram(gram, dtype)
+        result = evaluate(
+            model,
+            validation.fold_in.matrix,
+            validation.targets.matrix,
+            ks=(int(k_text),),
+            metrics=(name,),
+            batch_size=batch_size,
+            device=str(model.device),
+        )
+        score = result.mean(metric)
+        scores[value] = score
+        logger.info("EASE lambda=%g: validation %s %.4f", value, metric, score)
+        if score > best_score:
+            best_value, best_score = value, score
+            best_model = model if keep_best else None
+    if best_model is None:
+        if model is not None and model.config.regularization == best_value:
+            best_model = model  # the last candidate won: no refit needed
+        else:
+            model = None
+            best_model = EASE(base.replace(regularization=best_value), device=device)  # type: ignore[arg-type]
+            best_model._fit_gram(gram, dtype)
+    return LambdaSelection(best=best_value, scores=scores, metric=metric, model=best_model)

@@ -1,0 +1,126 @@
+"""The FastAPI app factory.
+
+``create_app(settings)`` builds an app whose lifespan handler loads the model once at start-up
+(never at import). ``app_from_env`` is the factory that ``recvae serve`` hands to uvicorn by
+import string (``serving.app:app_from_env``, ``factory=True``); it reads the ``RECVAE_*``
+environment variables through :class:`serving.settings.ServingSettings`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from serving.batching import MicroBatcher
+from serving.metrics import MetricsMiddleware, ServingMetrics
+from serving.routes import router
+from serving.settings import ServingSettings
+from serving.state import AliasResolver, Loader, ModelState, ReloadError
+
+__all__ = ["create_app", "app_from_env"]
+
+logger = logging.getLogger(__name__)
+
+_DESCRIPTION = """\
+Top-K recommendations from a Mult-VAE / Mult-DAE model (Liang et al., WWW 2018).
+
+The encoder folds any history into a latent code without retraining, so new and changed users
+get recommendations at once. Unknown item ids are ignored and listed; a history with no known
+item gets the most popular training items (flagged `fallback: "popularity"`). Every response
+carries `model_version`. Errors are JSON: `{"detail": ...}`; invalid input gets a 422 naming
+the field. Responses may gain optional fields: clients should ignore fields they do not know.
+"""
+
+
+def create_app(
+    settings: ServingSettings | None = None,
+    *,
+    loader: Loader | None = None,
+    alias_resolver: AliasResolver | None = None,
+) -> FastAPI:
+    """Build the API.
+
+    The model named by ``settings`` is loaded in the lifespan handler, so creating the app is
+    cheap and importing this module loads nothing. A model that fails to load at start-up
+    stops the start-up with the reason (a server that cannot serve should not look healthy);
+    an app configured with no model starts unready (``/readyz`` answers 503) until an admin
+    reload names one.
+
+    Args:
+        settings: Serving settings (default: read from ``RECVAE_*`` variables).
+        loader: Replaces how a model source is loaded (tests).
+        alias_resolver: Replaces how a registry alias is resolved to a version (tests).
+
+    Returns:
+        The FastAPI application.
+    """
+    settings = settings if settings is not None else ServingSettings.from_env()
+    metrics = ServingMetrics()
+    state = ModelState(settings, metrics, loader=loader, alias_resolver=alias_resolver)
+    batcher = MicroBatcher(settings.micro_batch, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        import torch
+
+        # Requests run concurrently in the thread pool; one intra-op thread each (by default)
+        # keeps them from fighting over the cores.
+        torch.set_num_threads(settings.torch_threads)
+        if state.current is None and state.source is not None:
+            try:
+                await run_in_threadpool(state.reload)
+            except ReloadError as exc:
+                raise RuntimeError(
+                    f"cannot serve: the model from {state.source} failed to load: {exc}"
+                ) from exc
+        state.start_polling()
+        batcher.start()
+        try:
+            yield
+        finally:
+            batcher.stop()
+            state.stop_polling()
+
+    from recvae import __version__
+
+    app = FastAPI(
+        title="recvae recommendation API",
+        version=__version__,
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "recommendations", "description": "Top-K items for histories and users."},
+            {"name": "items", "description": "Item-to-item similarity."},
+            {"name": "model", "description": "The model being served."},
+            {"name": "admin", "description": "Reload (bearer token: RECVAE_ADMIN_TOKEN)."},
+            {"name": "probes", "description": "Liveness, readiness and Prometheus metrics."},
+        ],
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.model_state = state
+    app.state.batcher = batcher
+    app.include_router(router)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_exception_handler(Exception, _internal_error)
+    return app
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    # Last resort: an unexpected error still answers JSON. The fuzz tests must never reach it.
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(status_code=500, content={"detail": "internal server error"})
+
+
+def app_from_env() -> FastAPI:
+    """The app configured from ``RECVAE_*`` environment variables (uvicorn factory).
+
+    Raises:
+        ValueError: a variable is invalid (names it).
+    """
+    return create_app(ServingSettings.from_env())

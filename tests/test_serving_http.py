@@ -1,0 +1,234 @@
+"""The real server: ``recvae serve`` started as a subprocess on a free loopback port, called over
+HTTP; reloads while threads hammer it; start-up failures of the command."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from recvae.recommender import Recommender
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "http-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+START_TIMEOUT = 120.0  # seconds; the shared test machine can be slow to import torch
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def recvae_command(*args: str) -> list[str]:
+    """The ``recvae`` console command (run through this interpreter)."""
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from pipelines.cli import main; sys.exit(main())",
+        *args,
+    ]
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECVAE_")}
+    env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", **extra})
+    return env
+
+
+@pytest.fixture(scope="module")
+def hammer_bundles(
+    tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
+    """Two bundles whose rankings differ clearly (so a mixed-up answer would show)."""
+    rec = Recommender.load(tiny_bundle)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        bias = rec.model.decoder[-1].bias
+        bias.add_(3.0 * torch.randn(bias.shape, generator=generator))
+    rec.meta.pop("model_version", None)
+    other = rec.save(tmp_path_factory.mktemp("hammer") / "other")
+    return tiny_bundle, other
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``recvae serve`` on a free loopback port; yields its base URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            recvae_command(
+                "serve",
+                "--bundle",
+                str(tiny_bundle),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--max-k",
+                "50",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ),
+            cwd=ROOT,
+            env=server_env(RECVAE_ADMIN_TOKEN=TOKEN),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after {START_TIMEOUT}s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_real_server_answers_over_http(server: str, tiny_bundle: Path) -> None:
+    rec = Recommender.load(tiny_bundle)
+    history = rec.user_history(4).tolist()
+    with httpx.Client(base_url=server, timeout=10) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/readyz").json()["model_version"] == rec.version
+        response = client.post("/v1/recommendations", json={"history": history, "k": 5})
+        assert response.status_code == 200
+        expected = rec.recommend_from_history(history, k=5).to_lists()[0]
+        assert [e["item_id"] for e in response.json()["items"]] == [i for i, _ in expected]
+        assert client.get("/v1/users/4/recommendations?k=3").status_code == 200
+        assert client.get("/v1/users/nobody/recommendations").status_code == 404
+        assert client.get("/v1/items/20/similar?k=3").status_code == 200
+        assert client.get("/v1/model").json()["limits"]["max_k"] == 50  # the flag arrived
+        bad = client.post(
+            "/v1/recommendations",
+            content=b'{"history": [1,',
+            headers={"content-type": "application/json"},
+        )
+        assert bad.status_code == 422
+        assert client.get("/openapi.json").json()["info"]["title"]
+        assert "recvae_http_requests_total" in client.get("/metrics").text
+
+
+def test_reload_under_concurrent_requests(server: str, hammer_bundles: tuple[Path, Path]) -> None:
+    """Threads hammer the server while reloads swap two models back and forth: every request
+    succeeds, and every answer is exactly the one its reported model version gives."""
+    bundle_a, bundle_b = hammer_bundles
+    rec_a, rec_b = Recommender.load(bundle_a), Recommender.load(bundle_b)
+    history = rec_a.user_history(2).tolist()
+    expected = {
+        rec.version: [i for i, _ in rec.recommend_from_history(history, k=8).to_lists()[0]]
+        for rec in (rec_a, rec_b)
+    }
+    assert len(expected) == 2
+    assert expected[rec_a.version] != expected[rec_b.version]
+
+    stop = threading.Event()
+    failures: list[str] = []
+    seen: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def hammer() -> None:
+        with httpx.Client(base_url=server, timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    response = client.post("/v1/recommendations", json={"history": history, "k": 8})
+                except httpx.HTTPError as exc:
+                    with lock:
+                        failures.append(f"transport error: {exc!r}")
+                    continue
+                body: dict[str, Any] = response.json()
+                with lock:
+                    if response.status_code != 200:
+                        failures.append(f"{response.status_code}: {response.text}")
+                        continue
+                    version = body["model_version"]
+                    seen[version] += 1
+                    items = [e["item_id"] for e in body["items"]]
+                    if items != expected.get(version):
+                        failures.append(f"answer does not match version {version}: {items}")
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    reloads = []
+    try:
+        with httpx.Client(base_url=server, timeout=60, headers=AUTH) as admin:
+            for i in range(6):
+                target = bundle_b if i % 2 == 0 else bundle_a
+                response = admin.post("/v1/admin/reload", json={"bundle": str(target)})
+                reloads.append(response.status_code)
+                time.sleep(0.15)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert reloads == [200] * 6
+    assert not failures, failures[:5]
+    assert set(seen) == {rec_a.version, rec_b.version}, seen
+    assert sum(seen.values()) > 20
+
+
+def test_serve_command_rejects_a_missing_bundle(tmp_path: Path) -> None:
+    result = subprocess.run(
+        recvae_command("serve", "--bundle", str(tmp_path / "missing")),
+        cwd=ROOT,
+        env=server_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "no model bundle" in result.stderr
+    nothing = subprocess.run(
+        recvae_command("serve"), cwd=ROOT, env=server_env(), capture_output=True, text=True
+    )
+    assert nothing.returncode == 2
+    assert "nothing to serve" in nothing.stderr
+
+
+@pytest.mark.slow
+def test_serve_command_fails_on_a_corrupted_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    (bundle / "item_ids.json").write_text('{"kind": "int", "ids": [1]}')
+    result = subprocess.run(
+        recvae_command("serve", "--bundle", str(bundle), "--port", str(free_port())),
+        cwd=ROOT,
+        env=server_env(),
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+    )
+    assert result.returncode == 3
+    assert "checksum of item_ids.json does not match" in result.stderr
+    assert "the server did not start" in result.stderr

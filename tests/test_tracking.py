@@ -1,0 +1,225 @@
+"""MLflow logging against a temporary sqlite store: runs, params, per-epoch metrics, artifacts,
+the bundle as a registered pyfunc model with its alias, and the command-line integration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from pipelines.cli import main  # noqa: E402
+from pipelines.tracking_hooks import Tracker, make_tracker  # noqa: E402
+from recvae import tracking  # noqa: E402
+from recvae.recommender import Recommender  # noqa: E402
+
+
+def _planted_csv(path: Path, n_users: int = 160, n_items: int = 40) -> Path:
+    from recvae.data import planted_interactions
+
+    data = planted_interactions(n_users=n_users, n_items=n_items, n_clusters=4, seed=3)
+    coo = data.matrix.tocoo()
+    lines = ["user_id,item_id"] + [f"{u},{i}" for u, i in zip(coo.row, coo.col, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_metric_keys_are_mlflow_safe() -> None:
+    assert tracking.metric_key("val_ndcg@100") == "val_ndcg_at_100"
+    assert tracking.metric_key("weird key!") == "weird key_"
+
+
+def test_runs_params_epoch_metrics_and_artifacts(mlflow_uri: str, tmp_path: Path) -> None:
+    assert tracking.configure_tracking(mlflow_uri) == mlflow_uri
+    experiment_id = tracking.get_or_create_experiment("unit")
+    assert tracking.get_or_create_experiment("unit") == experiment_id
+    note = tmp_path / "note.md"
+    note.write_text("| a | b |\n")
+    with tracking.start_run(experiment_id=experiment_id, run_name="parent") as parent_id:
+        tracking.log_params({"model": {"hidden_dims": (600,), "beta_max": 0.2}, "seed": None})
+        tracking.set_tags({"data.fingerprint": "abc", "skipped": None})
+        hook = tracking.epoch_logger()
+        for epoch in (1, 2, 3):
+            hook(epoch, {"loss": 10.0 / epoch, "val_ndcg@100": 0.1 * epoch, "kl": float("nan")})
+        tracking.log_metrics({"test_ndcg@100": 0.31, "test_ndcg@100_q1": float("nan")})
+        tracking.log_artifact(note)
+        with pytest.raises(FileNotFoundError):
+            tracking.log_artifact(tmp_path / "missing.png")
+        with tracking.start_run(experiment_id=experiment_id, run_name="child", nested=True) as cid:
+            tracking.log_metrics({"train_seconds": 1.5})
+    client = MlflowClient()
+    run = client.get_run(parent_id)
+    assert run.data.params == {
+        "model.hidden_dims": "[600]",
+        "model.beta_max": "0.2",
+        "seed": "None",
+    }
+    assert run.data.tags["data.fingerprint"] == "abc" and "skipped" not in run.data.tags
+    history = client.get_metric_history(parent_id, "val_ndcg_at_100")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert run.data.metrics["test_ndcg_at_100"] == pytest.approx(0.31)
+    assert "kl" not in run.data.metrics and "test_ndcg_at_100_q1" not in run.data.metrics
+    assert [a.path for a in client.list_artifacts(parent_id)] == ["note.md"]
+    assert client.get_run(cid).data.tags["mlflow.parentRunId"] == parent_id
+    assert run.info.status == "FINISHED"
+    # Artifacts live beside the sqlite file, not in the working directory.
+    location = client.get_experiment(experiment_id).artifact_location
+    assert location == (Path(mlflow_uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    # The same runs through the listing that `recvae runs` prints.
+    runs = tracking.recent_runs(experiment_names=["unit"], limit=10)
+    assert {r.name for r in runs} == {"parent", "child"}
+    child = next(r for r in runs if r.name == "child")
+    assert child.parent_run_id == parent_id and child.metrics["train_seconds"] == 1.5
+    assert len(tracking.recent_runs(limit=1)) == 1
+    with pytest.raises(ValueError, match="no experiment named 'nope'"):
+        tracking.recent_runs(experiment_names=["nope"])
+    with pytest.raises(ValueError, match="limit"):
+        tracking.recent_runs(limit=0)
+
+
+def test_failed_block_marks_the_run_failed(mlflow_uri: str) -> None:
+    tracking.configure_tracking(mlflow_uri)
+    experiment_id = tracking.get_or_create_experiment("failing")
+    with pytest.raises(RuntimeError), tracking.start_run(experiment_id=experiment_id) as run_id:
+        raise RuntimeError("boom")
+    assert MlflowClient().get_run(run_id).info.status == "FAILED"
+    assert tracking.run_exists(run_id) and not tracking.run_exists("0" * 32)
+
+
+def test_bundle_registry_alias_and_pyfunc_predict_with_params(
+    mlflow_uri: str, tiny_bundle: Path
+) -> None:
+    tracking.configure_tracking(mlflow_uri)
+    experiment_id = tracking.get_or_create_experiment("registry")
+    with tracking.start_run(experiment_id=experiment_id):
+        info = tracking.log_bundle_model(tiny_bundle, registered_model_name="recvae-unit")
+    version = str(info.registered_model_version)
+    assert tracking.alias_model_version("recvae-unit", "staging") is None
+    tracking.set_alias("recvae-unit", "staging", version)
+    assert tracking.alias_model_version("recvae-unit", "staging") == version
+    # A second version moves the alias only when told to.
+    with tracking.start_run(experiment_id=experiment_id):
+        second = tracking.log_bundle_model(tiny_bundle, registered_model_name="recvae-unit")
+    assert str(second.registered_model_version) != version
+    assert tracking.alias_model_version("recvae-unit", "staging") == version
+
+    model = mlflow.pyfunc.load_model("models:/recvae-unit@staging")
+    params = model.metadata.signature.params
+    assert {p.name: p.default for p in params.params} == {"k": 20, "exclude_seen": True}
+    recommender = Recommender.load(tiny_bundle)
+    history = [int(i) for i in recommender.item_ids[:3]]
+    expected = recommender.recommend_histories([history], 4).to_lists()[0]
+    for payload in ([history], {"histories": [history]}):
+        out = model.predict(payload, params={"k": 4})
+        assert len(out) == 1 and out[0]["item_ids"] == [i for i, _ in expected]
+        assert not set(out[0]["item_ids"]) & set(history)
+        np.testing.assert_allclose(out[0]["scores"], [s for _, s in expected], rtol=1e-6)
+    import pandas as pd
+
+    frame = pd.DataFrame({"history": [history, history[:1]]})
+    out = model.predict(frame, params={"k": 2, "exclude_seen": False})
+    assert [len(row["item_ids"]) for row in out] == [2, 2]
+    seen = recommender.recommend_histories([history], 2, exclude_seen=False).to_lists()[0]
+    assert out[0]["item_ids"] == [i for i, _ in seen]
+    default_k = min(20, recommender.n_items - len(history))  # the signature's default k
+    assert len(model.predict([history])[0]["item_ids"]) == default_k
+    # The registry alias resolves back to the bundle that serving loads.
+    bundle = tracking.resolve_bundle("models:/recvae-unit@staging")
+    assert Recommender.load(bundle).version == recommender.version
+
+
+def test_disabled_tracker_is_a_no_op(tmp_path: Path) -> None:
+    tracker = Tracker.disabled()
+    with tracker.run("x", nested=True) as run_id:
+        tracker.log_params({"a": 1})
+        tracker.log_metrics({"b": 2.0}, step=1)
+        tracker.log_artifact(tmp_path / "missing")
+        assert tracker.epoch_hook() is None
+        assert tracker.log_bundle(tmp_path) is None
+    assert run_id is None and tracker.errors == []
+
+
+def test_tracking_default_and_explicit_choices(
+    monkeypatch: pytest.MonkeyPatch, mlflow_uri: str
+) -> None:
+    monkeypatch.setenv("RECVAE_TRACKING", "off")
+    assert not make_tracker(track=None, tracking_uri=None, experiment="e").enabled
+    assert make_tracker(track=None, tracking_uri=mlflow_uri, experiment="e").enabled
+    assert not make_tracker(track=False, tracking_uri=mlflow_uri, experiment="e").enabled
+    monkeypatch.setenv("RECVAE_TRACKING", "on")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    tracker = make_tracker(track=None, tracking_uri=None, experiment="from-env")
+    assert tracker.enabled and tracker.tracking_uri == mlflow_uri
+
+
+def test_tracker_fails_fast_on_a_bad_store_and_survives_logging_errors(
+    mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="cannot open the MLflow store"):
+        Tracker(enabled=True, tracking_uri=f"sqlite:///{blocker}/x.db", experiment="e")
+    tracker = Tracker(enabled=True, tracking_uri=mlflow_uri, experiment="e")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tracking, "log_metrics", broken)
+    with tracker.run("r") as run_id:
+        tracker.log_metrics({"a": 1.0})  # reported, not raised
+        tracker.log_params({"b": 2})
+    assert tracker.errors and "disk full" in tracker.errors[0]
+    assert MlflowClient().get_run(run_id).data.params == {"b": "2"}
+
+
+@pytest.mark.slow
+def test_train_command_logs_the_run_and_runs_lists_it(
+    mlflow_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _planted_csv(tmp_path / "log.csv")
+    argv = ["train", "--data", str(data), "--n-heldout", "20", "--epochs", "3"]
+    argv += ["--batch-size", "32", "--latent-dim", "8", "--no-progress", "--device", "cpu"]
+    argv += ["-o", str(tmp_path / "run"), "--tracking-uri", mlflow_uri]
+    argv += ["--experiment-name", "cli"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mlflow" in out and mlflow_uri in out
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id])
+    assert run.data.params["epochs"] == "3" and run.data.params["latent_dim"] == "8"
+    assert run.data.params["protocol.n_heldout"] == "20"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_ndcg_at_100")] == [
+        1,
+        2,
+        3,
+    ]
+    for name in ("loss", "nll", "kl", "beta"):
+        assert len(client.get_metric_history(run.info.run_id, name)) == 3
+    for name in ("test_ndcg_at_100", "test_ndcg_at_100_se", "validation_recall_at_20"):
+        assert name in run.data.metrics
+    assert "test_coverage_at_20" in run.data.metrics and "test_gini_at_20" in run.data.metrics
+    tags = run.data.tags
+    assert tags["data.name"] == "log" and len(tags["data.fingerprint"]) == 64
+    assert tags["recvae.version"] and tags["device"] == "cpu"
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/learning_curve.png", "plots/metrics_vs_k.png"}
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert len(models) == 1 and models[0].source_run_id == run.info.run_id
+
+    assert main(["runs", "--tracking-uri", mlflow_uri, "--experiment", "cli"]) == 0
+    listing = capsys.readouterr().out
+    assert "train-log-multvae" in listing and "finished" in listing
+    ndcg = run.data.metrics["test_ndcg_at_100"]
+    assert f"{ndcg:.4f}" in listing
+
+
+def test_runs_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = f"sqlite:///{tmp_path / 'none.db'}"
+    assert main(["runs", "--tracking-uri", missing]) == 2
+    assert "no MLflow store" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()
+    assert main(["runs", "--limit", "0"]) == 2

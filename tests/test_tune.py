@@ -1,0 +1,251 @@
+"""``recvae tune``: the search space, selection on validation only, one test scoring, resuming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+import pipelines.tune as tune  # noqa: E402
+from pipelines.cli import main  # noqa: E402
+from pipelines.settings import CONFIG_DIR, JobSettings, read_toml  # noqa: E402
+from pipelines.train_job import PreparedData  # noqa: E402
+from pipelines.tune import ParamSpace, TuneSettings, run_tune, tune_from_dict  # noqa: E402
+from recvae.baselines import EASE, EASEConfig  # noqa: E402
+from recvae.data import planted_interactions  # noqa: E402
+from recvae.evaluation import evaluate  # noqa: E402
+from recvae.split import split_users  # noqa: E402
+
+EASE_TUNE = {
+    "tune": {
+        "model": "ease",
+        "sampler": "random",
+        "n_trials": 3,
+        "seed": 3,
+        "space": {"regularization": {"low": 0.5, "high": 500.0, "log": True}},
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def prepared() -> PreparedData:
+    data = planted_interactions(n_users=200, n_items=40, n_clusters=4, p_in=0.35, seed=5)
+    split = split_users(data, n_heldout=30, seed=2)
+    return PreparedData(split=split, name="planted", fingerprint=data.fingerprint())
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch, prepared: PreparedData) -> list[str]:
+    """Records which held-out part every evaluation of the tuner scores."""
+    calls: list[str] = []
+    real = tune._evaluate
+    split = prepared.split
+
+    def recording(ranker, part, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append("test" if part is split.test else "validation")
+        assert part is split.test or part is split.validation
+        return real(ranker, part, **kwargs)
+
+    monkeypatch.setattr(tune, "_evaluate", recording)
+    return calls
+
+
+def _job() -> JobSettings:
+    return JobSettings(run={"device": "cpu", "progress": False})
+
+
+# ------------------------------------------------------------------------------ settings
+def test_presets_have_valid_spaces() -> None:
+    for path in sorted(CONFIG_DIR.glob("*.toml")):
+        raw = read_toml(path)
+        if "tune" not in raw:
+            continue
+        settings = tune_from_dict(raw)
+        assert settings.spec.model == "multvae" and settings.space
+        for label in ("ease", "als", "bpr", "itemknn"):
+            assert tune_from_dict(raw, model=label).spec.model == label
+
+
+def test_space_and_settings_errors() -> None:
+    with pytest.raises(ValueError, match="low must be <= high"):
+        ParamSpace.from_dict("dropout", {"low": 0.7, "high": 0.2})
+    with pytest.raises(ValueError, match="log range needs low > 0"):
+        ParamSpace.from_dict("beta_max", {"low": 0.0, "high": 1.0, "log": True})
+    with pytest.raises(ValueError, match="unknown key"):
+        ParamSpace.from_dict("dropout", {"min": 0.1})
+    with pytest.raises(ValueError, match="either choices or low/high"):
+        ParamSpace.from_dict("latent_dim", {"choices": [1], "low": 1})
+    with pytest.raises(ValueError, match="not a field of ease"):
+        tune_from_dict({"tune": {"model": "ease", "space": {"dropout": {"low": 0, "high": 1}}}})
+    with pytest.raises(ValueError, match="no search space for 'als'"):
+        tune_from_dict(EASE_TUNE, model="als")
+    with pytest.raises(ValueError, match="sampler"):
+        tune_from_dict({"tune": {**EASE_TUNE["tune"], "sampler": "grid"}})
+    with pytest.raises(ValueError, match=r"\[tune\] model is missing"):
+        tune_from_dict({"tune": {}})
+    space = ParamSpace.from_dict("hidden_dims", {"choices": [[8], [16, 8]]})
+    assert space.choices == ((8,), (16, 8)) and space.to_dict() == {"choices": [[8], [16, 8]]}
+    assert ParamSpace.from_dict("epochs", {"low": 2, "high": 6, "step": 2}).is_int
+
+
+# ------------------------------------------------------------------------------ search
+def test_selection_uses_validation_only_and_scores_test_once(
+    prepared: PreparedData, spy: list[str], tmp_path: Path, mlflow_uri: str
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking_hooks import Tracker
+
+    tracker = Tracker(enabled=True, tracking_uri=mlflow_uri, experiment="tune")
+    settings = tune_from_dict(EASE_TUNE)
+    result = run_tune(_job(), settings, tracker=tracker, output_dir=tmp_path, prepared=prepared)
+    # Three trials, each scored on validation; then the test users exactly once.
+    assert spy == ["validation"] * 3 + ["test"]
+    assert result.n_new_trials == 3 and not result.test_reused
+    values = {t["number"]: t["value"] for t in result.trials}
+    assert result.best_trial == max(values, key=lambda n: values[n])
+    split = prepared.split
+    for trial in result.trials:  # a trial's value is its validation NDCG@100
+        model = EASE(EASEConfig(regularization=trial["params"]["regularization"]))
+        model.fit(split.train)
+        validation = evaluate(
+            model, split.validation.fold_in.matrix, split.validation.targets.matrix
+        )
+        assert trial["value"] == pytest.approx(validation.mean("ndcg@100"))
+    best = EASE(EASEConfig(**result.best_params)).fit(split.train)
+    test = evaluate(best, split.test.fold_in.matrix, split.test.targets.matrix)
+    assert result.test["test_ndcg@100"] == pytest.approx(test.mean("ndcg@100"))
+    record = json.loads((tmp_path / "best.json").read_text())
+    assert record["trial"] == result.best_trial and record["test"] == result.test
+    # MLflow: the tuning run with one child per trial and the chosen config's test metrics.
+    client = MlflowClient()
+    parent = client.get_run(result.run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'"
+    )
+    assert sorted(r.info.run_name for r in children) == [f"trial-{i}" for i in range(3)]
+    assert all("validation_ndcg_at_100" in r.data.metrics for r in children)
+    assert not any("test_ndcg_at_100" in r.data.metrics for r in children)
+    assert parent.data.metrics["test_ndcg_at_100"] == pytest.approx(test.mean("ndcg@100"))
+    assert parent.data.metrics["best_trial"] == result.best_trial
+
+    # Resuming with a larger budget runs only the missing trials, in the same parent run; the
+    # test users are scored again only if the choice changed.
+    spy.clear()
+    more = run_tune(
+        _job(),
+        tune_from_dict({"tune": {**EASE_TUNE["tune"], "n_trials": 5}}),
+        tracker=tracker,
+        output_dir=tmp_path,
+        prepared=prepared,
+    )
+    assert more.n_new_trials == 2 and len(more.trials) == 5 and more.run_id == result.run_id
+    changed = more.best_trial != result.best_trial
+    assert spy == ["validation"] * 2 + (["test"] if changed else [])
+    assert more.test_reused is not changed
+    # The budget is spent: nothing runs and nothing is scored.
+    spy.clear()
+    again = run_tune(
+        _job(),
+        tune_from_dict({"tune": {**EASE_TUNE["tune"], "n_trials": 5}}),
+        output_dir=tmp_path,
+        prepared=prepared,
+    )
+    assert spy == [] and again.n_new_trials == 0 and again.test_reused
+    assert again.test == more.test
+
+
+def test_an_interrupted_trial_runs_again_on_resume(
+    prepared: PreparedData, spy: list[str], tmp_path: Path
+) -> None:
+    settings = tune_from_dict({"tune": {**EASE_TUNE["tune"], "n_trials": 1}})
+    run_tune(_job(), settings, output_dir=tmp_path, prepared=prepared)
+    # A process killed mid-trial leaves the trial RUNNING in the storage.
+    study = optuna.load_study(study_name=tune.STUDY_NAME, storage=f"sqlite:///{tmp_path}/optuna.db")
+    study.enqueue_trial({"regularization": 7.0})
+    stale = study.ask()  # the objective draws its params first, then trains
+    assert stale.suggest_float("regularization", 0.5, 500.0, log=True) == 7.0
+    spy.clear()
+    lines: list[str] = []
+    result = run_tune(
+        _job(),
+        tune_from_dict({"tune": {**EASE_TUNE["tune"], "n_trials": 2}}),
+        output_dir=tmp_path,
+        prepared=prepared,
+        report=lines.append,
+    )
+    assert "1 interrupted one(s) queued again" in lines[0]
+    states = {t["number"]: t["state"] for t in result.trials}
+    assert states[stale.number] == "FAIL"
+    rerun = [t for t in result.trials if t["number"] > stale.number]
+    assert len(rerun) == 1 and rerun[0]["params"] == {"regularization": 7.0}
+    assert rerun[0]["state"] == "COMPLETE" and result.n_new_trials == 1
+
+
+def test_a_study_cannot_resume_with_other_settings(prepared: PreparedData, tmp_path: Path) -> None:
+    run_tune(
+        _job(),
+        tune_from_dict({"tune": {**EASE_TUNE["tune"], "n_trials": 1}}),
+        output_dir=tmp_path,
+        prepared=prepared,
+    )
+    other = {"tune": {**EASE_TUNE["tune"], "space": {"regularization": {"low": 1, "high": 9}}}}
+    with pytest.raises(ValueError, match="holds a study of other settings"):
+        run_tune(_job(), tune_from_dict(other), output_dir=tmp_path, prepared=prepared)
+
+
+@pytest.mark.slow
+def test_autoencoder_search_keeps_only_the_best_checkpoint(
+    prepared: PreparedData, spy: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = {
+        "models": {
+            "vae": {"model": "multvae", "hidden_dims": [16], "latent_dim": 8, "batch_size": 64}
+        },
+        "tune": {
+            "model": "vae",
+            "sampler": "random",
+            "n_trials": 2,
+            "space": {
+                "epochs": {"low": 2, "high": 4, "step": 2},
+                "hidden_dims": {"choices": [[16], [8]]},
+            },
+        },
+    }
+    settings = tune_from_dict(raw)
+    assert isinstance(settings, TuneSettings)
+    result = run_tune(_job(), settings, output_dir=tmp_path, prepared=prepared)
+    assert spy == ["validation", "validation", "test"]
+    checkpoints = list((tmp_path / "trials").iterdir())
+    assert len(checkpoints) == 1  # the best trial's, from which the final model was loaded
+    assert isinstance(result.best_params["hidden_dims"], list)
+    assert result.best_config["hidden_dims"] == result.best_params["hidden_dims"]
+    meta = json.loads((tmp_path / "best" / "bundle" / "meta.json").read_text())
+    assert meta["epochs_run"] == result.best_params["epochs"]
+
+
+def test_tune_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = planted_interactions(n_users=120, n_items=30, n_clusters=3, seed=4)
+    coo = data.matrix.tocoo()
+    csv_path = tmp_path / "log.csv"
+    csv_path.write_text(
+        "user_id,item_id\n" + "".join(f"{u},{i}\n" for u, i in zip(coo.row, coo.col, strict=True))
+    )
+    config = tmp_path / "tune.toml"
+    config.write_text(
+        '[tune]\nmodel = "ease"\nn_trials = 5\n[tune.space]\n'
+        "regularization = { low = 1.0, high = 100.0, log = true }\n"
+        "[tune.spaces.itemknn]\nneighbours = { low = 5, high = 20 }\n"
+    )
+    argv = ["tune", "--config", str(config), "--data", str(csv_path), "--n-heldout", "15"]
+    argv += ["--n-trials", "2", "--no-track", "-o", str(tmp_path / "study")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "best trial" in out and "(scored once)" in out and "2 new trial(s)" in out
+    assert main(argv) == 0  # resumed: nothing to do, the test score is reused
+    assert "(scored before; reused)" in capsys.readouterr().out
+    assert main([*argv[:-2], "-o", str(tmp_path / "x"), "--model", "bpr"]) == 2
+    assert "no search space for 'bpr'" in capsys.readouterr().err
