@@ -51,13 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue  # TEMPORARY while commands are being written in parallel
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 
