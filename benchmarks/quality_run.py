@@ -80,16 +80,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             record["bundle"] = str(path)
     elif args.model == "ease" and args.large:
         # A catalog whose EASE matrix cannot be kept twice (gowalla: 41k items, 6.7 GB each):
-        # fit the candidates one at a time. The test metrics of the best-so-far candidate are
-        # computed at once and held unseen (the same information as keeping its matrix); only
-        # the chosen candidate's are written, and the choice uses validation only.
-        from recvae.baselines import EASE, EASEConfig
+        # fit the candidates one at a time, with the ILP64 LAPACK of quality_ease_ilp64.py.
+        # The test metrics of the best-so-far candidate are computed at once and held unseen
+        # (the same information as keeping its matrix); only the chosen candidate's are
+        # written, and the choice uses validation only.
+        from quality_ease_ilp64 import LargeEASE
 
         scores: dict[float, float] = {}
         held_test = None
         best_lam, best_val, best_fit = math.nan, -math.inf, math.nan
         for lam in [float(x) for x in args.lambdas.split(",")]:
-            model = EASE(EASEConfig(regularization=lam)).fit(split.train)
+            model = LargeEASE(lam).fit(split.train)
             val = score(model, split.validation, split)
             scores[lam] = val.mean("ndcg@100")
             logger.info(

@@ -840,6 +840,7 @@ def test_background_poll_thread(tiny_bundle: Path, other_bundle: Path) -> None:
     assert app.state.model_state._poller is None  # stopped at shutdown
 
 
+@pytest.mark.slow  # about 5 s of MLflow logging; the resolver and loader logic runs by default
 def test_serving_a_registry_alias(
     mlflow_uri: str, tiny_bundle: Path, other_bundle: Path, tmp_path: Path
 ) -> None:
