@@ -17,7 +17,11 @@ preallocated array and inverts it in place (LAPACK ``potrf``/``potri`` on the sy
 so the peak is that one matrix plus the sparse Gram matrix ``X^T X`` it came from and a
 ``block x n_items`` temporary: with ``dtype="auto"`` a catalog up to 16,384 items uses float64
 (2 GiB at the bound), a larger one float32 (gowalla's 40,981 items: about 6.3 GiB). The time is
-``n_items^3`` floating point operations, about 15 minutes for 41k items on one CPU core. A CUDA
+``n_items^3`` floating point operations: on a busy 2-core machine ml-1m's 3,485 items take
+about 10 s per lambda and lastfm's 15,187 items (float64) about 150 s; gowalla's 40,981 items,
+about 20 times lastfm's work, were not run there. :func:`select_ease_lambda` keeps the best model
+while it tries the next candidate when the matrix fits in 2 GiB (peak two matrices; the whole
+lastfm experiment peaked at 4.8 GB resident), and refits the winner otherwise (one matrix). A CUDA
 device (``EASE(config, device="cuda")``) runs the same algebra in torch (Cholesky, then
 ``cholesky_inverse``), which needs about twice the matrix in GPU memory.
 """

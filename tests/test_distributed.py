@@ -31,6 +31,10 @@ CONFIGS: dict[str, ModelConfig] = {
         dropout=0.5, weight_decay=1e-3, seed=11,
     ),
     "dae": MultDAEConfig(latent_dim=8, epochs=1, batch_size=17, learning_rate=1e-2, seed=12),
+    # Batches of 89 and 1 users: on the last step rank 0's shard is empty.
+    "empty-shard": MultVAEConfig(
+        hidden_dims=(16,), latent_dim=8, epochs=1, batch_size=89, learning_rate=1e-2, seed=13,
+    ),
 }  # fmt: skip
 
 

@@ -253,7 +253,7 @@ def test_experiment_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     config = tmp_path / "exp.toml"
     config.write_text(
         '[experiment]\nks = [10]\nplots = false\n[models.vae]\nmodel = "multvae"\n'
-        'hidden_dims = [8]\n'
+        "hidden_dims = [8]\n"
         'latent_dim = 4\nepochs = 50\nbatch_size = 32\n[models.pop]\nmodel = "popularity"\n'
     )
     argv = ["experiment", "--config", str(config), "--data", str(csv_path), "--n-heldout", "20"]

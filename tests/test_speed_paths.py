@@ -132,11 +132,16 @@ def test_sparse_nll_equals_dense_nll_and_its_gradient(weighted: bool) -> None:
     )
     with pytest.raises(ValueError, match="reduction"):
         sparse_multinomial_nll(logits, batch, reduction="max")  # type: ignore[arg-type]
+
+
+def test_sparse_nll_backward_passes_gradcheck() -> None:
     # The hand-written backward against finite differences, in float64.
-    logits64 = torch.randn(11, 31, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(11, dtype=torch.float64)  # a non-uniform upstream gradient
+    matrix = _random_histories(np.random.default_rng(2), 4, 6, weighted=True)
+    batch = SparseBatch.from_scipy(matrix)
+    logits = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(4, dtype=torch.float64)  # a non-uniform upstream gradient
     assert torch.autograd.gradcheck(
-        lambda f: sparse_multinomial_nll(f, batch, reduction="none") * weights, (logits64,)
+        lambda f: sparse_multinomial_nll(f, batch, reduction="none") * upstream, (logits,)
     )
 
 
@@ -301,7 +306,7 @@ def test_validation_on_sparse_histories_matches_the_recommender() -> None:
 def test_bf16_autocast_runs_on_cpu_and_is_used() -> None:
     data, withheld = make_checkerboard()
     config = MultVAEConfig(
-        hidden_dims=(16,), latent_dim=8, epochs=25, batch_size=16, learning_rate=1e-2,
+        hidden_dims=(16,), latent_dim=8, epochs=12, batch_size=20, learning_rate=1e-2,
         dropout=0.2, seed=1,
     )  # fmt: skip
     losses: list[float] = []
@@ -332,10 +337,10 @@ def test_resume_is_exact_with_dropout_sampling_and_sparse_validation(tmp_path: P
     from recvae.data import planted_interactions
     from recvae.split import split_users
 
-    data = planted_interactions(n_users=200, n_items=30, seed=3)
-    split = split_users(data, n_heldout=30, seed=0)
+    data = planted_interactions(n_users=120, n_items=30, seed=3)
+    split = split_users(data, n_heldout=20, seed=0)
     config = MultVAEConfig(
-        hidden_dims=(16,), latent_dim=8, epochs=5, batch_size=32, learning_rate=1e-2,
+        hidden_dims=(16,), latent_dim=8, epochs=4, batch_size=32, learning_rate=1e-2,
         dropout=0.5, seed=7,
     )  # fmt: skip
     options = RunOptions(device="cpu", progress=False, validate_every=2)
@@ -391,7 +396,8 @@ def test_cuda_lean_path_matches_cpu_and_bf16_trains() -> None:
     cpu = train(data, dae, options=CPU)
     gpu = train(data, dae, options=RunOptions(device="cuda", progress=False))
     for name, value in cpu.model.state_dict().items():
-        torch.testing.assert_close(gpu.model.state_dict()[name].cpu(), value, rtol=1e-3, atol=1e-4)
+        # Different summation orders only; Adam keeps such differences small over 12 steps.
+        torch.testing.assert_close(gpu.model.state_dict()[name].cpu(), value, rtol=1e-3, atol=1e-3)
     rec = train(
         data,
         config.replace(epochs=30, dropout=0.2),
