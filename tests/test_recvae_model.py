@@ -192,6 +192,21 @@ def test_loss_matches_hand_computation() -> None:
     assert mean_kl.item() == pytest.approx(sum(kl) / 2, rel=1e-12)
 
 
+def test_sparse_histories_give_the_same_loss_and_beta() -> None:
+    torch.manual_seed(5)
+    x = (torch.rand(5, 9) > 0.6).float()
+    x[1] = 0.0
+    logits = torch.randn(5, 9)
+    z, mu, logvar = torch.randn(5, 3), torch.randn(5, 3), torch.randn(5, 3)
+    log_prior = torch.randn(5)
+    dense = recvae_loss(logits, x, z, mu, logvar, log_prior, 0.01)
+    for sparse in (x.to_sparse(), x.to_sparse_csr()):
+        torch.testing.assert_close(per_user_beta(sparse, 0.01), per_user_beta(x, 0.01))
+        got = recvae_loss(logits, sparse, z, mu, logvar, log_prior, 0.01)
+        for a, b in zip(got, dense, strict=True):
+            torch.testing.assert_close(a, b)
+
+
 # ---------------------------------------------------------------------------- the model
 def test_architecture_and_interface() -> None:
     model = build_model(RecVAEConfig(), n_items=50)
