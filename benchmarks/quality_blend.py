@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
-import torch
-from quality_common import load_split, logger, score, setup_logging, summary, write_result
-from threadpoolctl import threadpool_limits
+from quality_common import common_arguments, load_split, logger, score, start, summary, write_result
 
 from recvae.baselines import EASE, EASEConfig
 from recvae.blend import select_blend_weight
@@ -35,14 +32,10 @@ def main() -> None:
     parser.add_argument("--ease", help="result name of the EASE run (its chosen lambda)")
     parser.add_argument("--lambda", type=float, dest="lam", help="EASE lambda (else --ease)")
     parser.add_argument("--name", help="result name (default blend-<vae>)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--data-dir", default="../shared/data")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/quality"))
+    common_arguments(parser)
     args = parser.parse_args()
     name = args.name or f"blend-{args.vae}"
-    torch.set_num_threads(args.threads)
-    threadpool_limits(args.threads)
-    setup_logging(args.out / "logs" / f"{args.dataset}-{name}.log")
+    start(args, f"{args.dataset}-{name}")
     folder = args.out / args.dataset
     vae_record = json.loads((folder / f"{args.vae}.json").read_text())
     if args.lam is not None:
@@ -51,11 +44,11 @@ def main() -> None:
         lam = json.loads((folder / f"{args.ease}.json").read_text())["config"]["regularization"]
     else:
         raise SystemExit("give --ease (a result name) or --lambda")
-    split = load_split(args.dataset, args.data_dir)
-    vae = Recommender.load(vae_record["bundle"])
-    start = time.perf_counter()
-    ease = EASE(EASEConfig(regularization=float(lam))).fit(split.train)
-    ease_seconds = time.perf_counter() - start
+    split = load_split(args.dataset, args.data_dir, args.split_cache)
+    vae = Recommender.load(vae_record["bundle"], device=args.device)
+    t0 = time.perf_counter()
+    ease = EASE(EASEConfig(regularization=float(lam)), device=args.device).fit(split.train)
+    ease_seconds = time.perf_counter() - t0
     selections: dict[str, Any] = {}
     best = None
     for normalization in ("zscore", "minmax"):
@@ -74,9 +67,9 @@ def main() -> None:
             best = selection
     assert best is not None
     blend = best.blend
-    select_seconds = time.perf_counter() - start - ease_seconds
-    validation = score(blend, split.validation, split)
-    test = score(blend, split.test, split)
+    select_seconds = time.perf_counter() - t0 - ease_seconds
+    validation = score(blend, split.validation, split, args.device)
+    test = score(blend, split.test, split, args.device)
     logger.info(
         "%s %s (weight %.2f, %s) TEST ndcg@100 %.4f ± %.4f",
         args.dataset,

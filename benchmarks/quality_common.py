@@ -8,17 +8,19 @@ metrics pick everything, test metrics are computed once per final configuration.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
+import pickle
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
 
-from pipelines.settings import DataSettings, JobSettings, ProtocolSettings
-from pipelines.train_job import prepare
 from recvae.evaluation import EvaluationResult, Ranker, evaluate
 from recvae.split import HeldOut, Split
 
@@ -38,22 +40,70 @@ def setup_logging(path: Path | None = None) -> None:
     )
 
 
-def load_split(dataset: str, data_dir: str) -> Split:
-    """The protocol's split of a built-in dataset (same code path as ``recvae train``)."""
+def common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every quality script takes (threads, data, output, device, split cache)."""
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/quality"))
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda or auto (training, EASE and scoring)"
+    )
+    parser.add_argument(
+        "--split-cache",
+        type=Path,
+        help="folder of pickled splits (<dataset>.pkl): read when present, else written; lets "
+        "the scripts run where polars is not installed (a GPU machine)",
+    )
+
+
+def start(args: argparse.Namespace, log_name: str) -> None:
+    """Thread limits (torch and the BLAS of NumPy/SciPy) and logging to ``<out>/logs``."""
+    torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)
+    setup_logging(args.out / "logs" / f"{log_name}.log")
+
+
+def load_split(dataset: str, data_dir: str, cache: Path | None = None) -> Split:
+    """The protocol's split of a built-in dataset (same code path as ``recvae train``).
+
+    With ``cache``, ``<cache>/<dataset>.pkl`` is read when it exists (written by an earlier
+    call of this function with the same cache, from the same code path), else written.
+    """
+    path = None if cache is None else Path(cache) / f"{dataset}.pkl"
+    if path is not None and path.is_file():
+        with path.open("rb") as fh:
+            split = pickle.load(fh)
+        logger.info("split of %s read from %s: %s", dataset, path, split.summary())
+        return split
+    from pipelines.settings import DataSettings, JobSettings, ProtocolSettings
+    from pipelines.train_job import prepare
+
     job = JobSettings(
         data=DataSettings(dataset=dataset, data_dir=data_dir), protocol=ProtocolSettings()
     )
-    return prepare(job).split
+    split = prepare(job).split
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as fh:
+            pickle.dump(split, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    return split
 
 
-def score(ranker: Ranker, held_out: HeldOut, split: Split) -> EvaluationResult:
+def score(ranker: Ranker, held_out: HeldOut, split: Split, device: str = "cpu") -> EvaluationResult:
     return evaluate(
         ranker,
         held_out.fold_in.matrix,
         held_out.targets.matrix,
         item_popularity=split.train.item_counts(),
         batch_size=1000,
+        device=_device(device),
     )
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def summary(result: EvaluationResult, names: tuple[str, ...] = PAPER) -> dict[str, Any]:

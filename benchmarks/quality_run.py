@@ -20,12 +20,17 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-import torch
-from quality_common import load_split, logger, score, setup_logging, summary, write_result
-from threadpoolctl import threadpool_limits
+from quality_common import (
+    common_arguments,
+    load_split,
+    logger,
+    score,
+    start,
+    summary,
+    write_result,
+)
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
@@ -42,10 +47,15 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    split = load_split(args.dataset, args.data_dir)
+    split = load_split(args.dataset, args.data_dir, args.split_cache)
     sets = parse_sets(args.set)
-    record: dict[str, Any] = {"model": args.model, "settings": sets, "split": split.summary()}
-    start = time.perf_counter()
+    record: dict[str, Any] = {
+        "model": args.model,
+        "settings": sets,
+        "split": split.summary(),
+        "device": args.device,
+    }
+    started = time.perf_counter()
     ranker: Any
     if args.model in ("multvae", "multdae", "recvae"):
         from recvae.config import RunOptions, config_from_dict
@@ -53,10 +63,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         config = config_from_dict({"model": args.model, **sets})
         options = RunOptions(
-            device="cpu",
+            device=args.device,
             num_threads=args.threads,
             progress=False,
             checkpoint_dir=str(args.out / "checkpoints" / args.dataset / args.name),
+            checkpoint_every=25,  # a gowalla checkpoint is ~0.5 GB: more than a GPU epoch
         )
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -91,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         best_lam, best_val, best_fit = math.nan, -math.inf, math.nan
         for lam in [float(x) for x in args.lambdas.split(",")]:
             model = LargeEASE(lam).fit(split.train)
-            val = score(model, split.validation, split)
+            val = score(model, split.validation, split, args.device)
             scores[lam] = val.mean("ndcg@100")
             logger.info(
                 "%s EASE lambda=%g: validation ndcg@100 %.4f", args.dataset, lam, scores[lam]
@@ -99,12 +110,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if scores[lam] > best_val:
                 best_lam, best_val, best_fit = lam, scores[lam], model.fit_seconds
                 held_validation = val
-                held_test = score(model, split.test, split) if args.test else None
+                held_test = score(model, split.test, split, args.device) if args.test else None
             del model
         record["config"] = {"model": "ease", "regularization": best_lam}
         record["lambda_scores"] = scores
         record["fit_seconds"] = best_fit
-        record["train_seconds"] = time.perf_counter() - start
+        record["train_seconds"] = time.perf_counter() - started
         record["selection_seconds"] = record["train_seconds"]
         record["train_seconds"] = record.pop("fit_seconds")
         record["validation"] = summary(held_validation)
@@ -124,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from recvae.baselines import select_ease_lambda
 
         lambdas = [float(x) for x in args.lambdas.split(",")]
-        selection = select_ease_lambda(split.train, split.validation, lambdas)
+        selection = select_ease_lambda(split.train, split.validation, lambdas, device=args.device)
         ranker = selection.model
         record["config"] = {"model": "ease", "regularization": selection.best}
         record["lambda_scores"] = selection.scores
@@ -144,11 +155,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         record["config"] = {"model": "popularity"}
     else:
         raise SystemExit(f"unknown model {args.model!r}")
-    record["train_seconds"] = time.perf_counter() - start
+    record["train_seconds"] = time.perf_counter() - started
     if "fit_seconds" in record:
         record["selection_seconds"] = record["train_seconds"]
         record["train_seconds"] = record.pop("fit_seconds")
-    validation = score(ranker, split.validation, split)
+    validation = score(ranker, split.validation, split, args.device)
     record["validation"] = summary(validation)
     logger.info(
         "%s %s validation ndcg@100 %.4f (train %.0fs)",
@@ -158,7 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         record["train_seconds"],
     )
     if args.test:
-        test = score(ranker, split.test, split)
+        test = score(ranker, split.test, split, args.device)
         record["test"] = summary(test)
         logger.info(
             "%s %s TEST ndcg@100 %.4f ± %.4f",
@@ -184,14 +195,10 @@ def main() -> None:
     )
     parser.add_argument("--test", action="store_true", help="score the test users at the end")
     parser.add_argument("--save-bundle", action="store_true")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--data-dir", default="../shared/data")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/quality"))
+    common_arguments(parser)
     args = parser.parse_args()
     args.name = args.name or args.model
-    torch.set_num_threads(args.threads)
-    threadpool_limits(args.threads)  # BLAS threads of NumPy/SciPy (EASE, ALS)
-    setup_logging(args.out / "logs" / f"{args.dataset}-{args.name}.log")
+    start(args, f"{args.dataset}-{args.name}")
     run(args)
 
 

@@ -20,13 +20,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-from quality_common import logger, read_results, setup_logging
+from quality_common import common_arguments, logger, read_results, start
 from quality_run import parse_sets, run
-from threadpoolctl import threadpool_limits
 
 
 def _label(combo: dict[str, object]) -> str:
@@ -40,13 +37,9 @@ def main() -> None:
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--grid", required=True, help="JSON object: field -> list of values")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--data-dir", default="../shared/data")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/quality"))
+    common_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    threadpool_limits(args.threads)
-    setup_logging(args.out / "logs" / f"{args.dataset}-{args.prefix}.log")
+    start(args, f"{args.dataset}-{args.prefix}")
     grid: dict[str, list[object]] = json.loads(args.grid)
     base = parse_sets(args.set)
     done = read_results(args.out, args.dataset)
@@ -69,6 +62,8 @@ def main() -> None:
             threads=args.threads,
             data_dir=args.data_dir,
             out=args.out,
+            device=args.device,
+            split_cache=args.split_cache,
         )
         record = run(run_args)  # type: ignore[arg-type]
         logger.info(

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from quality_common import load_split, logger, score, setup_logging, summary, write_result
-from threadpoolctl import threadpool_limits
+from quality_common import common_arguments, load_split, logger, score, start, summary, write_result
 
 from recvae.recommender import Recommender
 
@@ -65,7 +64,7 @@ def _from_checkpoint(args: argparse.Namespace, split: Any) -> dict[str, Any]:
         "cut_short": f"stopped after epoch {meta['epochs_run']} of {config.epochs} (time)",
         "history": history,
         "train_seconds": sum(float(h.get("epoch_seconds", 0.0)) for h in history),
-        "validation": summary(score(rec, split.validation, split)),
+        "validation": summary(score(rec, split.validation, split, args.device)),
     }
 
 
@@ -77,22 +76,18 @@ def main() -> None:
     parser.add_argument(
         "--checkpoint", type=Path, help="finish a run stopped early: its best epoch so far"
     )
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--data-dir", default="../shared/data")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/quality"))
+    common_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    threadpool_limits(args.threads)
-    setup_logging(args.out / "logs" / f"{args.dataset}-{args.name}-test.log")
+    start(args, f"{args.dataset}-{args.name}-test")
     path = args.out / args.dataset / f"{args.name}.json"
-    split = load_split(args.dataset, args.data_dir)
+    split = load_split(args.dataset, args.data_dir, args.split_cache)
     if args.checkpoint is not None:
         record = _from_checkpoint(args, split)
-        rec = Recommender.load(record["bundle"])
+        rec = Recommender.load(record["bundle"], device=args.device)
     elif args.bundle is not None:
         if path.exists():
             raise SystemExit(f"{path} exists: choose another --name to import {args.bundle}")
-        rec = Recommender.load(args.bundle)
+        rec = Recommender.load(args.bundle, device=args.device)
         if rec.meta.get("split", {}).get("seed", 98765) != split.summary()["seed"]:
             raise SystemExit(f"{args.bundle} was trained on another split")
         record = {
@@ -104,14 +99,14 @@ def main() -> None:
             "epochs_run": rec.meta.get("epochs_run"),
             "train_seconds": rec.meta.get("train_seconds"),
             "command": rec.meta.get("job"),
-            "validation": summary(score(rec, split.validation, split)),
+            "validation": summary(score(rec, split.validation, split, args.device)),
         }
     else:
         record = json.loads(path.read_text())
         if "test" in record:
             raise SystemExit(f"{path} already has test metrics: the test users are scored once")
-        rec = Recommender.load(record["bundle"])
-    test = score(rec, split.test, split)
+        rec = Recommender.load(record["bundle"], device=args.device)
+    test = score(rec, split.test, split, args.device)
     record["test"] = summary(test)
     record["test_scored"] = time.strftime("%F %T")
     logger.info(

@@ -13,8 +13,10 @@ reference and the project's epochs alternate so that both see the same machine l
   over the whole ``(batch, n_items)`` input), the dense target ``-(log_softmax(logits) * x)``,
   fp32, batch 500, ``torch.optim.Adam`` with its default implementation.
 - ``project``: :class:`recvae.training.Trainer` as ``recvae train`` runs it (device-resident CSR
-  batches, sparse first layer and likelihood, fused Adam); on CUDA also with bf16 autocast and
-  with the large batch of ``pipelines/configs/gpu-large-batch.toml``.
+  batches, sparse first layer and likelihood, fused Adam); on CUDA also with bf16 autocast, at
+  batch 4,096 and, where there are at least twice as many users, with the large batch of
+  ``pipelines/configs/gpu-large-batch.toml``, eager and with ``RunOptions.compile``
+  (``project+compile``).
 
 Datasets: ml-1m and gowalla (PROTOCOL.md splits) on the CPU and, when CUDA is present, on the
 GPU; the synthetic ML-20M-like matrix (``recvae.data.synthetic_interactions()``) on the GPU only
@@ -37,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import platform
 import resource
 import statistics
@@ -54,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recvae.config import MultVAEConfig, RunOptions
-from recvae.data import Interactions, load_dataset, synthetic_interactions
+from recvae.data import Interactions, synthetic_interactions
 from recvae.evaluation import evaluate
 from recvae.model import anneal_beta, build_model, gaussian_kl
 from recvae.recommender import Recommender
@@ -63,7 +66,7 @@ from recvae.training import Trainer, beta_schedule, train
 
 N_HELDOUT = {"ml-1m": 1000, "gowalla": 3000, "ml-20m-like": 10_000}
 PAPER = MultVAEConfig()  # [I, 600, 200, 600, I], tanh, dropout 0.5, Adam 1e-3, batch 500
-LARGE_BATCH = {"batch_size": 24_576, "learning_rate": 4e-3}  # gpu-large-batch.toml
+LARGE_BATCH: dict[str, Any] = {"batch_size": 24_576, "learning_rate": 4e-3}  # gpu-large-batch
 
 
 # ------------------------------------------------------------------------------ memory
@@ -131,7 +134,8 @@ class ReferencePath:
         cfg = self.config
         self.model.train()
         perm = np.random.default_rng([cfg.seed, epoch]).permutation(self.data.n_users)
-        for b in range(self.steps_per_epoch if max_steps is None else max_steps):
+        steps = self.steps_per_epoch
+        for b in range(steps if max_steps is None else min(max_steps, steps)):
             rows = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             dense = np.asarray(self.data.matrix[rows].toarray(), dtype=np.float32)
             x = torch.from_numpy(dense).to(self.device)  # (batch, n_items)
@@ -149,18 +153,25 @@ class ProjectPath:
     """:class:`recvae.training.Trainer`'s epoch, exactly as ``train`` runs it."""
 
     def __init__(
-        self, data: Interactions, config: MultVAEConfig, device: torch.device, precision: str
+        self,
+        data: Interactions,
+        config: MultVAEConfig,
+        device: torch.device,
+        precision: str,
+        compile: bool = False,
     ) -> None:
         self.trainer = Trainer(
             data,
             config,
-            options=RunOptions(device=str(device), progress=False, precision=precision),
+            options=RunOptions(
+                device=str(device), progress=False, precision=precision, compile=compile
+            ),
         )
 
     def run_epoch(self, epoch: int, max_steps: int | None = None) -> None:
         trainer = self.trainer
         full = trainer.steps_per_epoch
-        trainer.steps_per_epoch = full if max_steps is None else max_steps
+        trainer.steps_per_epoch = full if max_steps is None else min(max_steps, full)
         try:
             trainer._run_epoch(epoch)
         finally:
@@ -225,7 +236,11 @@ def measure(
     variants.append(("project", PAPER, "fp32"))
     if device.type == "cuda":
         variants.append(("project", PAPER, "bf16"))
-        variants.append(("project", PAPER.replace(**LARGE_BATCH), "bf16"))  # type: ignore[arg-type]
+        variants.append(("project", PAPER.replace(batch_size=4096), "bf16"))  # type: ignore[arg-type]
+        if data.n_users >= 2 * LARGE_BATCH["batch_size"]:  # else one step is the whole epoch
+            large = PAPER.replace(**LARGE_BATCH)
+            variants.append(("project", large, "bf16"))  # type: ignore[arg-type]
+            variants.append(("project+compile", large, "bf16"))  # type: ignore[arg-type]
     rows: list[Row] = []
     runners: list[Runner] = []
     for path, config, precision in variants:
@@ -233,7 +248,9 @@ def measure(
         runner = (
             ReferencePath(data, config, device).run_epoch
             if path == "reference"
-            else ProjectPath(data, config, device, precision).run_epoch
+            else ProjectPath(
+                data, config, device, precision, compile=path.endswith("+compile")
+            ).run_epoch
         )
         runner(1, WARMUP_STEPS)  # warm-up: optimizer state, allocator, kernels
         rows.append(row)
@@ -303,11 +320,17 @@ def _test_metrics(model: nn.Module, config: MultVAEConfig, split: Split) -> dict
     return out
 
 
-def quality(split: Split, epochs: int) -> list[dict[str, Any]]:
-    """Train ml-1m with both paths (paper settings, ``epochs`` epochs) and score test users."""
+def quality(
+    split: Split, epochs: int, device_name: str = "cpu", precisions: tuple[str, ...] = ("fp32",)
+) -> list[dict[str, Any]]:
+    """Train ml-1m with both paths (paper settings, ``epochs`` epochs) and score test users.
+
+    The reference path runs in fp32 (the paper-setting run); the project's path once per entry
+    of ``precisions`` (``bf16`` on CUDA), all on ``device_name``.
+    """
     config = PAPER.replace(epochs=epochs)
     assert isinstance(config, MultVAEConfig)
-    device = torch.device("cpu")
+    device = torch.device(device_name)
     results: list[dict[str, Any]] = []
 
     reference = ReferencePath(split.train, config, device)
@@ -327,6 +350,8 @@ def quality(split: Split, epochs: int) -> list[dict[str, Any]]:
     results.append(
         {
             "path": "reference",
+            "device": device_name,
+            "precision": "fp32",
             "epochs": epochs,
             "best_epoch": best_epoch,
             "val_ndcg@100": best_score,
@@ -335,32 +360,35 @@ def quality(split: Split, epochs: int) -> list[dict[str, Any]]:
         }
     )
 
-    start = time.perf_counter()
-    rec = train(
-        split.train,
-        config,
-        validation=split.validation,
-        options=RunOptions(device="cpu", progress=False),
-    )
-    seconds = time.perf_counter() - start
-    results.append(
-        {
-            "path": "project",
-            "epochs": epochs,
-            "best_epoch": rec.meta["best_epoch"],
-            "val_ndcg@100": rec.meta["val_ndcg@100"],
-            "train_seconds": seconds,
-            **_test_metrics(rec.model, config, split),
-        }
-    )
+    for precision in precisions:
+        start = time.perf_counter()
+        rec = train(
+            split.train,
+            config,
+            validation=split.validation,
+            options=RunOptions(device=device_name, progress=False, precision=precision),
+        )
+        seconds = time.perf_counter() - start
+        results.append(
+            {
+                "path": "project",
+                "device": device_name,
+                "precision": precision,
+                "epochs": epochs,
+                "best_epoch": rec.meta["best_epoch"],
+                "val_ndcg@100": rec.meta["val_ndcg@100"],
+                "train_seconds": seconds,
+                **_test_metrics(rec.model, config, split),
+            }
+        )
     return results
 
 
 def quality_table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| path | epochs | best epoch | Recall@20 | Recall@50 | NDCG@100 | train time (incl. "
-        "validation every epoch) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| path | device | precision | epochs | best epoch | Recall@20 | Recall@50 | NDCG@100 | "
+        "train time (incl. validation every epoch) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         cells = [
@@ -368,16 +396,38 @@ def quality_table(results: list[dict[str, Any]]) -> str:
             for name in ("recall@20", "recall@50", "ndcg@100")
         ]
         lines.append(
-            f"| {r['path']} | {r['epochs']} | {r['best_epoch']} | {' | '.join(cells)} | "
+            f"| {r['path']} | {r['device']} | {r['precision']} | {r['epochs']} | "
+            f"{r['best_epoch']} | {' | '.join(cells)} | "
             f"{r['train_seconds']:.0f} s |"
         )
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ main
-def _load(name: str, data_dir: str) -> Split:
-    data = synthetic_interactions() if name == "ml-20m-like" else load_dataset(name, data_dir)
-    return split_users(data, n_heldout=N_HELDOUT[name], seed=98765)
+def _load(name: str, data_dir: str, cache: Path | None = None) -> Split:
+    """The dataset's split; with ``cache``, ``<cache>/<name>.pkl`` is read if present, else written.
+
+    The cache lets the benchmark run where polars (the readers' dependency) is not installed,
+    such as a GPU machine with only PyTorch: prepare it here, carry it there. The synthetic
+    matrix is generated in place, never cached (about 80 MB pickled).
+    """
+    path = None if cache is None or name == "ml-20m-like" else cache / f"{name}.pkl"
+    if path is not None and path.is_file():
+        with path.open("rb") as fh:
+            split: Split = pickle.load(fh)
+        return split
+    if name == "ml-20m-like":
+        data = synthetic_interactions()
+    else:
+        from recvae.data import load_dataset  # polars, only when reading the files
+
+        data = load_dataset(name, data_dir)
+    split = split_users(data, n_heldout=N_HELDOUT[name], seed=98765)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as fh:
+            pickle.dump(split, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    return split
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,6 +442,18 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=200,
         help="train ml-1m this many epochs with both paths and compare test metrics (0: skip)",
+    )
+    parser.add_argument(
+        "--quality-device", default="cpu", help="device of the quality runs (cpu or cuda)"
+    )
+    parser.add_argument(
+        "--quality-precisions",
+        nargs="+",
+        default=["fp32"],
+        help="precisions of the project's path in the quality runs (bf16 needs CUDA)",
+    )
+    parser.add_argument(
+        "--split-cache", type=Path, help="folder of pickled splits (<dataset>.pkl), read or written"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -422,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(Row(name, "cpu", "all", 0, "", 0, skipped="skipped: GPU-only shape"))
                 continue
             if name not in splits:
-                splits[name] = _load(name, args.data_dir)
+                splits[name] = _load(name, args.data_dir, args.split_cache)
             data = splits[name].train
             print(f"{name}: {data.n_users} users x {data.n_items} items", file=sys.stderr)
             rows += measure(name, data, torch.device(device_name), args.repeats, memory)
@@ -430,8 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     print(speed)
     results: list[dict[str, Any]] = []
     if args.quality_epochs > 0:
-        split = splits.get("ml-1m") or _load("ml-1m", args.data_dir)
-        results = quality(split, args.quality_epochs)
+        split = splits.get("ml-1m") or _load("ml-1m", args.data_dir, args.split_cache)
+        results = quality(
+            split, args.quality_epochs, args.quality_device, tuple(args.quality_precisions)
+        )
         print()
         print(quality_table(results))
     machine["load_average_after"] = os.getloadavg()

@@ -217,6 +217,7 @@ class RunOptions:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
     num_threads: int | None = None  # torch intra-op threads on the CPU; None = torch default
     checkpoint_dir: str | None = None  # write a checkpoint every epoch here and resume from it
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always writes one)
     progress: bool = True  # show a progress bar on a terminal
     eval_batch_size: int = 2048  # users per scoring batch during validation
     validate_every: int = 1  # epochs between validation passes
@@ -234,4 +235,5 @@ class RunOptions:
         _check(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1")
         _check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         _check(self.validate_every >= 1, "validate_every", "must be >= 1")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         _check(self.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16")

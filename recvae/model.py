@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -467,36 +468,84 @@ def sparse_multinomial_nll(
     return _reduce(cast(Tensor, per_user), reduction)
 
 
-class _SparseNLL(torch.autograd.Function):
-    """Per-user NLL from the nonzeros; the gradient ``g_u (n_u softmax(f_u) - x_u)`` in place.
+def _nll_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
-    Saves only the float32 log-probabilities (autograd through ``log_softmax`` and the gather
-    would also keep a dense zero-filled gradient of the gather and a second dense buffer), which
-    matters for GPU memory at large batches.
+
+def _logsumexp_rows(logits: Tensor) -> Tensor:
+    """``logsumexp`` of each row in float32 (float64 for float64 logits): ``(batch,)``."""
+    return torch.logsumexp(logits.to(_nll_dtype(logits)), dim=1)
+
+
+def _scaled_softmax(logits: Tensor, lse: Tensor, scale: Tensor) -> Tensor:
+    """``scale_u * softmax(f_u)`` from the logits and their row ``logsumexp``, in their dtype."""
+    out = logits.to(_nll_dtype(logits)) - lse.unsqueeze(1)  # a new tensor: logits untouched
+    out.exp_().mul_(scale.unsqueeze(1))
+    return out.to(logits.dtype)
+
+
+_FUSED: dict[str, Callable[..., Tensor]] = {}
+
+
+def _fused(name: str, fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
+    """``fn(*args)``, through ``torch.compile`` for CUDA tensors (one kernel per pass).
+
+    Eager, each dense pass over ``(batch, n_items)`` is several kernels with float32
+    temporaries; compiled, the dtype conversion, the subtraction, ``exp`` and the scaling read
+    the logits once and write the result once, which is what bounds a large-batch GPU step.
+    When compiling is not possible here (no Triton, an unsupported GPU), it falls back to the
+    eager function once and for all, with a warning.
+    """
+    if not args[0].is_cuda:
+        return fn(*args)
+    compiled = _FUSED.get(name)
+    if compiled is None:
+        compiled = _FUSED[name] = torch.compile(fn, dynamic=True)
+    try:
+        return compiled(*args)
+    except Exception as exc:  # any compiler failure: the eager function computes the same
+        if compiled is fn:
+            raise
+        logging.getLogger(__name__).warning(
+            "torch.compile of %s failed (%s: %s); using eager kernels",
+            name,
+            type(exc).__name__,
+            exc,
+        )
+        _FUSED[name] = fn
+        return fn(*args)
+
+
+class _SparseNLL(torch.autograd.Function):
+    """Per-user NLL from the nonzeros; the gradient ``g_u (n_u softmax(f_u) - x_u)``.
+
+    ``nll_u = n_u lse(f_u) - sum_{i in u} x_ui f_ui`` with ``n_u = sum_i x_ui``. Saves the logits
+    (in their own dtype: bf16 under autocast) and one ``logsumexp`` per row, not a dense float32
+    ``log_softmax``: half the memory at bf16, and no dense write in the forward pass. The dense
+    passes run fused on CUDA (:func:`_fused`).
     """
 
     @staticmethod
     def forward(
         ctx: Any, logits: Tensor, row_of: Tensor, indices: Tensor, values: Tensor
     ) -> Tensor:
-        dtype = logits.dtype if logits.dtype == torch.float64 else torch.float32
-        log_probs = F.log_softmax(logits.to(dtype), dim=1)  # (batch, n_items)
-        picked = log_probs[row_of, indices] * values.to(dtype)  # (nnz,)
+        dtype = _nll_dtype(logits)
+        lse = _fused("logsumexp_rows", _logsumexp_rows, logits)  # (batch,)
+        values = values.to(dtype)
+        picked = (logits[row_of, indices].to(dtype) - lse[row_of]) * values  # (nnz,) x log p
         per_user = torch.zeros(logits.shape[0], dtype=dtype, device=logits.device)
-        ctx.save_for_backward(log_probs, row_of, indices, values)
-        ctx.logits_dtype = logits.dtype
+        ctx.save_for_backward(logits, lse, row_of, indices, values)
         return -per_user.index_add_(0, row_of, picked)  # (batch,)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        log_probs, row_of, indices, values = ctx.saved_tensors
-        values = values.to(log_probs.dtype)
+        logits, lse, row_of, indices, values = ctx.saved_tensors
+        grad = grad.to(lse.dtype)
         n_per_user = torch.zeros_like(grad).index_add_(0, row_of, values)  # (batch,)
-        out = log_probs.exp()  # (batch, n_items) softmax
-        out.mul_((grad * n_per_user).unsqueeze(1))
-        out.index_put_((row_of, indices), -(values * grad[row_of]), accumulate=True)
-        return out.to(ctx.logits_dtype), None, None, None
+        out = _fused("scaled_softmax", _scaled_softmax, logits, lse, grad * n_per_user)
+        out.index_put_((row_of, indices), (-(values * grad[row_of])).to(out.dtype), accumulate=True)
+        return out, None, None, None
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: Reduction = "mean") -> Tensor:

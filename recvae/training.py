@@ -609,7 +609,11 @@ class Trainer:
                 s.best_epoch = epoch
             s.epoch = epoch
             s.history.append({"epoch": float(epoch), **metrics})
-            self.save_checkpoint()
+            # A checkpoint of a large catalog is hundreds of MB (weights, best weights, Adam
+            # moments): on a GPU writing it every epoch can cost more than the epoch itself.
+            last = s.epoch >= cfg.epochs or s.stopped_early
+            if epoch % self.options.checkpoint_every == 0 or last:
+                self.save_checkpoint()
             if not self.is_main:
                 continue
             logger.info(
