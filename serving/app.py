@@ -34,6 +34,10 @@ get recommendations at once. Unknown item ids are ignored and listed; a history 
 item gets the most popular training items (flagged `fallback: "popularity"`). Every response
 carries `model_version`. Errors are JSON: `{"detail": ...}`; invalid input gets a 422 naming
 the field. Responses may gain optional fields: clients should ignore fields they do not know.
+
+What only a variational model gives: every recommendation carries a posterior `confidence`
+(null for Mult-DAE); `explore: true` ranks from a posterior sample (Thompson-style, with an
+optional `temperature` and `seed`); `POST /v1/anomaly` says how unusual a history is.
 """
 
 
@@ -96,6 +100,7 @@ def create_app(
         openapi_tags=[
             {"name": "recommendations", "description": "Top-K items for histories and users."},
             {"name": "items", "description": "Item-to-item similarity."},
+            {"name": "anomaly", "description": "How unusual a history is under the model."},
             {"name": "model", "description": "The model being served."},
             {"name": "admin", "description": "Reload (bearer token: RECVAE_ADMIN_TOKEN)."},
             {"name": "probes", "description": "Liveness, readiness and Prometheus metrics."},

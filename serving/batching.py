@@ -100,16 +100,21 @@ class MicroBatcher:
         exclude: Sequence[Any] = (),
         exclude_seen: bool = True,
         include_latent: bool = False,
+        explore: bool = False,
+        temperature: float = 1.0,
+        seed: int | None = None,
     ) -> HistoryResult:
         """Top-``k`` for one history with ``served``, batched with concurrent requests.
 
         Blocks until the result is ready. Scores directly in the calling thread when the
-        scoring thread is not running (batching off, before start-up, after shutdown).
+        scoring thread is not running (batching off, before start-up, after shutdown), and
+        always with ``explore``: a sample's noise depends on the history's row in the batch,
+        so batching would make a seeded request's answer depend on its neighbours.
 
         Raises:
             Exception: whatever scoring raised for this request's batch.
         """
-        if self.running:
+        if self.running and not explore:
             job = _Job(served, history, weights, exclude, k, exclude_seen, include_latent)
             self._queue.put(job)
             while True:
@@ -126,6 +131,9 @@ class MicroBatcher:
             exclude=[exclude],
             exclude_seen=exclude_seen,
             include_latent=include_latent,
+            explore=explore,
+            temperature=temperature,
+            seed=seed,
         )
         return result
 

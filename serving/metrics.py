@@ -15,6 +15,8 @@ Exposed series:
 - ``recvae_model_last_reload_timestamp_seconds``
 - ``recvae_model_poll_errors_total`` (registry alias checks that failed)
 - ``recvae_recommendation_fallbacks_total{reason}``, ``recvae_unknown_items_total``
+- ``recvae_recommendations_total{explore}`` (lists returned; ``explore`` is ``true`` when ranked
+  from a posterior sample)
 - ``recvae_micro_batch_size`` (histogram: single-history requests scored together)
 """
 
@@ -129,6 +131,13 @@ class ServingMetrics:
             "History items that the served model does not know (ignored).",
             registry=registry,
         )
+        self.recommendations = Counter(
+            "recvae_recommendations",
+            "Recommendation lists returned (histories and users), by whether they were ranked "
+            "from a posterior sample (explore).",
+            ["explore"],
+            registry=registry,
+        )
         self.micro_batch_size = Histogram(
             "recvae_micro_batch_size",
             "Single-history requests scored together by the micro-batcher.",
@@ -138,6 +147,8 @@ class ServingMetrics:
         for result in ("success", "failure"):
             self.reloads.labels(result=result)
         self.fallbacks.labels(reason="popularity")
+        for explore in ("true", "false"):
+            self.recommendations.labels(explore=explore)
 
     def record_reload(self, served: ServedModel | None) -> None:
         """Count a model load; ``served`` is the new model, or None when the load failed."""

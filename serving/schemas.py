@@ -4,9 +4,9 @@ Compatibility rules, so the API can grow without breaking clients:
 
 - Requests reject unknown fields (a typo such as ``exlude_seen`` gets a 422 naming it rather
   than being silently ignored). New request fields are always optional with a default that keeps
-  today's behaviour (planned: ``explore``, ``temperature``, ``seed``).
-- Responses may gain optional fields (planned: a per-item or per-history ``confidence``);
-  clients must ignore fields they do not know. Existing fields keep their meaning and type.
+  the earlier behaviour (``explore``, ``temperature`` and ``seed`` were added so).
+- Responses may gain optional fields (``confidence`` was added so); clients must ignore fields
+  they do not know. Existing fields keep their meaning and type.
 - Every response carries ``model_version``.
 
 Item and user ids are JSON integers or strings, as in the model bundle. An integer-keyed model
@@ -43,6 +43,13 @@ __all__ = [
     "ReloadErrorResponse",
     "FieldError",
     "ValidationErrorResponse",
+    "AnomalyRequest",
+    "AnomalyResponse",
+    "EXPLORE_ONLY_MESSAGE",
+    "CONFIDENCE_DESCRIPTION",
+    "EXPLORE_DESCRIPTION",
+    "TEMPERATURE_DESCRIPTION",
+    "SEED_DESCRIPTION",
 ]
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -62,6 +69,26 @@ _K_DESCRIPTION = (
     "Number of items to return, 1 to the server's max_k (GET /v1/model shows the limits); "
     "default: the server's default_k. Capped at the catalog size."
 )
+EXPLORE_ONLY_MESSAGE = "temperature and seed apply only with explore"
+EXPLORE_DESCRIPTION = (
+    "Rank from a sample of the user's posterior instead of its mean (Thompson-style "
+    "exploration); scores are then the sampled logits. Needs a model with a posterior "
+    "(Mult-VAE, RecVAE): 422 for Mult-DAE."
+)
+TEMPERATURE_DESCRIPTION = (
+    "With explore: scale of the posterior's sigma, 0 to 10; default 1.0 (a posterior sample); "
+    "0 gives the deterministic ranking. Only with explore."
+)
+SEED_DESCRIPTION = (
+    "With explore: makes the sample reproducible (the same request gives the same answer); "
+    "omitted: a fresh draw per request. Only with explore."
+)
+CONFIDENCE_DESCRIPTION = (
+    "How much the history pins down the user's latent code: 1 - mean posterior sigma "
+    "(0 = no more than the prior). Null for models without a posterior (Mult-DAE). "
+    "Not a predicted accuracy."
+)
+_SEED_MAX = 2**63 - 1
 
 
 class _Request(BaseModel):
@@ -126,6 +153,22 @@ class _Options(_Request):
     include_latent: bool = Field(
         default=False, description="Also return the posterior mean and standard deviation."
     )
+    explore: bool = Field(default=False, description=EXPLORE_DESCRIPTION)
+    temperature: float | None = Field(
+        default=None, ge=0.0, le=10.0, allow_inf_nan=False, description=TEMPERATURE_DESCRIPTION
+    )
+    seed: int | None = Field(default=None, ge=0, le=_SEED_MAX, description=SEED_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _exploration_options_need_explore(self) -> _Options:
+        if not self.explore and (self.temperature is not None or self.seed is not None):
+            raise ValueError(EXPLORE_ONLY_MESSAGE)
+        return self
+
+    @property
+    def sampling_temperature(self) -> float:
+        """The temperature to sample at (1.0 when not given)."""
+        return 1.0 if self.temperature is None else self.temperature
 
 
 class RecommendationRequest(_HistoryFields, _Options):
@@ -134,7 +177,12 @@ class RecommendationRequest(_HistoryFields, _Options):
     model_config = ConfigDict(
         extra="forbid",
         strict=True,
-        json_schema_extra={"examples": [{"history": [1, 2, 3], "k": 10, "exclude": [4]}]},
+        json_schema_extra={
+            "examples": [
+                {"history": [1, 2, 3], "k": 10, "exclude": [4]},
+                {"history": [1, 2, 3], "k": 10, "explore": True, "temperature": 0.5, "seed": 7},
+            ]
+        },
     )
 
 
@@ -163,6 +211,9 @@ class RecommendationResult(_Response):
         "popular training items instead of model recommendations.",
     )
     latent: Latent | None = Field(default=None, description="Present when include_latent.")
+    confidence: float | None = Field(
+        default=None, ge=0.0, le=1.0, description=CONFIDENCE_DESCRIPTION
+    )
 
 
 class RecommendationResponse(RecommendationResult):
@@ -184,6 +235,9 @@ class UserRecommendationResponse(_Response):
     model_version: str
     user_id: OutId
     items: list[ScoredItem]
+    confidence: float | None = Field(
+        default=None, ge=0.0, le=1.0, description=CONFIDENCE_DESCRIPTION
+    )
 
 
 class SimilarItemsResponse(_Response):
@@ -287,3 +341,56 @@ class ReloadErrorResponse(BaseModel):
 
     detail: str
     model_version: str | None = Field(description="The version still being served, if any.")
+
+
+class AnomalyRequest(_Request):
+    """One history to check for how unusual it is under the served model."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [{"items": [1, 2, 3]}, {"items": [1, 2, 3], "reference": "training"}]
+        },
+    )
+
+    items: list[ItemId] = Field(
+        min_length=1,
+        description="Item ids of the history (order and repeats do not matter; unknown ids are "
+        "ignored and listed in the response). At most the server's max_history.",
+    )
+    reference: Literal["auto", "training", "held-out"] = Field(
+        default="auto",
+        description="Population the percentile compares with: 'held-out' users the model was "
+        "not trained on (only for a bundle calibrated with calibrate_anomalies; suits new "
+        "users), the model's 'training' users (suits them; new normal users run high against "
+        "them), or 'auto': held-out when the bundle has it, else training.",
+    )
+
+
+class AnomalyResponse(_Response):
+    """How unusual the history is: its negative ELBO per item and that score's percentile."""
+
+    score: float = Field(
+        description="Negative ELBO per known history item, in nats "
+        "((reconstruction + kl) / history_length); higher is more unusual. Runs higher for "
+        "short histories: compare histories by percentile."
+    )
+    percentile: float = Field(
+        ge=0.0,
+        le=100.0,
+        description="Where the score falls, 0 to 100, among reference histories of a similar "
+        "length (the 'reference' field says which population).",
+    )
+    history_length: int = Field(ge=1, description="Known (distinct) items that were scored.")
+    reconstruction: float = Field(
+        description="Reconstruction negative log-likelihood at z = mu (not normalized)."
+    )
+    kl: float = Field(
+        description="KL(q(z|x) || N(0, I)) of the posterior (not normalized); 0 for Mult-DAE.",
+    )
+    reference: Literal["training", "held-out"] = Field(description="The reference used.")
+    unknown_items: list[ItemId] = Field(
+        description="History items the model does not know (ignored)."
+    )
+    model_version: str

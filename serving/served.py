@@ -1,9 +1,10 @@
 """One loaded model with everything a request needs precomputed.
 
 A :class:`ServedModel` is immutable once built: the recommender plus caches derived from it (the
-popularity ranking for the fallback, L2-normalized item embeddings for similar items) and where it
-came from. A reload builds a new one and swaps the reference (``serving/state.py``), so a request
-that took a reference keeps a consistent model, caches included, until it finishes.
+popularity ranking for the fallback, L2-normalized item embeddings for similar items, the anomaly
+references of ``POST /v1/anomaly``, cached on the recommender) and where it came from. A reload
+builds a new one and swaps the reference (``serving/state.py``), so a request that took a
+reference keeps a consistent model, caches included, until it finishes.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
@@ -24,6 +27,12 @@ from numpy.typing import NDArray
 from recvae.evaluation import topk_indices
 from recvae.model import SparseBatch
 from recvae.recommender import BundleError, Recommender
+from recvae.vae_tools import (
+    check_exploration,
+    make_generator,
+    posterior_confidence,
+    sample_latent,
+)
 
 __all__ = ["ServedModel", "HistoryResult", "UnknownItemError", "IdKind"]
 
@@ -50,6 +59,9 @@ class HistoryResult:
             items were returned instead of model scores; None otherwise.
         mu: Posterior mean of the history's latent code (only when asked for).
         sigma: Posterior standard deviation (only when asked for; zeros for Mult-DAE).
+        confidence: Posterior confidence ``1 - mean_d min(sigma_d, 1)`` in [0, 1] (see
+            ``recvae.vae_tools``); None for a model without a posterior (Mult-DAE). Under the
+            popularity fallback, the confidence of the empty history.
     """
 
     items: list[tuple[Any, float]]
@@ -57,6 +69,7 @@ class HistoryResult:
     fallback: Literal["popularity"] | None = None
     mu: list[float] | None = None
     sigma: list[float] | None = None
+    confidence: float | None = None
 
 
 def _id_kind(ids: NDArray[Any]) -> IdKind:
@@ -108,6 +121,9 @@ class ServedModel:
         sorted_item_positions: Their positions.
         empty_mu: Posterior mean of the empty history (returned with the fallback).
         empty_sigma: Its standard deviation.
+        empty_confidence: Its posterior confidence (None without a posterior).
+        variational: Whether the model has a posterior (Mult-VAE, RecVAE): confidence and
+            exploration need one.
     """
 
     recommender: Recommender
@@ -124,6 +140,8 @@ class ServedModel:
     sorted_item_positions: NDArray[np.int64]
     empty_mu: list[float]
     empty_sigma: list[float]
+    empty_confidence: float | None
+    variational: bool
 
     @classmethod
     def build(
@@ -165,6 +183,12 @@ class ServedModel:
         if not bool(torch.isfinite(scores).all()):
             raise BundleError(f"model from {source} produces non-finite scores")
         empty_mu, empty_sigma = recommender.encode(probe[:1])  # each (1, latent_dim)
+        with torch.inference_mode():
+            _, empty_logvar = model.encode(probe[:1])  # (1, latent_dim), None for Mult-DAE
+        empty_confidence = (
+            None if empty_logvar is None else float(posterior_confidence(empty_logvar)[0])
+        )
+        _warm_anomaly_references(recommender, source)
         id_order = np.argsort(recommender.item_ids, kind="stable").astype(np.int64)
         return cls(
             recommender=recommender,
@@ -181,6 +205,8 @@ class ServedModel:
             sorted_item_positions=id_order,
             empty_mu=empty_mu[0].tolist(),
             empty_sigma=empty_sigma[0].tolist(),
+            empty_confidence=empty_confidence,
+            variational=bool(getattr(model, "variational", False)),
         )
 
     # ------------------------------------------------------------------ properties
@@ -282,6 +308,40 @@ class ServedModel:
         positions = self._lookup_flat(list(items))
         return positions[positions >= 0].tolist()  # type: ignore[no-any-return]
 
+    def history_matrix(
+        self, histories: Sequence[Sequence[Any]]
+    ) -> tuple[sp.csr_array, list[list[Any]]]:
+        """Binary ``(n_histories, n_items)`` matrix of histories given as client item ids.
+
+        Ids are looked up as for recommendations (an integer-keyed model also accepts decimal
+        strings, a string-keyed one integers); repeated ids count once.
+
+        Args:
+            histories: Item ids per history, as the client sent them.
+
+        Returns:
+            ``(matrix, unknown)``: the CSR matrix over the model's items, and per history the
+            unknown ids as the client sent them.
+        """
+        rows, cols, values, unknown = self._parse(histories, None)
+        rows, cols, values = _dedupe_max(rows, cols, values, self.n_items)
+        matrix = sp.csr_array(
+            (values, (rows, cols)), shape=(len(histories), self.n_items), dtype=np.float32
+        )
+        return matrix, unknown
+
+    def check_explore(self) -> None:
+        """Raise unless the model can explore (has a posterior to sample from).
+
+        Raises:
+            ValueError: the model has no posterior (Mult-DAE); the message says so.
+        """
+        if not self.variational:
+            model = self.recommender.config.model
+            raise ValueError(
+                f"explore needs a model with a posterior (multvae or recvae); '{model}' has none"
+            )
+
     def recommend_histories(
         self,
         histories: Sequence[Sequence[Any]],
@@ -291,6 +351,9 @@ class ServedModel:
         exclude: Sequence[Sequence[Any]] | None = None,
         exclude_seen: bool = True,
         include_latent: bool = False,
+        explore: bool = False,
+        temperature: float = 1.0,
+        seed: int | None = None,
     ) -> list[HistoryResult]:
         """Top-``k`` for each history, folded into the model as one batch.
 
@@ -299,11 +362,18 @@ class ServedModel:
         layer then reads only the history's weight rows), seen and excluded items set to
         ``-inf``, and ``recvae.evaluation.topk_indices`` (ties by lower position). It gives the
         ranking of ``Recommender.recommend_histories`` (``z = mu``); repeated ids keep their
-        largest weight, as there.
+        largest weight, as there. Each result carries the posterior confidence, from the same
+        encoder pass.
 
         Unknown items are dropped and reported. A history with no known item gets the most
         popular training items instead (minus ``exclude``), flagged ``fallback="popularity"``;
         its scores are popularity shares, not model scores.
+
+        With ``explore``, the histories the model scores are ranked from one tempered posterior
+        sample each, ``z = mu + temperature * sigma * eps`` (``recvae.vae_tools.sample_latent``),
+        ``eps`` drawn in batch order from one generator seeded by ``seed``: a single history
+        with a seed gets the sample of ``Recommender.recommend_from_history`` with that seed.
+        Scores are then the sampled logits. Fallback histories are not explored.
 
         Args:
             histories: Item ids per history, as the client sent them.
@@ -312,15 +382,25 @@ class ServedModel:
             exclude: Item ids per history never to return.
             exclude_seen: Leave out the history's own items.
             include_latent: Also return the posterior ``mu`` and ``sigma`` of each history.
+            explore: Rank from a posterior sample (Thompson-style) instead of its mean.
+            temperature: With ``explore``, the scale of the posterior's sigma (0 gives the
+                deterministic ranking). Ignored otherwise.
+            seed: With ``explore``, seeds the sample (None: a fresh draw). Ignored otherwise.
 
         Returns:
             One result per history, in order.
 
         Raises:
-            ValueError: ``k < 1``, or weights that do not match their history.
+            ValueError: ``k < 1``, weights that do not match their history, a bad
+                ``temperature`` or ``seed``, or ``explore`` with a model without a posterior.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        check_exploration(temperature, seed)
+        generator = None
+        if explore:
+            self.check_explore()
+            generator = make_generator(seed)
         n = len(histories)
         results: list[HistoryResult | None] = [None] * n
         for start in range(0, n, _CHUNK):
@@ -333,6 +413,8 @@ class ServedModel:
                 exclude=exclude,
                 exclude_seen=exclude_seen,
                 include_latent=include_latent,
+                generator=generator,
+                temperature=float(temperature),
                 results=results,
             )
         assert all(r is not None for r in results)
@@ -348,6 +430,8 @@ class ServedModel:
         exclude: Sequence[Sequence[Any]] | None,
         exclude_seen: bool,
         include_latent: bool,
+        generator: torch.Generator | None,
+        temperature: float,
         results: list[HistoryResult | None],
     ) -> None:
         chunk_histories = [histories[r] for r in rows]
@@ -356,7 +440,7 @@ class ServedModel:
         count_arr = np.bincount(local_row, minlength=len(rows)).astype(np.int64)
         modelled = np.flatnonzero(count_arr > 0)  # chunk-local rows the model scores
         ranked: dict[int, list[tuple[Any, float]]] = {}
-        mu = sigma = None
+        mu = sigma = confidence = None
         if len(modelled):
             # Renumber so that fallback rows (no known item) take no place in the batch.
             batch_row = (np.cumsum(count_arr > 0) - 1)[local_row]
@@ -366,8 +450,16 @@ class ServedModel:
             exclusions = None
             if exclude is not None:
                 exclusions = [self._exclusions(exclude[rows[i]]) for i in modelled]
-            idx, top, mu, sigma = self._score_topk(
-                indptr, batch_row, cols, vals, k, exclude_seen, exclusions
+            idx, top, mu, sigma, confidence = self._score_topk(
+                indptr,
+                batch_row,
+                cols,
+                vals,
+                k,
+                exclude_seen,
+                exclusions,
+                generator=generator,
+                temperature=temperature,
             )
             ids = self.recommender.item_ids[np.maximum(idx, 0)].tolist()
             scores = top.tolist()
@@ -390,6 +482,7 @@ class ServedModel:
                     fallback="popularity",
                     mu=self.empty_mu if include_latent else None,
                     sigma=self.empty_sigma if include_latent else None,
+                    confidence=self.empty_confidence,
                 )
             else:
                 results[r] = HistoryResult(
@@ -397,6 +490,7 @@ class ServedModel:
                     unknown_items=unknown[i],
                     mu=None if mu is None or not include_latent else mu[position].tolist(),
                     sigma=None if sigma is None or not include_latent else sigma[position].tolist(),
+                    confidence=None if confidence is None else float(confidence[position]),
                 )
 
     def _score_topk(
@@ -408,8 +502,18 @@ class ServedModel:
         k: int,
         exclude_seen: bool,
         exclusions: list[list[int]] | None,
-    ) -> tuple[NDArray[np.int64], NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]:
-        """Encode, decode, mask and rank one batch given in CSR form."""
+        *,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+    ) -> tuple[
+        NDArray[np.int64],
+        NDArray[np.float32],
+        NDArray[np.float32],
+        NDArray[np.float32],
+        NDArray[np.float32] | None,
+    ]:
+        """Encode, decode (from ``mu``, or a tempered sample with a generator), mask and rank
+        one batch given in CSR form; also the posterior's sigma and confidence."""
         n_rows = len(indptr) - 1
         model: Any = self.recommender.model
         rows_t = torch.from_numpy(rows)
@@ -423,7 +527,11 @@ class ServedModel:
                 x = torch.zeros((n_rows, self.n_items), dtype=torch.float32)
                 x[rows_t, cols_t] = torch.from_numpy(vals)
             mu, logvar = model.encode(x)  # (batch, latent) each; logvar None for Mult-DAE
-            scores = model.decode(mu).float()  # (batch, n_items)
+            z = mu
+            if generator is not None:
+                assert logvar is not None  # checked by check_explore
+                z = sample_latent(mu, logvar, temperature=temperature, generator=generator)
+            scores = model.decode(z).float()  # (batch, n_items)
             if exclude_seen:
                 scores[rows_t, cols_t] = -torch.inf
             if exclusions is not None and any(exclusions):
@@ -435,7 +543,8 @@ class ServedModel:
             idx = topk_indices(scores, min(k, self.n_items))  # (batch, k); -1: not eligible
             top = scores.gather(1, idx.clamp(min=0))  # (batch, k)
             sigma = torch.zeros_like(mu) if logvar is None else torch.exp(0.5 * logvar)
-        return idx.numpy(), top.numpy(), mu.float().numpy(), sigma.float().numpy()
+            confidence = None if logvar is None else posterior_confidence(logvar).numpy()
+        return idx.numpy(), top.numpy(), mu.float().numpy(), sigma.float().numpy(), confidence
 
     def popular(self, k: int, exclude: Sequence[Any] = ()) -> list[tuple[Any, float]]:
         """The ``k`` most popular training items, leaving out the item ids ``exclude``.
@@ -481,6 +590,46 @@ class ServedModel:
             values = cosine[0, top]
         ids = self.recommender.item_ids[top.numpy()].tolist()
         return list(zip(ids, values.tolist(), strict=True))
+
+
+def _warm_anomaly_references(recommender: Recommender, source: str) -> None:
+    """Build the anomaly references now, so that no request pays for them.
+
+    ``POST /v1/anomaly`` compares a score with a reference distribution: a calibrated bundle's
+    held-out reference (parsed from ``meta.json``, cheap, so only checked here) and the
+    training users' (scored once, up to 20,000 of them plus a sub-history each, and cached on
+    the recommender, so the served model carries it through the atomic swap). A bundle without
+    training histories has no training reference; requests that need one get a 422 with the
+    library's reason.
+
+    Raises:
+        BundleError: the stored held-out reference is malformed, or the library cannot build
+            the training reference (its ``ValueError``). Any other error while scoring the
+            reference propagates as it is; either way the load fails and the model is not
+            swapped in.
+    """
+    start = time.perf_counter()
+    sources = ["training"] if recommender.train_matrix.nnz else []
+    if recommender.anomaly_reference_source("auto") == "held-out":
+        sources.insert(0, "held-out")
+    try:
+        for name in sources:
+            recommender.anomaly_reference(name)
+    except ValueError as exc:
+        raise BundleError(f"model from {source}: anomaly reference unusable: {exc}") from exc
+    if not sources:
+        logger.warning(
+            "model from %s has neither training histories nor a held-out anomaly calibration: "
+            "POST /v1/anomaly cannot compute percentiles for it",
+            source,
+        )
+        return
+    logger.info(
+        "anomaly reference(s) %s of %s ready in %.2fs",
+        "+".join(sources),
+        source,
+        time.perf_counter() - start,
+    )
 
 
 def _dedupe_max(

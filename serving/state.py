@@ -1,9 +1,10 @@
 """The served-model holder: load, reload, swap atomically, and poll a registry alias.
 
 The model being served sits behind one attribute, :attr:`ModelState.current`. A reload loads and
-verifies the new model beside the old one and then rebinds that attribute, a single reference
-assignment that is atomic in CPython. A request reads the reference once (``serving/deps.py``),
-so it finishes on the model it started with; the old model is freed when its last request ends.
+verifies the new model beside the old one (building its caches, the anomaly reference included:
+``ServedModel.build``) and then rebinds that attribute, a single reference assignment that is
+atomic in CPython. A request reads the reference once (``serving/deps.py``), so it finishes on
+the model it started with; the old model is freed when its last request ends.
 A model that fails to load or verify is never swapped in: the old one keeps serving.
 
 MLflow is touched only here, lazily, through ``recvae.tracking`` (``alias_model_version`` and
