@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.settings import JobSettings
+from pipelines.settings import JobSettings, check_known_keys
 from pipelines.tracking_hooks import Tracker, evaluation_metrics, run_tags
 from pipelines.train_job import (
     PreparedData,
@@ -230,19 +230,9 @@ def experiment_from_dict(raw: Mapping[str, Any]) -> ExperimentSettings:
         ValueError: Unknown keys, a bad model table or invalid values, with the place named.
     """
     section = dict(raw.get("experiment", {}))
-    unknown = sorted(set(section) - _EXPERIMENT_KEYS)
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) in [experiment]: {', '.join(unknown)} "
-            f"(valid: {', '.join(sorted(_EXPERIMENT_KEYS))})"
-        )
+    check_known_keys(section, _EXPERIMENT_KEYS, "experiment")
     mlflow_section = dict(raw.get("mlflow", {}))
-    unknown = sorted(set(mlflow_section) - _MLFLOW_KEYS)
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) in [mlflow]: {', '.join(unknown)} "
-            f"(valid: {', '.join(sorted(_MLFLOW_KEYS))})"
-        )
+    check_known_keys(mlflow_section, _MLFLOW_KEYS, "mlflow")
     tables = raw.get("models", {})
     if not isinstance(tables, Mapping):
         raise ValueError("[models] must hold one table per model: [models.<label>]")

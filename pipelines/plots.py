@@ -29,10 +29,21 @@ def _figure(n_panels: int) -> tuple[Figure, list[Any]]:
     return figure, list(axes)
 
 
-def _save(figure: Figure, path: str | Path | None) -> None:
+def _grid_and_legend(axis: Any) -> None:
+    """A light grid, and a legend when the axis has lines."""
+    axis.grid(alpha=0.3)
+    if axis.lines:
+        axis.legend(fontsize="small")
+
+
+def _finish(figure: Figure, path: str | Path | None, title: str | None) -> Figure:
+    """Adds the title, writes a PNG when given a path, and returns the figure."""
+    if title:
+        figure.suptitle(title)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=100)
+    return figure
 
 
 def learning_curves(
@@ -76,13 +87,8 @@ def learning_curves(
     beta_axis.set(xlabel="epoch", ylabel="beta", title="KL weight")
     val_axis.set(xlabel="epoch", ylabel="NDCG@100", title="validation NDCG@100")
     for axis in (loss_axis, beta_axis, val_axis):
-        axis.grid(alpha=0.3)
-        if axis.lines:
-            axis.legend(fontsize="small")
-    if title:
-        figure.suptitle(title)
-    _save(figure, path)
-    return figure
+        _grid_and_legend(axis)
+    return _finish(figure, path, title)
 
 
 def metrics_vs_k(
@@ -120,13 +126,8 @@ def metrics_vs_k(
             errors = [result.stderr(f"{metric}@{k}") for k in ks]
             axis.errorbar(ks, means, yerr=errors, marker="o", markersize=3, capsize=2, label=label)
         axis.set(xlabel="K", ylabel=label_text, xscale="log", title=label_text)
-        axis.grid(alpha=0.3)
-        if axis.lines:
-            axis.legend(fontsize="small")
-    if title:
-        figure.suptitle(title)
-    _save(figure, path)
-    return figure
+        _grid_and_legend(axis)
+    return _finish(figure, path, title)
 
 
 def ndcg_by_activity(
@@ -173,7 +174,4 @@ def ndcg_by_activity(
     axis.set(xlabel="fold-in history length (quartile)", ylabel="NDCG@100")
     axis.grid(alpha=0.3, axis="y")
     axis.legend(fontsize="small")
-    if title:
-        figure.suptitle(title)
-    _save(figure, path)
-    return figure
+    return _finish(figure, path, title)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,13 +98,22 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {p} is not valid TOML: {exc}") from exc
 
 
-def _take(section: dict[str, Any], cls: type, where: str) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
+def check_known_keys(section: Mapping[str, Any], valid: Iterable[str], where: str) -> None:
+    """Reject keys of the TOML table ``[where]`` that are not in ``valid``.
+
+    Raises:
+        ValueError: Naming the unknown keys and the valid ones.
+    """
+    names = set(valid)
     unknown = sorted(set(section) - names)
     if unknown:
         raise ValueError(
             f"unknown key(s) in [{where}]: {', '.join(unknown)} (valid: {', '.join(sorted(names))})"
         )
+
+
+def _take(section: dict[str, Any], cls: type, where: str) -> Any:
+    check_known_keys(section, (f.name for f in dataclasses.fields(cls)), where)
     return cls(**section)
 
 

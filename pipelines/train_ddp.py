@@ -18,14 +18,11 @@ give each process its share of the cores with ``--threads``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def run_distributed(args: argparse.Namespace) -> int:
     """Train with DDP across the torchrun processes; rank 0 evaluates, saves and reports.
 
@@ -60,29 +49,18 @@ def run_distributed(args: argparse.Namespace) -> int:
     Raises:
         ValueError: not started by torchrun, bad settings, or a model without DDP support.
     """
-    from pipelines.commands._common import job_from_args
-    from pipelines.commands.train import model_overrides
-    from pipelines.train_job import default_output_dir, metric_rows, prepare
+    from pipelines.commands.train import train_job_from_args
+    from pipelines.train_job import (
+        default_output_dir,
+        evaluate_held_out,
+        metric_rows,
+        prepare,
+        record_run,
+    )
     from recvae import distributed as dist_utils
-    from recvae.evaluation import evaluate
     from recvae.training import train
 
-    overrides = model_overrides(args)
-    job = job_from_args(
-        args,
-        model=overrides,
-        run={
-            "device": args.device,
-            "num_threads": args.threads,
-            "progress": False if args.no_progress else None,
-            "precision": args.precision,
-            "compile": args.compile,
-            "distributed": True,
-        },
-    )
-    if args.model and job.model.get("model") != args.model:
-        job.model.clear()
-        job.model.update({k: v for k, v in overrides.items() if v is not None})
+    job = train_job_from_args(args, distributed=True)
     config = job.model_config()  # fail on bad settings before joining the group
     context = dist_utils.init_from_env(device=str(job.run.get("device", "auto")))
     try:
@@ -96,39 +74,16 @@ def run_distributed(args: argparse.Namespace) -> int:
         recommender = train(split.train, config, validation=split.validation, options=options)
         seconds = time.perf_counter() - start
         if context.is_main:
-            popularity = split.train.item_counts()
-            results = {
-                part: evaluate(
-                    recommender,
-                    held_out.fold_in.matrix,
-                    held_out.targets.matrix,
-                    item_popularity=popularity,
-                    device=str(recommender.device),
-                )
-                for part, held_out in (("validation", split.validation), ("test", split.test))
-            }
-            recommender.meta.update(
-                {
-                    "dataset": prepared.name,
-                    "data_fingerprint": prepared.fingerprint,
-                    "split": split.summary(),
-                    "job": job.to_dict(),
-                    "train_seconds": seconds,
-                    "world_size": context.world_size,
-                    "metrics": {part: result.summary() for part, result in results.items()},
-                }
+            results = evaluate_held_out(recommender, split)
+            bundle = record_run(
+                recommender,
+                job,
+                prepared,
+                results,
+                train_seconds=seconds,
+                output_dir=out,
+                extra={"world_size": context.world_size},
             )
-            bundle = recommender.save(out / "bundle", overwrite=True)
-            summary = {
-                "dataset": prepared.name,
-                "model": config.model,
-                "bundle": str(bundle),
-                "train_seconds": seconds,
-                "world_size": context.world_size,
-                "best_epoch": recommender.meta.get("best_epoch"),
-                **{part: result.summary() for part, result in results.items()},
-            }
-            (out / "metrics.json").write_text(json.dumps(_json_safe(summary), indent=2))
             counts = split.summary()
             print(
                 f"dataset      {prepared.name}: {counts['n_train_users']} train users, "

@@ -77,7 +77,6 @@ def run_train(
     The checkpoint directory is ``output_dir/checkpoints``: rerunning the same command after an
     interruption resumes there. ``ks`` are the cut-offs of the final evaluations.
     """
-    from recvae.evaluation import evaluate
     from recvae.training import train
 
     config = job.model_config()
@@ -90,50 +89,93 @@ def run_train(
         split.train, config, validation=split.validation, options=options, on_epoch=on_epoch
     )
     seconds = time.perf_counter() - start
+    results = evaluate_held_out(recommender, split, ks=ks)
+    bundle_path = record_run(
+        recommender,
+        job,
+        prepared,
+        results,
+        train_seconds=seconds,
+        output_dir=out if save else None,
+    )
+    return TrainOutcome(
+        recommender,
+        split,
+        results["test"],
+        results["validation"],
+        bundle_path,
+        seconds,
+        prepared.name,
+    )
+
+
+def evaluate_held_out(
+    recommender: Recommender, split: Split, *, ks: tuple[int, ...] = (20, 50, 100)
+) -> dict[str, EvaluationResult]:
+    """``{"validation": ..., "test": ...}``: the held-out users scored at the cut-offs ``ks``.
+
+    The popularity metrics rank items by their training-user counts.
+    """
+    from recvae.evaluation import evaluate
+
     popularity = split.train.item_counts()
-    validation = evaluate(
-        recommender,
-        split.validation.fold_in.matrix,
-        split.validation.targets.matrix,
-        ks=ks,
-        item_popularity=popularity,
-        device=str(recommender.device),
-    )
-    test = evaluate(
-        recommender,
-        split.test.fold_in.matrix,
-        split.test.targets.matrix,
-        ks=ks,
-        item_popularity=popularity,
-        device=str(recommender.device),
-    )
+    return {
+        part: evaluate(
+            recommender,
+            held_out.fold_in.matrix,
+            held_out.targets.matrix,
+            ks=ks,
+            item_popularity=popularity,
+            device=str(recommender.device),
+        )
+        for part, held_out in (("validation", split.validation), ("test", split.test))
+    }
+
+
+def record_run(
+    recommender: Recommender,
+    job: JobSettings,
+    prepared: PreparedData,
+    results: dict[str, EvaluationResult],
+    *,
+    train_seconds: float,
+    output_dir: Path | None,
+    extra: dict[str, Any] | None = None,
+) -> Path | None:
+    """Write the run's facts into the bundle meta; with ``output_dir``, save bundle and metrics.
+
+    ``output_dir/bundle`` is overwritten and ``output_dir/metrics.json`` holds a summary
+    (non-finite numbers as ``null``). ``extra`` fields (e.g. the world size) go into both.
+
+    Returns:
+        The saved bundle's path, or None without ``output_dir``.
+    """
+    extra = extra or {}
     recommender.meta.update(
         {
             "dataset": prepared.name,
             "data_fingerprint": prepared.fingerprint,
-            "split": split.summary(),
+            "split": prepared.split.summary(),
             "job": job.to_dict(),
-            "train_seconds": seconds,
-            "metrics": {
-                "validation": validation.summary(),
-                "test": test.summary(),
-            },
+            "train_seconds": train_seconds,
+            **extra,
+            "metrics": {part: result.summary() for part, result in results.items()},
         }
     )
-    bundle_path = None
-    if save:
-        bundle_path = recommender.save(out / "bundle", overwrite=True)
-        summary = {
-            "dataset": prepared.name,
-            "model": config.model,
-            "bundle": str(bundle_path),
-            "train_seconds": seconds,
-            "best_epoch": recommender.meta.get("best_epoch"),
-            "test": test.summary(),
-            "validation": validation.summary(),
-        }
-        (out / "metrics.json").write_text(json.dumps(_finite(summary), indent=2))
-    return TrainOutcome(recommender, split, test, validation, bundle_path, seconds, prepared.name)
+    if output_dir is None:
+        return None
+    bundle_path = recommender.save(output_dir / "bundle", overwrite=True)
+    summary = {
+        "dataset": prepared.name,
+        "model": recommender.config.model,
+        "bundle": str(bundle_path),
+        "train_seconds": train_seconds,
+        **extra,
+        "best_epoch": recommender.meta.get("best_epoch"),
+        **{part: result.summary() for part, result in results.items()},
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(_finite(summary), indent=2))
+    return bundle_path
 
 
 def metric_rows(result: EvaluationResult, names: tuple[str, ...] = PAPER_METRICS) -> list[str]:

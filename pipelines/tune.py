@@ -55,7 +55,7 @@ from pipelines.experiment import (
     model_spec,
     thread_limits,
 )
-from pipelines.settings import JobSettings
+from pipelines.settings import JobSettings, check_known_keys
 from pipelines.tracking_hooks import Tracker, evaluation_metrics, run_tags
 from pipelines.train_job import PreparedData, prepare
 
@@ -247,12 +247,7 @@ def tune_from_dict(raw: Mapping[str, Any], *, model: str | None = None) -> TuneS
             model.
     """
     section = dict(raw.get("tune", {}))
-    unknown = sorted(set(section) - _TUNE_KEYS)
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) in [tune]: {', '.join(unknown)} "
-            f"(valid: {', '.join(sorted(_TUNE_KEYS))})"
-        )
+    check_known_keys(section, _TUNE_KEYS, "tune")
     label = model or section.get("model")
     if not label:
         raise ValueError("[tune] model is missing: name the model to tune (or pass --model)")

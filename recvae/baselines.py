@@ -28,7 +28,6 @@ device (``EASE(config, device="cuda")``) runs the same algebra in torch (Cholesk
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -42,8 +41,10 @@ import torch
 from numpy.typing import NDArray
 from scipy.linalg import lapack
 
+from recvae.config import _config_fields_from_dict, _config_to_dict, _replace_config
 from recvae.data.interactions import Interactions
 from recvae.evaluation import evaluate
+from recvae.recommender import resolve_device
 from recvae.split import HeldOut
 
 __all__ = [
@@ -94,11 +95,7 @@ class BaselineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict including the ``model`` name (used as MLflow params)."""
-        out: dict[str, Any] = {"model": self.model}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        return _config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BaselineConfig:
@@ -113,18 +110,7 @@ class BaselineConfig:
         Raises:
             ValueError: Unknown keys, a wrong model name or an invalid value.
         """
-        data = dict(data)
-        name = data.pop("model", cls.model)
-        if name != cls.model:
-            raise ValueError(f"config is for model '{name}', not '{cls.model}'")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown config field(s) for {cls.model}: {', '.join(unknown)} "
-                f"(valid: {', '.join(sorted(names)) or 'none'})"
-            )
-        return cls(**data)
+        return cls(**_config_fields_from_dict(cls, data))
 
     def replace(self, **changes: Any) -> BaselineConfig:
         """A copy with some fields changed (validated).
@@ -132,10 +118,7 @@ class BaselineConfig:
         Raises:
             ValueError: An unknown field or an invalid value.
         """
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(f"unknown config field(s) for {self.model}: {', '.join(unknown)}")
-        return dataclasses.replace(self, **changes)
+        return _replace_config(self, changes)
 
 
 @_register
@@ -287,6 +270,11 @@ def _check_fitted(n_items: int | None, name: str) -> int:
     return n_items
 
 
+def _check_nonempty(train: Interactions, name: str) -> None:
+    if train.nnz == 0:
+        raise ValueError(f"cannot fit {name} on an empty matrix")
+
+
 def _check_histories(histories: sp.csr_array, n_items: int) -> sp.csr_array:
     if not sp.issparse(histories):
         raise ValueError("histories must be a scipy sparse matrix (n_users, n_items)")
@@ -323,8 +311,7 @@ class Popularity:
         Raises:
             ValueError: The training matrix is empty.
         """
-        if train.nnz == 0:
-            raise ValueError("cannot fit Popularity on an empty matrix")
+        _check_nonempty(train, "Popularity")
         self.counts = train.item_counts().astype(np.float32)
         return self
 
@@ -470,7 +457,7 @@ class EASE:
 
     def __init__(self, config: EASEConfig | None = None, *, device: str = "cpu") -> None:
         self.config = config or EASEConfig()
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.weights: NDArray[np.floating[Any]] | torch.Tensor | None = None
         self.fit_seconds: float | None = None
 
@@ -490,8 +477,7 @@ class EASE:
         Raises:
             ValueError: The training matrix is empty.
         """
-        if train.nnz == 0:
-            raise ValueError("cannot fit EASE on an empty matrix")
+        _check_nonempty(train, "EASE")
         dtype = _ease_dtype(self.config, train.n_items)
         return self._fit_gram(_sparse_gram(train.matrix, dtype), dtype)
 
@@ -538,17 +524,6 @@ class EASE:
             weights.device, weights.dtype
         )  # (n_users, n_items)
         return dense @ weights
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' was requested but CUDA is not available")
-    return resolved
 
 
 @dataclass(frozen=True)
@@ -614,8 +589,7 @@ def select_ease_lambda(
             f"validation has {validation.fold_in.n_items} items but training data has "
             f"{train.n_items}: both must share the training item vocabulary"
         )
-    if train.nnz == 0:
-        raise ValueError("cannot fit EASE on an empty matrix")
+    _check_nonempty(train, "EASE")
     base = config or EASEConfig()
     dtype = _ease_dtype(base, train.n_items)
     gram = _sparse_gram(train.matrix, dtype)

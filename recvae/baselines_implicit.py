@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from typing import Any
+from typing import Any, Self
 
 import implicit.cpu.als
 import implicit.cpu.bpr
@@ -37,7 +37,14 @@ import scipy.sparse as sp
 from numpy.typing import NDArray
 from threadpoolctl import threadpool_limits
 
-from recvae.baselines import ALSConfig, BPRConfig, ItemKNNConfig
+from recvae.baselines import (
+    ALSConfig,
+    BPRConfig,
+    ItemKNNConfig,
+    _check_fitted,
+    _check_histories,
+    _check_nonempty,
+)
 from recvae.data.interactions import Interactions
 
 __all__ = ["ALS", "BPR", "ItemKNN"]
@@ -55,17 +62,24 @@ def _check_threads(num_threads: int, blas_threads: int) -> None:
 
 
 def _as_csr_matrix(matrix: sp.csr_array, n_items: int | None = None) -> sp.csr_matrix:
-    if not sp.issparse(matrix):
+    """The float32 ``csr_matrix`` with sorted indices that implicit expects.
+
+    ``n_items`` given: ``matrix`` is a batch of histories, checked as every baseline checks them.
+    """
+    if n_items is not None:
+        matrix = _check_histories(matrix, n_items)
+    elif not sp.issparse(matrix):
         raise ValueError("histories must be a scipy sparse matrix (n_users, n_items)")
-    if n_items is not None and matrix.shape[1] != n_items:
-        raise ValueError(f"histories must have shape (n, {n_items}), got {matrix.shape}")
     out = sp.csr_matrix(matrix, dtype=np.float32)
     out.sort_indices()
     return out
 
 
 class _ImplicitRanker:
-    """Shared plumbing: thread limits, the fitted check and the training time."""
+    """Shared plumbing: thread limits, the timed fit, the fitted check.
+
+    A subclass builds and fits its implicit model in :meth:`_fit_matrix`.
+    """
 
     def __init__(self, *, num_threads: int = 1, blas_threads: int = 1) -> None:
         _check_threads(num_threads, blas_threads)
@@ -76,18 +90,35 @@ class _ImplicitRanker:
 
     @property
     def n_items(self) -> int:
-        if self._n_items is None:
-            raise ValueError(f"{type(self).__name__} is not fitted: call fit(train) first")
-        return self._n_items
+        return _check_fitted(self._n_items, type(self).__name__)
 
     def _limits(self) -> threadpool_limits:
         return threadpool_limits(limits=self.blas_threads, user_api="blas")
 
-    def _train_matrix(self, train: Interactions) -> sp.csr_matrix:
-        if train.nnz == 0:
-            raise ValueError(f"cannot fit {type(self).__name__} on an empty matrix")
+    def fit(self, train: Interactions) -> Self:
+        """Train on the training users.
+
+        Args:
+            train: The training users.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: The training matrix is empty.
+        """
+        _check_nonempty(train, type(self).__name__)
         self._n_items = train.n_items
-        return _as_csr_matrix(train.matrix)
+        matrix = _as_csr_matrix(train.matrix)
+        start = time.perf_counter()
+        with self._limits():
+            self._fit_matrix(matrix)
+        self.fit_seconds = time.perf_counter() - start
+        return self
+
+    def _fit_matrix(self, matrix: sp.csr_matrix) -> None:  # pragma: no cover - abstract
+        """Fit the model on the ``(n_users, n_items)`` training matrix (BLAS already limited)."""
+        raise NotImplementedError
 
 
 class ALS(_ImplicitRanker):
@@ -106,35 +137,19 @@ class ALS(_ImplicitRanker):
         self.config = config or ALSConfig()
         self.model: implicit.cpu.als.AlternatingLeastSquares | None = None
 
-    def fit(self, train: Interactions) -> ALS:
-        """Train on the training users.
-
-        Args:
-            train: The training users.
-
-        Returns:
-            ``self``.
-
-        Raises:
-            ValueError: The training matrix is empty.
-        """
-        matrix = self._train_matrix(train)
+    def _fit_matrix(self, matrix: sp.csr_matrix) -> None:
         cfg = self.config
-        start = time.perf_counter()
-        with self._limits():
-            model = implicit.cpu.als.AlternatingLeastSquares(
-                factors=cfg.factors,
-                regularization=cfg.regularization,
-                alpha=cfg.alpha,
-                iterations=cfg.iterations,
-                use_cg=cfg.use_cg,
-                num_threads=self.num_threads,
-                random_state=cfg.seed,
-            )
-            model.fit(matrix, show_progress=False)
+        model = implicit.cpu.als.AlternatingLeastSquares(
+            factors=cfg.factors,
+            regularization=cfg.regularization,
+            alpha=cfg.alpha,
+            iterations=cfg.iterations,
+            use_cg=cfg.use_cg,
+            num_threads=self.num_threads,
+            random_state=cfg.seed,
+        )
+        model.fit(matrix, show_progress=False)
         self.model = model
-        self.fit_seconds = time.perf_counter() - start
-        return self
 
     def user_factors(self, histories: sp.csr_array) -> NDArray[np.float32]:
         """The ALS user factors of each history, ``(n_users, factors)``.
@@ -218,35 +233,19 @@ class BPR(_ImplicitRanker):
         self.config = config or BPRConfig()
         self.model: implicit.cpu.bpr.BayesianPersonalizedRanking | None = None
 
-    def fit(self, train: Interactions) -> BPR:
-        """Train on the training users.
-
-        Args:
-            train: The training users.
-
-        Returns:
-            ``self``.
-
-        Raises:
-            ValueError: The training matrix is empty.
-        """
-        matrix = self._train_matrix(train)
+    def _fit_matrix(self, matrix: sp.csr_matrix) -> None:
         cfg = self.config
-        start = time.perf_counter()
-        with self._limits():
-            model = implicit.cpu.bpr.BayesianPersonalizedRanking(
-                factors=cfg.factors,
-                learning_rate=cfg.learning_rate,
-                regularization=cfg.regularization,
-                iterations=cfg.iterations,
-                num_threads=self.num_threads,
-                verify_negative_samples=cfg.verify_negative_samples,
-                random_state=cfg.seed,
-            )
-            model.fit(matrix, show_progress=False)
+        model = implicit.cpu.bpr.BayesianPersonalizedRanking(
+            factors=cfg.factors,
+            learning_rate=cfg.learning_rate,
+            regularization=cfg.regularization,
+            iterations=cfg.iterations,
+            num_threads=self.num_threads,
+            verify_negative_samples=cfg.verify_negative_samples,
+            random_state=cfg.seed,
+        )
+        model.fit(matrix, show_progress=False)
         self.model = model
-        self.fit_seconds = time.perf_counter() - start
-        return self
 
     def _item_parts(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         assert self.model is not None
@@ -337,21 +336,9 @@ class ItemKNN(_ImplicitRanker):
         self.config = config or ItemKNNConfig()
         self.similarity: sp.csr_array | None = None
 
-    def fit(self, train: Interactions) -> ItemKNN:
-        """Compute the item-item similarity from the training users.
-
-        Args:
-            train: The training users.
-
-        Returns:
-            ``self``.
-
-        Raises:
-            ValueError: The training matrix is empty.
-        """
-        matrix = self._train_matrix(train)
+    def _fit_matrix(self, matrix: sp.csr_matrix) -> None:
+        """Compute the item-item similarity from the training users."""
         cfg = self.config
-        start = time.perf_counter()
         model: implicit.nearest_neighbours.ItemItemRecommender
         if cfg.similarity == "bm25":
             model = implicit.nearest_neighbours.BM25Recommender(
@@ -365,13 +352,11 @@ class ItemKNN(_ImplicitRanker):
             model = implicit.nearest_neighbours.CosineRecommender(
                 K=cfg.neighbours, num_threads=self.num_threads
             )
-        with self._limits(), warnings.catch_warnings():
+        with warnings.catch_warnings():
             # implicit hands its own weighted COO matrix to its kNN and then warns about it.
             warnings.filterwarnings("ignore", category=implicit.utils.ParameterWarning)
             model.fit(matrix, show_progress=False)
         self.similarity = sp.csr_array(model.similarity, dtype=np.float32)
-        self.fit_seconds = time.perf_counter() - start
-        return self
 
     def score(self, histories: sp.csr_array) -> NDArray[np.float32]:
         """``history @ similarity``: each item's summed similarity to the history items.

@@ -11,7 +11,7 @@ import dataclasses
 import importlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 __all__ = [
     "ModelConfig",
@@ -37,6 +37,70 @@ def register_config(cls: type[ModelConfig]) -> type[ModelConfig]:
 def _check(condition: bool, name: str, message: str) -> None:
     if not condition:
         raise ValueError(f"invalid config field '{name}': {message}")
+
+
+def _check_layer_sizes(hidden_dims: tuple[int, ...], latent_dim: int) -> None:
+    _check(
+        all(isinstance(d, int) and d >= 1 for d in hidden_dims),
+        "hidden_dims",
+        "must be positive ints",
+    )
+    _check(isinstance(latent_dim, int) and latent_dim >= 1, "latent_dim", ">= 1")
+
+
+def _check_activation(activation: str) -> None:
+    _check(
+        activation in ("tanh", "relu", "sigmoid", "silu"),
+        "activation",
+        "must be one of tanh, relu, sigmoid, silu",
+    )
+
+
+class _NamedConfig(Protocol):
+    """A config dataclass with a ``model`` name: the model configs here, the baseline configs."""
+
+    model: ClassVar[str]
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+
+_ConfigT = TypeVar("_ConfigT", bound=_NamedConfig)
+
+
+def _config_to_dict(config: _NamedConfig) -> dict[str, Any]:
+    """``{"model": config.model, field: value, ...}``, tuples as lists (JSON-ready)."""
+    out: dict[str, Any] = {"model": config.model}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _config_fields_from_dict(cls: type[_NamedConfig], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without its (optional) ``model`` key, checked against the fields of ``cls``.
+
+    Raises:
+        ValueError: A ``model`` other than ``cls.model``, or keys that are not fields.
+    """
+    data = dict(data)
+    name = data.pop("model", cls.model)
+    if name != cls.model:
+        raise ValueError(f"config is for model '{name}', not '{cls.model}'")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown config field(s) for {cls.model}: {', '.join(unknown)} "
+            f"(valid: {', '.join(sorted(names)) or 'none'})"
+        )
+    return data
+
+
+def _replace_config(config: _ConfigT, changes: dict[str, Any]) -> _ConfigT:
+    """``dataclasses.replace`` that names unknown fields in a ``ValueError``."""
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(config)})
+    if unknown:
+        raise ValueError(f"unknown config field(s) for {config.model}: {', '.join(unknown)}")
+    return dataclasses.replace(config, **changes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +143,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ (de)serialization
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict including the ``model`` name."""
-        out: dict[str, Any] = {"model": self.model}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        return _config_to_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -95,19 +155,8 @@ class ModelConfig:
         Raises:
             ValueError: unknown keys, a wrong model name or an invalid value.
         """
-        data = dict(data)
-        name = data.pop("model", cls.model)
-        if name != cls.model:
-            raise ValueError(f"config is for model '{name}', not '{cls.model}'")
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(
-                f"unknown config field(s) for {cls.model}: {', '.join(unknown)} "
-                f"(valid: {', '.join(sorted(names))})"
-            )
         kwargs: dict[str, Any] = {}
-        for key, value in data.items():
+        for key, value in _config_fields_from_dict(cls, data).items():
             if isinstance(value, list):
                 value = tuple(value)
             kwargs[key] = value
@@ -118,10 +167,7 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated)."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(f"unknown config field(s) for {self.model}: {', '.join(unknown)}")
-        return dataclasses.replace(self, **changes)
+        return _replace_config(self, changes)
 
 
 @register_config
@@ -148,12 +194,7 @@ class MultVAEConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         ModelConfig.__post_init__(self)
-        _check(
-            all(isinstance(d, int) and d >= 1 for d in self.hidden_dims),
-            "hidden_dims",
-            "must be positive ints",
-        )
-        _check(isinstance(self.latent_dim, int) and self.latent_dim >= 1, "latent_dim", ">= 1")
+        _check_layer_sizes(self.hidden_dims, self.latent_dim)
         _check(0.0 <= self.beta_max <= 10.0, "beta_max", "must be in [0, 10]")
         _check(
             self.anneal_steps is None
@@ -162,11 +203,7 @@ class MultVAEConfig(ModelConfig):
             "must be None or an int > 0",
         )
         _check(0.0 < self.anneal_cap_fraction <= 1.0, "anneal_cap_fraction", "must be in (0, 1]")
-        _check(
-            self.activation in ("tanh", "relu", "sigmoid", "silu"),
-            "activation",
-            "must be one of tanh, relu, sigmoid, silu",
-        )
+        _check_activation(self.activation)
 
 
 @register_config
@@ -183,17 +220,8 @@ class MultDAEConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         ModelConfig.__post_init__(self)
-        _check(
-            all(isinstance(d, int) and d >= 1 for d in self.hidden_dims),
-            "hidden_dims",
-            "must be positive ints",
-        )
-        _check(isinstance(self.latent_dim, int) and self.latent_dim >= 1, "latent_dim", ">= 1")
-        _check(
-            self.activation in ("tanh", "relu", "sigmoid", "silu"),
-            "activation",
-            "must be one of tanh, relu, sigmoid, silu",
-        )
+        _check_layer_sizes(self.hidden_dims, self.latent_dim)
+        _check_activation(self.activation)
 
 
 def config_from_dict(data: dict[str, Any]) -> ModelConfig:

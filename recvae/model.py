@@ -19,7 +19,7 @@ import dataclasses
 import importlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -249,6 +249,11 @@ class SparseBatch:
         return dataclasses.replace(self, dropout_mask=dropout_mask, eps=eps)
 
 
+def _linear_layers(dims: Sequence[int]) -> nn.ModuleList:
+    """``nn.Linear(dims[i], dims[i + 1])`` for each consecutive pair, in order."""
+    return nn.ModuleList([nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)])
+
+
 class _Autoencoder(nn.Module):
     """Shared structure: normalized, dropped-out input -> code -> logits over items."""
 
@@ -261,6 +266,35 @@ class _Autoencoder(nn.Module):
     variational: bool = False
     #: ``forward``/``encode`` accept a :class:`SparseBatch` as well as a dense tensor.
     supports_sparse_input: bool = True
+
+    def _build(
+        self,
+        config: MultVAEConfig | MultDAEConfig,
+        n_items: int,
+        *,
+        encoder_dims: Sequence[int],
+        decoder_dims: Sequence[int],
+    ) -> None:
+        """Create the layers (a subclass's ``__init__`` calls this first).
+
+        ``encoder_dims`` ``[n_items, ..., out]`` and ``decoder_dims`` ``[latent, ..., n_items]``
+        give one linear layer per consecutive pair, in the paper's initialization; the first
+        encoder layer is stored item-major (:class:`_ItemMajorLinear`).
+
+        Raises:
+            ValueError: ``n_items < 1``.
+        """
+        if n_items < 1:
+            raise ValueError(f"n_items must be >= 1, got {n_items}")
+        self.config = config
+        self.n_items = n_items
+        self._act = _ACTIVATIONS[config.activation]
+        self.encoder = _linear_layers(encoder_dims)
+        self.decoder = _linear_layers(decoder_dims)
+        self.drop = nn.Dropout(config.dropout)
+        for layer in [*self.encoder, *self.decoder]:
+            _init_linear(layer)
+        self.encoder[0] = _ItemMajorLinear.from_linear(cast(nn.Linear, self.encoder[0]))
 
     def decode(self, z: Tensor) -> Tensor:
         """Logits over all items for codes ``z`` (``(batch, latent)`` -> ``(batch, n_items)``)."""
@@ -327,24 +361,13 @@ class MultVAE(_Autoencoder):
 
     def __init__(self, config: MultVAEConfig, n_items: int) -> None:
         super().__init__()
-        if n_items < 1:
-            raise ValueError(f"n_items must be >= 1, got {n_items}")
-        self.config = config
-        self.n_items = n_items
-        self._act = _ACTIVATIONS[config.activation]
-        enc_dims = [n_items, *config.hidden_dims]
-        self.encoder = nn.ModuleList(
-            [nn.Linear(a, b) for a, b in zip(enc_dims[:-1], enc_dims[1:], strict=True)]
+        self._build(
+            config,
+            n_items,
+            # The last encoder layer outputs mu and logvar side by side.
+            encoder_dims=[n_items, *config.hidden_dims, 2 * config.latent_dim],
+            decoder_dims=[config.latent_dim, *reversed(config.hidden_dims), n_items],
         )
-        self.encoder.append(nn.Linear(enc_dims[-1], 2 * config.latent_dim))
-        dec_dims = [config.latent_dim, *reversed(config.hidden_dims), n_items]
-        self.decoder = nn.ModuleList(
-            [nn.Linear(a, b) for a, b in zip(dec_dims[:-1], dec_dims[1:], strict=True)]
-        )
-        self.drop = nn.Dropout(config.dropout)
-        for layer in [*self.encoder, *self.decoder]:
-            _init_linear(layer)
-        self.encoder[0] = _ItemMajorLinear.from_linear(cast(nn.Linear, self.encoder[0]))
 
     def encode(self, x: Tensor | SparseBatch) -> tuple[Tensor, Tensor]:
         """Posterior parameters for histories ``x`` (``(batch, n_items)`` or a sparse batch).
@@ -386,23 +409,13 @@ class MultDAE(_Autoencoder):
 
     def __init__(self, config: MultDAEConfig, n_items: int) -> None:
         super().__init__()
-        if n_items < 1:
-            raise ValueError(f"n_items must be >= 1, got {n_items}")
-        self.config = config
-        self.n_items = n_items
-        self._act = _ACTIVATIONS[config.activation]
-        enc_dims = [n_items, *config.hidden_dims, config.latent_dim]
-        self.encoder = nn.ModuleList(
-            [nn.Linear(a, b) for a, b in zip(enc_dims[:-1], enc_dims[1:], strict=True)]
+        encoder_dims = [n_items, *config.hidden_dims, config.latent_dim]
+        self._build(
+            config,
+            n_items,
+            encoder_dims=encoder_dims,
+            decoder_dims=encoder_dims[::-1],
         )
-        dec_dims = list(reversed(enc_dims))
-        self.decoder = nn.ModuleList(
-            [nn.Linear(a, b) for a, b in zip(dec_dims[:-1], dec_dims[1:], strict=True)]
-        )
-        self.drop = nn.Dropout(config.dropout)
-        for layer in [*self.encoder, *self.decoder]:
-            _init_linear(layer)
-        self.encoder[0] = _ItemMajorLinear.from_linear(cast(nn.Linear, self.encoder[0]))
 
     def encode(self, x: Tensor | SparseBatch) -> tuple[Tensor, None]:
         """The code for histories ``x`` (dense or sparse): ``((batch, latent_dim), None)``."""
@@ -433,7 +446,7 @@ def build_model(config: ModelConfig, n_items: int) -> nn.Module:
         cls = MODEL_TYPES[config.model]
     except KeyError:
         raise ValueError(f"no model registered for config '{config.model}'") from None
-    return cls(config, n_items)  # type: ignore[arg-type]
+    return cls(config, n_items)
 
 
 # ---------------------------------------------------------------------------- losses
@@ -464,7 +477,10 @@ def sparse_multinomial_nll(
     Returns:
         A scalar tensor, or ``(batch,)`` with ``reduction="none"``.
     """
-    per_user = _SparseNLL.apply(logits, batch.row_of, batch.indices, batch.values)  # (batch,)
+    # torch leaves Function.apply unannotated.
+    per_user = _SparseNLL.apply(  # type: ignore[no-untyped-call]
+        logits, batch.row_of, batch.indices, batch.values
+    )  # (batch,)
     return _reduce(cast(Tensor, per_user), reduction)
 
 

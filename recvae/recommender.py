@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -194,7 +194,8 @@ class Recommender:
         if isinstance(histories, torch.Tensor):
             x = histories.to(self.device, dtype=torch.float32)
         elif sp.issparse(histories):
-            x = torch.from_numpy(np.asarray(histories.toarray(), dtype=np.float32)).to(self.device)
+            dense = cast(sp.csr_array, histories).toarray()
+            x = torch.from_numpy(np.asarray(dense, dtype=np.float32)).to(self.device)
         else:
             x = torch.as_tensor(np.asarray(histories, dtype=np.float32), device=self.device)
         if x.dim() != 2 or x.shape[1] != self.n_items:
@@ -213,9 +214,9 @@ class Recommender:
         """
         self.model.eval()
         with torch.inference_mode():
-            x = self._dense(histories)
-            mu, _ = self.model.encode(x)
-            return self.model.decode(mu).float()
+            model = as_latent_model(self.model)
+            mu, _ = model.encode(self._dense(histories))
+            return model.decode(mu).float()
 
     def encode(
         self, histories: sp.csr_array | NDArray[Any] | torch.Tensor
@@ -226,7 +227,7 @@ class Recommender:
         """
         self.model.eval()
         with torch.inference_mode():
-            mu, logvar = self.model.encode(self._dense(histories))
+            mu, logvar = as_latent_model(self.model).encode(self._dense(histories))
             sigma = torch.zeros_like(mu) if logvar is None else torch.exp(0.5 * logvar)
         return mu.float().cpu().numpy(), sigma.float().cpu().numpy()
 

@@ -46,7 +46,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -434,11 +434,11 @@ class RecVAE(nn.Module):
     def encode(self, x: Tensor, *, dropout: bool = True) -> tuple[Tensor, Tensor]:
         """Posterior ``(mu, logvar)`` of histories ``x`` (dense or torch sparse), each
         ``(batch, latent_dim)``; ``dropout=False`` skips the input dropout in training mode."""
-        return self.encoder(x, dropout=dropout)
+        return cast(tuple[Tensor, Tensor], self.encoder(x, dropout=dropout))
 
     def decode(self, z: Tensor) -> Tensor:
         """Logits over all items (``(batch, latent)`` -> ``(batch, n_items)``)."""
-        return self.decoder(z)
+        return cast(Tensor, self.decoder(z))
 
     def reparameterize(self, mu: Tensor, logvar: Tensor) -> Tensor:
         """``z = mu + exp(logvar / 2) * eps`` in training; ``mu`` in eval mode."""
@@ -621,7 +621,7 @@ class RecVAETrainer(Trainer):
             if cfg.weight_decay > 0:
                 loss = loss + cfg.weight_decay * l2_penalty(half)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
             optimizer.step()
             self.state.step += 1
             n = len(rows)

@@ -500,7 +500,7 @@ class Trainer:
                 weight = float(stop - start)
                 loss, nll, kl = self._loss(x, beta)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
             self.optimizer.step()
             self.state.step += 1
             totals += torch.stack([loss.detach(), nll.detach(), kl.detach()]).double() * weight

@@ -1,13 +1,20 @@
-"""Shared fixtures: a seeded rng, a tiny hand-written frame, the checkerboard and a tiny bundle."""
+"""Shared fixtures (seeded rng, tiny frame, checkerboard, tiny bundle) and test helpers."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    from recvae.config import ModelConfig, MultVAEConfig, RunOptions
+    from recvae.data import Interactions
+    from recvae.split import HeldOut
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -75,23 +82,76 @@ def checkerboard():  # type: ignore[no-untyped-def]
     return make_checkerboard()
 
 
+def small_vae_config(**overrides: Any) -> MultVAEConfig:
+    """The small Mult-VAE that learns the checkerboard in 30 epochs; ``overrides`` set fields."""
+    from recvae.config import MultVAEConfig
+
+    fields: dict[str, Any] = {
+        "hidden_dims": (16,),
+        "latent_dim": 8,
+        "epochs": 30,
+        "batch_size": 16,
+        "learning_rate": 1e-2,
+        "dropout": 0.2,
+        "seed": 1,
+    }
+    fields.update(overrides)
+    return MultVAEConfig(**fields)
+
+
+def interrupt_training(
+    data: Interactions,
+    config: ModelConfig,
+    checkpoint_dir: Path,
+    *,
+    after_epoch: int,
+    validation: HeldOut | None = None,
+    **options: Any,
+) -> RunOptions:
+    """Train on the CPU with checkpoints in ``checkpoint_dir`` and crash after ``after_epoch``.
+
+    Returns:
+        The ``RunOptions`` (with the extra ``options`` fields) that resume from the checkpoint.
+    """
+    from recvae.config import RunOptions
+    from recvae.training import train
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == after_epoch:
+            raise Interrupt
+
+    resumable = RunOptions(
+        device="cpu", progress=False, checkpoint_dir=str(checkpoint_dir), **options
+    )
+    with pytest.raises(Interrupt):
+        train(data, config, validation=validation, options=resumable, on_epoch=stop)
+    return resumable
+
+
+def write_csv(path: Path, header: str, rows: Iterable[Iterable[object]]) -> Path:
+    """Write ``header`` then one comma-joined line per row; returns ``path``."""
+    lines = [header, *(",".join(str(value) for value in row) for row in rows)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_interactions_csv(data: Interactions, path: Path) -> Path:
+    """``data`` as a ``user_id,item_id`` CSV of its (row, column) positions; returns ``path``."""
+    coo = data.matrix.tocoo()
+    return write_csv(path, "user_id,item_id", zip(coo.row, coo.col, strict=True))
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Mult-VAE trained briefly on the checkerboard and saved (built once per test run)."""
-    from recvae.config import MultVAEConfig, RunOptions
+    from recvae.config import RunOptions
     from recvae.training import train
 
     data, _ = make_checkerboard()
-    config = MultVAEConfig(
-        hidden_dims=(16,),
-        latent_dim=8,
-        epochs=30,
-        batch_size=16,
-        learning_rate=1e-2,
-        dropout=0.2,
-        seed=1,
-    )
-    rec = train(data, config, options=RunOptions(device="cpu", progress=False))
+    rec = train(data, small_vae_config(), options=RunOptions(device="cpu", progress=False))
     path = tmp_path_factory.mktemp("bundle") / "tiny"
     rec.save(path)
     return path

@@ -22,6 +22,7 @@ from pipelines.train_job import PreparedData
 from recvae.data import planted_interactions
 from recvae.evaluation import evaluate
 from recvae.split import split_users
+from tests.conftest import write_interactions_csv
 
 SMALL_VAE = {"hidden_dims": [16], "latent_dim": 8, "epochs": 3, "batch_size": 32}
 TINY_MODELS = {
@@ -245,11 +246,7 @@ def test_missing_implicit_fails_before_training(
 
 def test_experiment_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = planted_interactions(n_users=150, n_items=30, n_clusters=3, seed=2)
-    coo = data.matrix.tocoo()
-    csv_path = tmp_path / "log.csv"
-    csv_path.write_text(
-        "user_id,item_id\n" + "".join(f"{u},{i}\n" for u, i in zip(coo.row, coo.col, strict=True))
-    )
+    csv_path = write_interactions_csv(data, tmp_path / "log.csv")
     config = tmp_path / "exp.toml"
     config.write_text(
         '[experiment]\nks = [10]\nplots = false\n[models.vae]\nmodel = "multvae"\n'

@@ -25,7 +25,7 @@ from recvae.model import SparseBatch, build_model, multinomial_nll, sparse_multi
 from recvae.recommender import Recommender
 from recvae.split import split_users
 from recvae.training import train
-from tests.conftest import make_checkerboard
+from tests.conftest import make_checkerboard, small_vae_config
 
 ACCEL = os.environ.get("RECVAE_TEST_ACCEL", "cuda")
 
@@ -110,10 +110,7 @@ def test_bf16_training_on_the_accelerator_learns_the_pattern() -> None:
     if torch.device(ACCEL).type != "cuda":
         pytest.skip("bf16 autocast is a CUDA path")
     data, withheld = make_checkerboard()
-    config = MultVAEConfig(
-        hidden_dims=(16,), latent_dim=8, epochs=30, batch_size=16, learning_rate=1e-2,
-        dropout=0.2, seed=1,
-    )  # fmt: skip
+    config = small_vae_config()
     rec = train(data, config, options=RunOptions(device=ACCEL, progress=False, precision="bf16"))
     top = rec.recommend(data.user_ids.tolist(), k=1)
     np.testing.assert_array_equal(top.item_idx[:, 0], withheld)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import main
+from tests.conftest import write_csv
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -108,12 +109,12 @@ def test_train_on_a_csv_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     import numpy as np
 
     rng = np.random.default_rng(0)
-    lines = ["uid,iid,stars"]
-    for u in range(60):
-        for i in rng.choice(30, size=8, replace=False):
-            lines.append(f"user{u},item{i},{rng.integers(1, 6)}")
-    path = tmp_path / "log.csv"
-    path.write_text("\n".join(lines))
+    rows = [
+        (f"user{u}", f"item{i}", rng.integers(1, 6))
+        for u in range(60)
+        for i in rng.choice(30, size=8, replace=False)
+    ]
+    path = write_csv(tmp_path / "log.csv", "uid,iid,stars", rows)
     code, out, err = _run(
         [
             "train",

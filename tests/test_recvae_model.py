@@ -26,7 +26,7 @@ from recvae.recvae_model import (
     recvae_loss,
 )
 from recvae.training import CheckpointMismatchError, train
-from tests.conftest import make_checkerboard
+from tests.conftest import interrupt_training, make_checkerboard, write_csv
 
 CPU = RunOptions(device="cpu", progress=False)
 
@@ -302,17 +302,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path) -> None
     config = _small(epochs=3)
     full = RecVAETrainer(data, config, options=CPU)
     full_rec = full.fit()
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_2(epoch: int, metrics: dict[str, float]) -> None:
-        if epoch == 2:
-            raise Interrupt
-
-    opts = RunOptions(device="cpu", progress=False, checkpoint_dir=str(tmp_path))
-    with pytest.raises(Interrupt):
-        train(data, config, options=opts, on_epoch=stop_after_2)
+    opts = interrupt_training(data, config, tmp_path, after_epoch=2)
     epochs: list[int] = []
     resumed = RecVAETrainer(data, config, options=opts, on_epoch=lambda e, m: epochs.append(e))
     resumed_rec = resumed.fit()
@@ -398,12 +388,12 @@ def test_cli_trains_recvae(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     from pipelines.cli import main
 
     rng = np.random.default_rng(0)
-    lines = ["user_id,item_id"]
-    for u in range(40):
-        for i in rng.choice(20, size=6, replace=False):
-            lines.append(f"{u},{(u % 2) + 2 * (i // 2)}")
-    data = tmp_path / "log.csv"
-    data.write_text("\n".join(lines))
+    rows = [
+        (u, (u % 2) + 2 * (i // 2))
+        for u in range(40)
+        for i in rng.choice(20, size=6, replace=False)
+    ]
+    data = write_csv(tmp_path / "log.csv", "user_id,item_id", rows)
     argv = [
         "train",
         "--data",

@@ -29,7 +29,7 @@ from recvae.model import (
     sparse_multinomial_nll,
 )
 from recvae.training import Trainer, _batch_tensor, _DeviceMatrix, train
-from tests.conftest import make_checkerboard
+from tests.conftest import interrupt_training, make_checkerboard, small_vae_config
 
 CPU = RunOptions(device="cpu", progress=False)
 
@@ -305,10 +305,7 @@ def test_validation_on_sparse_histories_matches_the_recommender() -> None:
 
 def test_bf16_autocast_runs_on_cpu_and_is_used() -> None:
     data, withheld = make_checkerboard()
-    config = MultVAEConfig(
-        hidden_dims=(16,), latent_dim=8, epochs=12, batch_size=20, learning_rate=1e-2,
-        dropout=0.2, seed=1,
-    )  # fmt: skip
+    config = small_vae_config(epochs=12, batch_size=20)
     losses: list[float] = []
     trainer = Trainer(
         data,
@@ -345,20 +342,9 @@ def test_resume_is_exact_with_dropout_sampling_and_sparse_validation(tmp_path: P
     )  # fmt: skip
     options = RunOptions(device="cpu", progress=False, validate_every=2)
     full = train(split.train, config, validation=split.validation, options=options)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_3(epoch: int, metrics: dict[str, float]) -> None:
-        if epoch == 3:
-            raise Interrupt
-
-    resumable = RunOptions(
-        device="cpu", progress=False, validate_every=2, checkpoint_dir=str(tmp_path)
+    resumable = interrupt_training(
+        split.train, config, tmp_path, after_epoch=3, validation=split.validation, validate_every=2
     )
-    with pytest.raises(Interrupt):
-        train(split.train, config, validation=split.validation, options=resumable,
-              on_epoch=stop_after_3)  # fmt: skip
     resumed = train(split.train, config, validation=split.validation, options=resumable)
     for name, value in full.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
@@ -386,10 +372,7 @@ def test_cuda_lean_path_matches_cpu_and_bf16_trains() -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     data, withheld = make_checkerboard()
-    config = MultVAEConfig(
-        hidden_dims=(16,), latent_dim=8, epochs=3, batch_size=16, learning_rate=1e-2,
-        dropout=0.0, seed=1,
-    )  # fmt: skip
+    config = small_vae_config(epochs=3, dropout=0.0)
     # With dropout 0 the only noise is the reparameterization: feed both runs the same normals
     # by comparing the deterministic Mult-DAE, and check the VAE trains on the GPU.
     dae = MultDAEConfig(latent_dim=8, epochs=3, batch_size=16, learning_rate=1e-2, dropout=0.0)
@@ -424,22 +407,9 @@ def test_resume_from_a_format_1_checkpoint_transposes_the_first_layer_moments(
     # Checkpoints written before the first layer was stored item-major hold its Adam moments in
     # nn.Linear's (out, n_items) layout; resuming one must continue exactly.
     data, _ = make_checkerboard()
-    config = MultVAEConfig(
-        hidden_dims=(16,), latent_dim=8, epochs=4, batch_size=16, learning_rate=1e-2,
-        dropout=0.2, seed=1,
-    )  # fmt: skip
+    config = small_vae_config(epochs=4)
     full = train(data, config, options=CPU)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_2(epoch: int, metrics: dict[str, float]) -> None:
-        if epoch == 2:
-            raise Interrupt
-
-    options = RunOptions(device="cpu", progress=False, checkpoint_dir=str(tmp_path))
-    with pytest.raises(Interrupt):
-        train(data, config, options=options, on_epoch=stop_after_2)
+    options = interrupt_training(data, config, tmp_path, after_epoch=2)
     path = tmp_path / "checkpoint.pt"
     checkpoint = torch.load(path, weights_only=True)
     names = [name for name, _ in build_model(config, data.n_items).named_parameters()]

@@ -16,16 +16,14 @@ from pipelines.cli import main  # noqa: E402
 from pipelines.tracking_hooks import Tracker, make_tracker  # noqa: E402
 from recvae import tracking  # noqa: E402
 from recvae.recommender import Recommender  # noqa: E402
+from tests.conftest import write_interactions_csv  # noqa: E402
 
 
 def _planted_csv(path: Path, n_users: int = 160, n_items: int = 40) -> Path:
     from recvae.data import planted_interactions
 
     data = planted_interactions(n_users=n_users, n_items=n_items, n_clusters=4, seed=3)
-    coo = data.matrix.tocoo()
-    lines = ["user_id,item_id"] + [f"{u},{i}" for u, i in zip(coo.row, coo.col, strict=True)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_interactions_csv(data, path)
 
 
 def test_metric_keys_are_mlflow_safe() -> None:

@@ -9,29 +9,15 @@ import torch
 from recvae.config import MultDAEConfig, MultVAEConfig, RunOptions
 from recvae.split import split_users
 from recvae.training import CheckpointMismatchError, Trainer, beta_schedule, train
-from tests.conftest import make_checkerboard
+from tests.conftest import interrupt_training, make_checkerboard, small_vae_config
 
 CPU = RunOptions(device="cpu", progress=False)
-
-
-def _small(**kw: object) -> MultVAEConfig:
-    base = dict(
-        hidden_dims=(16,),
-        latent_dim=8,
-        epochs=30,
-        batch_size=16,
-        learning_rate=1e-2,
-        dropout=0.2,
-        seed=1,
-    )
-    base.update(kw)
-    return MultVAEConfig(**base)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
     "config",
     [
-        _small(),
+        small_vae_config(),
         MultDAEConfig(
             latent_dim=8, epochs=30, batch_size=16, learning_rate=1e-2, dropout=0.2, seed=1
         ),
@@ -49,9 +35,9 @@ def test_loss_falls_and_withheld_item_ranks_first(config) -> None:  # type: igno
 
 def test_same_seed_gives_identical_weights() -> None:
     data, _ = make_checkerboard()
-    a = train(data, _small(epochs=3), options=CPU)
-    b = train(data, _small(epochs=3), options=CPU)
-    c = train(data, _small(epochs=3, seed=2), options=CPU)
+    a = train(data, small_vae_config(epochs=3), options=CPU)
+    b = train(data, small_vae_config(epochs=3), options=CPU)
+    c = train(data, small_vae_config(epochs=3, seed=2), options=CPU)
     for (name, p), q in zip(
         a.model.state_dict().items(), b.model.state_dict().values(), strict=True
     ):
@@ -69,7 +55,10 @@ def test_learns_planted_structure_and_selects_on_validation() -> None:
     data = planted_interactions(n_users=400, n_items=60, n_clusters=3, seed=0)
     split = split_users(data, n_heldout=60, seed=0)
     rec = train(
-        split.train, _small(epochs=15, batch_size=64), validation=split.validation, options=CPU
+        split.train,
+        small_vae_config(epochs=15, batch_size=64),
+        validation=split.validation,
+        options=CPU,
     )
     test = split.test
     result = evaluate(rec, test.fold_in.matrix, test.targets.matrix)
@@ -110,7 +99,7 @@ def test_early_stopping_stops() -> None:
     split = split_users(data, n_heldout=50, seed=0)
     rec = train(
         split.train,
-        _small(epochs=200, patience=2, learning_rate=5e-2),
+        small_vae_config(epochs=200, patience=2, learning_rate=5e-2),
         validation=split.validation,
         options=CPU,
     )
@@ -130,7 +119,7 @@ def test_beta_reaches_cap_near_86_percent_of_training() -> None:
     betas: list[float] = []
     train(
         data,
-        _small(epochs=50, batch_size=60),
+        small_vae_config(epochs=50, batch_size=60),
         options=CPU,
         on_epoch=lambda e, m: betas.append(m["beta"]),
     )
@@ -144,7 +133,10 @@ def test_beta_search_reports_best_beta() -> None:
     data = planted_interactions(n_users=300, n_items=40, seed=2)
     split = split_users(data, n_heldout=50, seed=0)
     rec = train(
-        split.train, _small(epochs=8, beta_search=True), validation=split.validation, options=CPU
+        split.train,
+        small_vae_config(epochs=8, beta_search=True),
+        validation=split.validation,
+        options=CPU,
     )
     history = rec.meta["history"]
     assert history[-1]["beta"] == pytest.approx(1.0, abs=0.2)
@@ -154,19 +146,9 @@ def test_beta_search_reports_best_beta() -> None:
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path) -> None:
     data, _ = make_checkerboard()
-    config = _small(epochs=6)
+    config = small_vae_config(epochs=6)
     full = train(data, config, options=CPU)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_3(epoch: int, metrics: dict[str, float]) -> None:
-        if epoch == 3:
-            raise Interrupt
-
-    opts = RunOptions(device="cpu", progress=False, checkpoint_dir=str(tmp_path))
-    with pytest.raises(Interrupt):
-        train(data, config, options=opts, on_epoch=stop_after_3)
+    opts = interrupt_training(data, config, tmp_path, after_epoch=3)
     epochs: list[int] = []
     resumed = train(data, config, options=opts, on_epoch=lambda e, m: epochs.append(e))
     assert epochs == [4, 5, 6]
@@ -180,9 +162,9 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path) -> None
 def test_checkpoint_of_another_config_is_refused(tmp_path: Path) -> None:
     data, _ = make_checkerboard()
     opts = RunOptions(device="cpu", progress=False, checkpoint_dir=str(tmp_path))
-    train(data, _small(epochs=1), options=opts)
+    train(data, small_vae_config(epochs=1), options=opts)
     with pytest.raises(CheckpointMismatchError, match="another config"):
-        train(data, _small(epochs=2, latent_dim=4), options=opts)
+        train(data, small_vae_config(epochs=2, latent_dim=4), options=opts)
 
 
 def test_empty_data_and_bad_device_are_rejected() -> None:
@@ -192,11 +174,13 @@ def test_empty_data_and_bad_device_are_rejected() -> None:
         np.array([], dtype=int), np.array([], dtype=int), n_users=3, n_items=4
     )
     with pytest.raises(ValueError, match="empty"):
-        Trainer(empty, _small(), options=CPU)
+        Trainer(empty, small_vae_config(), options=CPU)
     if not torch.cuda.is_available():
         data, _ = make_checkerboard()
         with pytest.raises(ValueError, match="CUDA is not available"):
-            train(data, _small(epochs=1), options=RunOptions(device="cuda", progress=False))
+            train(
+                data, small_vae_config(epochs=1), options=RunOptions(device="cuda", progress=False)
+            )
 
 
 @pytest.mark.gpu
@@ -204,7 +188,7 @@ def test_trains_on_gpu() -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     data, withheld = make_checkerboard()
-    rec = train(data, _small(), options=RunOptions(device="cuda", progress=False))
+    rec = train(data, small_vae_config(), options=RunOptions(device="cuda", progress=False))
     assert rec.device.type == "cuda"
     top = rec.recommend(data.user_ids.tolist(), k=1)
     np.testing.assert_array_equal(top.item_idx[:, 0], withheld)

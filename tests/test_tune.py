@@ -18,6 +18,7 @@ from recvae.baselines import EASE, EASEConfig  # noqa: E402
 from recvae.data import planted_interactions  # noqa: E402
 from recvae.evaluation import evaluate  # noqa: E402
 from recvae.split import split_users  # noqa: E402
+from tests.conftest import write_interactions_csv  # noqa: E402
 
 EASE_TUNE = {
     "tune": {
@@ -229,11 +230,7 @@ def test_autoencoder_search_keeps_only_the_best_checkpoint(
 
 def test_tune_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = planted_interactions(n_users=120, n_items=30, n_clusters=3, seed=4)
-    coo = data.matrix.tocoo()
-    csv_path = tmp_path / "log.csv"
-    csv_path.write_text(
-        "user_id,item_id\n" + "".join(f"{u},{i}\n" for u, i in zip(coo.row, coo.col, strict=True))
-    )
+    csv_path = write_interactions_csv(data, tmp_path / "log.csv")
     config = tmp_path / "tune.toml"
     config.write_text(
         '[tune]\nmodel = "ease"\nn_trials = 5\n[tune.space]\n'

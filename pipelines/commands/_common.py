@@ -3,9 +3,48 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 from pipelines.settings import JobSettings, job_from_dict, read_toml, with_overrides
+
+_T = TypeVar("_T")
+
+_CONFIG_HELP = "job config file or preset name from pipelines/configs (flags override it)"
+
+
+def convert_argument(text: str, convert: Callable[[str], _T], what: str) -> _T:
+    """``convert(text)``, with a ``ValueError`` turned into argparse's usage error.
+
+    Args:
+        text: The flag's value.
+        convert: ``int``, ``float``, ...
+        what: The expected kind, for the message (``"an integer"``).
+
+    Raises:
+        argparse.ArgumentTypeError: ``convert`` rejected the text.
+    """
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1."""
+    value = convert_argument(text, int, "an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def replace_given(settings: _T, **overrides: Any) -> _T:
+    """``dataclasses.replace`` with the overrides whose flag was given (those not None)."""
+    return dataclasses.replace(  # type: ignore[type-var]
+        settings, **{key: value for key, value in overrides.items() if value is not None}
+    )
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,12 +78,27 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-user-count", type=int, help="minimum positives per user (default 5)")
 
 
-def add_config_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        metavar="TOML",
-        help="job config file or preset name from pipelines/configs (flags override it)",
-    )
+def add_config_argument(
+    parser: argparse.ArgumentParser, *, default: str | None = None, help: str = _CONFIG_HELP
+) -> None:
+    """``--config TOML``: a job config file or preset name (``default`` when not given)."""
+    parser.add_argument("--config", metavar="TOML", default=default, help=help)
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and the data and protocol groups: what :func:`job_from_args` reads."""
+    add_config_argument(parser)
+    add_data_arguments(parser)
+    add_protocol_arguments(parser)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, output_help: str) -> None:
+    """The ``run`` group of the commands that train several models (experiment, tune)."""
+    group = parser.add_argument_group("run")
+    group.add_argument("--output", "-o", type=Path, help=output_help)
+    group.add_argument("--threads", type=int, help="torch, BLAS and implicit threads")
+    group.add_argument("--device", help="device of the autoencoders: auto, cpu, cuda, cuda:N")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def job_from_args(

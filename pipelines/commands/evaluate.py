@@ -6,12 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from pipelines.commands._common import (
-    add_config_argument,
-    add_data_arguments,
-    add_protocol_arguments,
-    job_from_args,
-)
+from pipelines.commands._common import add_job_arguments, job_from_args
 
 
 def register(subparsers: Any) -> None:
@@ -24,9 +19,7 @@ def register(subparsers: Any) -> None:
         ),
     )
     parser.add_argument("bundle", type=Path, help="model bundle directory")
-    add_config_argument(parser)
-    add_data_arguments(parser)
-    add_protocol_arguments(parser)
+    add_job_arguments(parser)
     parser.add_argument("--part", choices=["test", "validation"], default="test")
     parser.add_argument("--ks", default="20,50,100", help="cut-offs, comma separated")
     parser.add_argument("--device", default="cpu")

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-from pipelines.commands._common import add_data_arguments, add_protocol_arguments, job_from_args
+from pipelines.commands._common import (
+    add_config_argument,
+    add_data_arguments,
+    add_protocol_arguments,
+    add_run_arguments,
+    job_from_args,
+    replace_given,
+)
 from pipelines.tracking_hooks import add_tracking_arguments
 
 DEFAULT_PRESET = "ml-latest-small"
@@ -25,9 +31,8 @@ def register(subparsers: Any) -> None:
             "parent MLflow run with a child run per model."
         ),
     )
-    parser.add_argument(
-        "--config",
-        metavar="TOML",
+    add_config_argument(
+        parser,
         default=DEFAULT_PRESET,
         help=f"experiment config or preset name (default {DEFAULT_PRESET})",
     )
@@ -38,13 +43,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--epochs", type=int, help="epochs of every autoencoder (override)")
     add_data_arguments(parser)
     add_protocol_arguments(parser)
-    run = parser.add_argument_group("run")
-    run.add_argument(
-        "--output", "-o", type=Path, help="run directory (default runs/experiment-...)"
-    )
-    run.add_argument("--threads", type=int, help="torch, BLAS and implicit threads")
-    run.add_argument("--device", help="device of the autoencoders: auto, cpu, cuda, cuda:N")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_arguments(parser, output_help="run directory (default runs/experiment-...)")
     add_tracking_arguments(parser)
     parser.add_argument("--registered-model", help="register the Mult-VAE bundle under this name")
     parser.add_argument("--alias", help="registry alias to move to it (default staging)")
@@ -52,8 +51,6 @@ def register(subparsers: Any) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from pipelines.cli import CLIError
     from pipelines.experiment import experiment_from_dict, run_experiment
     from pipelines.settings import read_toml
@@ -73,14 +70,12 @@ def run_command(args: argparse.Namespace) -> int:
         settings = settings.with_models(labels)
     if args.epochs is not None:
         settings = settings.with_epochs(args.epochs)
-    overrides = {
-        "threads": args.threads,
-        "device": args.device,
-        "registered_model": args.registered_model,
-        "alias": args.alias,
-    }
-    settings = dataclasses.replace(
-        settings, **{key: value for key, value in overrides.items() if value is not None}
+    settings = replace_given(
+        settings,
+        threads=args.threads,
+        device=args.device,
+        registered_model=args.registered_model,
+        alias=args.alias,
     )
     tracker = make_tracker(
         track=args.track,

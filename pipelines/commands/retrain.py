@@ -19,6 +19,8 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from pipelines.commands._common import convert_argument, positive_int
+
 EXIT_CODES_HELP = (
     "exit codes: 0 challenger promoted, 3 champion kept (challenger did not pass the gate), "
     "4 data rejected by validation, 5 another run holds the lock, 1 failure, "
@@ -27,20 +29,7 @@ EXIT_CODES_HELP = (
 
 
 def _date(text: str) -> date:
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return convert_argument(text, date.fromisoformat, "a date (YYYY-MM-DD)")
 
 
 def _add_rollback_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,9 +91,9 @@ def register(subparsers: Any) -> None:
             "of decisions and plots it (timeline.png). Exits 1 if a safety expectation fails."
         ),
     )
-    simulate.add_argument("--days", type=_positive_int, default=7, help="nights to run (default 7)")
+    simulate.add_argument("--days", type=positive_int, default=7, help="nights to run (default 7)")
     simulate.add_argument(
-        "--history-days", type=_positive_int, default=21, help="backlog partitions (default 21)"
+        "--history-days", type=positive_int, default=21, help="backlog partitions (default 21)"
     )
     simulate.add_argument(
         "--output",
@@ -112,7 +101,7 @@ def register(subparsers: Any) -> None:
         type=Path,
         help="new directory for everything (default runs/nightly-sim-TIME)",
     )
-    simulate.add_argument("--epochs", type=_positive_int, default=10, help="epochs per night")
+    simulate.add_argument("--epochs", type=positive_int, default=10, help="epochs per night")
     simulate.add_argument(
         "--tolerance", type=float, default=0.01, help="gate tolerance (default 0.01)"
     )
@@ -129,7 +118,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="simulate the kill and the concurrent run inside this process (faster, no kill -9)",
     )
-    simulate.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    simulate.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     simulate.add_argument("--no-plot", action="store_true", help="skip timeline.png")
     simulate.set_defaults(func=simulate_command)
 

@@ -12,37 +12,23 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipelines.commands._common import convert_argument, positive_int
+
 APP_FACTORY = "serving.app:app_from_env"
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    value = convert_argument(text, int, "a port number")
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {value}")
     return value
 
 
 def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = convert_argument(text, float, "a number")
     if not (value == 0 or 1 <= value < float("inf")):
         raise argparse.ArgumentTypeError(f"must be 0 (off) or >= 1 second, got {text}")
     return value
@@ -74,17 +60,17 @@ def register(subparsers: Any) -> None:
     net.add_argument("--port", type=_port, help=f"port (default {DEFAULT_PORT}) [RECVAE_PORT]")
     net.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         help="worker processes, each with its own model copy (default 1) [RECVAE_WORKERS]",
     )
     net.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         help="torch threads per worker (default 1) [RECVAE_TORCH_THREADS]",
     )
     net.add_argument(
         "--micro-batch",
-        type=_positive_int,
+        type=positive_int,
         help="most concurrent requests scored as one batch, 1 = off (default 32) "
         "[RECVAE_MICRO_BATCH]",
     )
@@ -99,17 +85,17 @@ def register(subparsers: Any) -> None:
     )
     limits = parser.add_argument_group("requests")
     limits.add_argument(
-        "--default-k", type=_positive_int, help="k when a request gives none [RECVAE_DEFAULT_K]"
+        "--default-k", type=positive_int, help="k when a request gives none [RECVAE_DEFAULT_K]"
     )
-    limits.add_argument("--max-k", type=_positive_int, help="largest k allowed [RECVAE_MAX_K]")
+    limits.add_argument("--max-k", type=positive_int, help="largest k allowed [RECVAE_MAX_K]")
     limits.add_argument(
         "--max-history",
-        type=_positive_int,
+        type=positive_int,
         help="most items in one history [RECVAE_MAX_HISTORY]",
     )
     limits.add_argument(
         "--max-batch",
-        type=_positive_int,
+        type=positive_int,
         help="most histories in one batch request [RECVAE_MAX_BATCH]",
     )
     limits.add_argument(

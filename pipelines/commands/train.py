@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipelines.commands._common import (
-    add_config_argument,
-    add_data_arguments,
-    add_protocol_arguments,
-    job_from_args,
-)
+from pipelines.commands._common import add_job_arguments, job_from_args
 from pipelines.tracking_hooks import add_tracking_arguments
+
+if TYPE_CHECKING:
+    from pipelines.settings import JobSettings
 
 
 def register(subparsers: Any) -> None:
@@ -26,9 +24,7 @@ def register(subparsers: Any) -> None:
             "--output resumes from the last checkpoint."
         ),
     )
-    add_config_argument(parser)
-    add_data_arguments(parser)
-    add_protocol_arguments(parser)
+    add_job_arguments(parser)
     model = parser.add_argument_group("model and training (override the config)")
     model.add_argument("--model", choices=["multvae", "multdae", "recvae"], help="default multvae")
     model.add_argument("--epochs", type=int)
@@ -86,6 +82,26 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def train_job_from_args(args: argparse.Namespace, *, distributed: bool = False) -> JobSettings:
+    """The job that ``recvae train`` (or its torchrun twin, with ``distributed``) runs."""
+    overrides = model_overrides(args)
+    run = {
+        "device": args.device,
+        "num_threads": args.threads,
+        "progress": False if args.no_progress else None,
+        "precision": args.precision,
+        "compile": args.compile,
+    }
+    if distributed:
+        run["distributed"] = True
+    job = job_from_args(args, model=overrides, run=run)
+    if args.model and job.model.get("model") != args.model:
+        # Switching model type drops fields that belong to the other config.
+        job.model.clear()
+        job.model.update({k: v for k, v in overrides.items() if v is not None})
+    return job
+
+
 def run_command(args: argparse.Namespace) -> int:
     if args.distributed:
         from pipelines.train_ddp import run_distributed
@@ -95,22 +111,7 @@ def run_command(args: argparse.Namespace) -> int:
     from pipelines.tracking_hooks import make_tracker
     from pipelines.train_job import metric_rows
 
-    overrides = model_overrides(args)
-    job = job_from_args(
-        args,
-        model=overrides,
-        run={
-            "device": args.device,
-            "num_threads": args.threads,
-            "progress": False if args.no_progress else None,
-            "precision": args.precision,
-            "compile": args.compile,
-        },
-    )
-    if args.model and job.model.get("model") != args.model:
-        # Switching model type drops fields that belong to the other config.
-        job.model.clear()
-        job.model.update({k: v for k, v in overrides.items() if v is not None})
+    job = train_job_from_args(args)
     tracker = make_tracker(
         track=args.track,
         tracking_uri=args.tracking_uri,

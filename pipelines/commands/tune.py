@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-from pipelines.commands._common import add_data_arguments, add_protocol_arguments, job_from_args
+from pipelines.commands._common import (
+    add_config_argument,
+    add_data_arguments,
+    add_protocol_arguments,
+    add_run_arguments,
+    job_from_args,
+    replace_given,
+)
 from pipelines.tracking_hooks import add_tracking_arguments
 
 DEFAULT_PRESET = "ml-latest-small"
@@ -24,9 +30,8 @@ def register(subparsers: Any) -> None:
             "<output>/optuna.db: rerunning the command resumes it."
         ),
     )
-    parser.add_argument(
-        "--config",
-        metavar="TOML",
+    add_config_argument(
+        parser,
         default=DEFAULT_PRESET,
         help=f"config with a [tune] section, or a preset name (default {DEFAULT_PRESET})",
     )
@@ -38,16 +43,10 @@ def register(subparsers: Any) -> None:
     budget.add_argument("--sampler-seed", dest="tune_seed", type=int, help="sampler seed")
     add_data_arguments(parser)
     add_protocol_arguments(parser)
-    run = parser.add_argument_group("run")
-    run.add_argument(
-        "--output",
-        "-o",
-        type=Path,
-        help="study directory (default runs/tune-<dataset>-<model>; the same one resumes)",
+    add_run_arguments(
+        parser,
+        output_help="study directory (default runs/tune-<dataset>-<model>; the same one resumes)",
     )
-    run.add_argument("--threads", type=int, help="torch, BLAS and implicit threads")
-    run.add_argument("--device", help="device of autoencoders: auto, cpu, cuda, cuda:N")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_tracking_arguments(parser)
     parser.add_argument("--registered-model", help="register the best bundle under this name")
     parser.add_argument("--alias", default="staging", help="registry alias (default staging)")
@@ -55,8 +54,6 @@ def register(subparsers: Any) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from pipelines.cli import CLIError
     from pipelines.settings import read_toml
     from pipelines.tracking_hooks import make_tracker
@@ -69,14 +66,12 @@ def run_command(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.config} has no [tune] section: add one (see `recvae tune --help`)")
     job = job_from_args(args, run={"progress": False if args.no_progress else None})
     settings = tune_from_dict(raw, model=args.model)
-    overrides = {
-        "n_trials": args.n_trials,
-        "timeout_minutes": args.timeout_minutes,
-        "sampler": args.sampler,
-        "seed": args.tune_seed,
-    }
-    settings = dataclasses.replace(
-        settings, **{key: value for key, value in overrides.items() if value is not None}
+    settings = replace_given(
+        settings,
+        n_trials=args.n_trials,
+        timeout_minutes=args.timeout_minutes,
+        sampler=args.sampler,
+        seed=args.tune_seed,
     )
     mlflow_section = raw.get("mlflow", {})
     tracker = make_tracker(

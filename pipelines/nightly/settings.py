@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.settings import check_known_keys
+
 if TYPE_CHECKING:
     from recvae.config import ModelConfig, RunOptions
 
@@ -318,12 +320,7 @@ class NightlySettings:
         """
         from recvae.config import RunOptions
 
-        names = {f.name for f in dataclasses.fields(RunOptions)}
-        unknown = sorted(set(self.run) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown key(s) in [run]: {', '.join(unknown)} (valid: {', '.join(sorted(names))})"
-            )
+        check_known_keys(self.run, (f.name for f in dataclasses.fields(RunOptions)), "run")
         return RunOptions(**{**self.run, **extra})
 
     def replace(self, **changes: Any) -> NightlySettings:
@@ -341,12 +338,7 @@ class NightlySettings:
 def _section(raw: dict[str, Any], cls: type, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ValueError(f"[{where}] must be a table")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) in [{where}]: {', '.join(unknown)} (valid: {', '.join(sorted(names))})"
-        )
+    check_known_keys(raw, (f.name for f in dataclasses.fields(cls)), where)
     try:
         return cls(**raw)
     except TypeError as exc:  # pragma: no cover - unknown keys are caught above

@@ -55,7 +55,26 @@ if TYPE_CHECKING:
         synthetic_interactions,
     )
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DataError",
+    "DataFileNotFound",
+    "DatasetSpec",
+    "Interactions",
+    "SYNTHETIC_SHAPES",
+    "UnknownUserError",
+    "get_dataset_spec",
+    "interactions_from_frame",
+    "list_datasets",
+    "load_dataset",
+    "load_dataset_frame",
+    "load_interactions",
+    "planted_interactions",
+    "read_frame",
+    "read_ml100k",
+    "read_ml1m",
+    "read_movielens_csv",
+    "synthetic_interactions",
+]
 
 
 def __getattr__(name: str) -> Any:

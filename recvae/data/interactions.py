@@ -217,7 +217,8 @@ class Interactions:
         return Interactions(self.matrix[:, idx].tocsr(), self.user_ids, self.item_ids[idx])
 
     def user_counts(self) -> NDArray[np.int64]:
-        return np.diff(self.matrix.indptr).astype(np.int64)
+        indptr: NDArray[np.integer[Any]] = self.matrix.indptr
+        return np.diff(indptr).astype(np.int64)
 
     def item_counts(self) -> NDArray[np.int64]:
         return np.bincount(self.matrix.indices, minlength=self.n_items).astype(np.int64)
