@@ -232,3 +232,36 @@ def test_serve_command_fails_on_a_corrupted_bundle(tiny_bundle: Path, tmp_path: 
     assert result.returncode == 3
     assert "checksum of item_ids.json does not match" in result.stderr
     assert "the server did not start" in result.stderr
+
+
+def test_multi_worker_listener_keeps_tcp_nodelay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With several workers the listener says IPPROTO_TCP, so asyncio sets TCP_NODELAY on every
+    accepted connection (uvicorn's own listener does not: ~40 ms per keep-alive request)."""
+    import uvicorn
+    import uvicorn.supervisors
+
+    from pipelines.commands import serve
+
+    seen: dict[str, Any] = {}
+
+    class FakeSupervisor:
+        def __init__(self, config: Any, sockets: list[socket.socket]) -> None:
+            seen["workers"], seen["sockets"] = config.workers, sockets
+
+        def run(self) -> None:
+            seen["ran"] = True
+
+    monkeypatch.setattr(uvicorn.supervisors, "Multiprocess", FakeSupervisor)
+    serve._run_uvicorn(uvicorn, 2, factory=True, host="127.0.0.1", port=free_port())
+    (listener,) = seen["sockets"]
+    try:
+        assert seen["workers"] == 2 and seen["ran"]
+        assert listener.proto == socket.IPPROTO_TCP
+        listener.listen()
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        assert accepted.proto == socket.IPPROTO_TCP  # what asyncio checks before TCP_NODELAY
+        accepted.close()
+        client.close()
+    finally:
+        listener.close()
