@@ -510,7 +510,7 @@ class Trainer:
                     # Reading the loss waits for the device: only every few steps.
                     elapsed = max(time.perf_counter() - start_time, 1e-9)
                     bar.set_postfix(
-                        loss=f"{float(loss):.2f}",
+                        loss=f"{float(loss.detach()):.2f}",
                         beta=f"{beta:.3f}",
                         users_s=f"{bar.n / elapsed:,.0f}",
                     )
