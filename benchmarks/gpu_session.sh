@@ -14,6 +14,8 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh pack           # $OUT/quality.tgz of the results
 #
 # DEADLINE (a time in seconds since the epoch) cuts the quality steps short in time to pack.
+# A rerun with the same QOUT skips the results already there (the searches skip finished
+# combinations too), so unpacking an earlier quality.tgz into QOUT resumes where it stopped.
 # SMOKE=1 shrinks every run to an epoch or two, to check the script itself on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,14 +77,15 @@ phase_quality() {
     rec_grid='{"gamma": [0.0025, 0.01]}'
     if smoke; then lambdas=500 vae_grid='{"beta_max": [0.2]}' rec_grid='{"gamma": [0.01]}'; fi
     # EASE (lambda on validation); Mult-VAE, RecVAE and Mult-DAE with their papers' settings.
-    step q quality_run.py --dataset "$d" --model ease --name ease --lambdas "$lambdas" --test
-    step q quality_run.py --dataset "$d" --model multvae --name multvae-paper --test \
-        --save-bundle --set "epochs=$(epochs 200)"
-    step q quality_run.py --dataset "$d" --model recvae --name recvae-paper --test \
-        --save-bundle --set "epochs=$(epochs 50)"
-    step blend "$d" blend-paper
-    step q quality_run.py --dataset "$d" --model multdae --name multdae-paper --test \
-        --set "epochs=$(epochs 200)"
+    step once "$d" ease q quality_run.py --dataset "$d" --model ease --name ease \
+        --lambdas "$lambdas" --test
+    step once "$d" multvae-paper q quality_run.py --dataset "$d" --model multvae \
+        --name multvae-paper --test --save-bundle --set "epochs=$(epochs 200)"
+    step once "$d" recvae-paper q quality_run.py --dataset "$d" --model recvae \
+        --name recvae-paper --test --save-bundle --set "epochs=$(epochs 50)"
+    step once "$d" blend-paper blend "$d" blend-paper
+    step once "$d" multdae-paper q quality_run.py --dataset "$d" --model multdae \
+        --name multdae-paper --test --set "epochs=$(epochs 200)"
     # Tuned: validation grids (longer training with early stopping for Mult-VAE).
     step q quality_search.py --dataset "$d" --model multvae --prefix multvae-s1 \
         --set "epochs=$(epochs 400)" --set patience=50 --grid "$vae_grid"
@@ -101,12 +104,21 @@ step() {  # run a step with the time left before DEADLINE (if set); skip it when
             return 0
         fi
         # timeout runs programs, not functions: the functions and settings go to a child bash.
-        export -f q blend test_best best_of smoke epochs
+        export -f q blend test_best best_of smoke epochs once
         export PY OUT CACHE DEVICE THREADS QOUT
         timeout "$left" bash -c '"$@"' bash "$@" || echo "FAILED or cut ($?): $*" >&2
     else
         "$@" || echo "FAILED ($?): $*" >&2
     fi
+}
+
+once() {  # once DATASET NAME CMD...: run CMD unless the result NAME exists (a rerun resumes)
+    if [[ -f "$QOUT/$1/$2.json" ]]; then
+        echo "done already: $1/$2" >&2
+        return 0
+    fi
+    shift 2
+    "$@"
 }
 
 test_best() {  # score the test users of the best VAE of a model, unless already scored
