@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             num_threads=args.threads,
             progress=False,
             checkpoint_dir=str(args.out / "checkpoints" / args.dataset / args.name),
-            checkpoint_every=25,  # a gowalla checkpoint is ~0.5 GB: more than a GPU epoch
+            checkpoint_every=25,  # gowalla: ~0.8 GB a checkpoint, slower to write than an epoch
         )
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:

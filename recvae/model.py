@@ -500,10 +500,10 @@ def _scaled_softmax(logits: Tensor, lse: Tensor, scale: Tensor) -> Tensor:
     return out.to(logits.dtype)
 
 
-_FUSED: dict[str, Callable[..., Tensor]] = {}
+_FUSED: dict[Callable[..., Tensor], Callable[..., Tensor]] = {}  # eager -> compiled
 
 
-def _fused(name: str, fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
+def _fused(fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
     """``fn(*args)``, through ``torch.compile`` for CUDA tensors (one kernel per pass).
 
     Eager, each dense pass over ``(batch, n_items)`` is several kernels with float32
@@ -514,9 +514,9 @@ def _fused(name: str, fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
     """
     if not args[0].is_cuda:
         return fn(*args)
-    compiled = _FUSED.get(name)
+    compiled = _FUSED.get(fn)
     if compiled is None:
-        compiled = _FUSED[name] = torch.compile(fn, dynamic=True)
+        compiled = _FUSED[fn] = torch.compile(fn, dynamic=True)
     try:
         return compiled(*args)
     except Exception as exc:  # any compiler failure: the eager function computes the same
@@ -524,11 +524,11 @@ def _fused(name: str, fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
             raise
         logging.getLogger(__name__).warning(
             "torch.compile of %s failed (%s: %s); using eager kernels",
-            name,
+            fn.__name__,
             type(exc).__name__,
             exc,
         )
-        _FUSED[name] = fn
+        _FUSED[fn] = fn
         return fn(*args)
 
 
@@ -546,7 +546,7 @@ class _SparseNLL(torch.autograd.Function):
         ctx: Any, logits: Tensor, row_of: Tensor, indices: Tensor, values: Tensor
     ) -> Tensor:
         dtype = _nll_dtype(logits)
-        lse = _fused("logsumexp_rows", _logsumexp_rows, logits)  # (batch,)
+        lse = _fused(_logsumexp_rows, logits)  # (batch,)
         values = values.to(dtype)
         picked = (logits[row_of, indices].to(dtype) - lse[row_of]) * values  # (nnz,) x log p
         per_user = torch.zeros(logits.shape[0], dtype=dtype, device=logits.device)
@@ -559,7 +559,7 @@ class _SparseNLL(torch.autograd.Function):
         logits, lse, row_of, indices, values = ctx.saved_tensors
         grad = grad.to(lse.dtype)
         n_per_user = torch.zeros_like(grad).index_add_(0, row_of, values)  # (batch,)
-        out = _fused("scaled_softmax", _scaled_softmax, logits, lse, grad * n_per_user)
+        out = _fused(_scaled_softmax, logits, lse, grad * n_per_user)
         out.index_put_((row_of, indices), (-(values * grad[row_of])).to(out.dtype), accumulate=True)
         return out, None, None, None
 

@@ -8,7 +8,6 @@ variables (the variables the app reads anyway), which also reach every worker pr
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import socket
 from pathlib import Path
@@ -150,8 +149,8 @@ def _run_uvicorn(uvicorn: Any, workers: int, **options: Any) -> None:
     accepted connections inherit it, and asyncio only sets ``TCP_NODELAY`` on sockets that say
     ``IPPROTO_TCP``. Nagle's algorithm then holds each response's second segment until the
     client's delayed ACK: about 40 ms on every keep-alive request after the first (measured
-    here: 48 ms per sequential request with 2 workers, 7 ms with 1; uvicorn issue #3149). The
-    listener is rebuilt on the same file descriptor with ``IPPROTO_TCP``.
+    with ``benchmarks/serve_keepalive.py``, see BENCHMARKS.md; uvicorn issue #3149). The listener
+    is rebuilt on the same file descriptor with ``IPPROTO_TCP``.
     """
     if workers == 1:
         uvicorn.run(APP_FACTORY, **options)
@@ -164,11 +163,7 @@ def _run_uvicorn(uvicorn: Any, workers: int, **options: Any) -> None:
         listener = socket.socket(
             listener.family, listener.type, socket.IPPROTO_TCP, fileno=listener.detach()
         )
-    if "target" in inspect.signature(Multiprocess).parameters:  # older uvicorn
-        server = uvicorn.Server(config=config)
-        Multiprocess(config, target=server.run, sockets=[listener]).run()
-    else:
-        Multiprocess(config, sockets=[listener]).run()
+    Multiprocess(config, sockets=[listener]).run()
 
 
 def _log_config(uvicorn: Any, level: str) -> dict[str, Any]:
