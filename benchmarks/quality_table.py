@@ -59,6 +59,13 @@ def _params(record: dict[str, Any]) -> str:
             f"VAE `{config['vae']}` x {weight:g} + EASE(lambda {config['ease_lambda']:g})"
             f" x {1 - weight:g}, {config['normalization']}"
         )
+    if model == "ensemble":
+        members = config["members"]
+        inner = {"config": config.get("member_config") or {}}
+        return (
+            f"{len(members)} seeds of ({_params(inner)}), mean of "
+            f"{'log-probabilities' if config['combine'] == 'log_softmax' else 'probabilities'}"
+        )
     keys = _SHOWN.get(str(model), tuple(k for k in config if k != "model"))
     parts = [f"{k}={_fmt(config[k])}" for k in keys if k in config]
     if record.get("best_epoch") is not None:

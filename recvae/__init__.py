@@ -40,6 +40,8 @@ _EXPORTS: dict[str, str] = {
     # blends of two rankers
     "Blend": "recvae.blend",
     "select_blend_weight": "recvae.blend",
+    # ensembles of several rankers (e.g. one VAE trained with several seeds)
+    "Ensemble": "recvae.ensemble",
     # training
     "train": "recvae.training",
     "Trainer": "recvae.training",

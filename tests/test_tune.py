@@ -65,9 +65,16 @@ def test_presets_have_valid_spaces() -> None:
         if "tune" not in raw:
             continue
         settings = tune_from_dict(raw)
-        assert settings.spec.model == "multvae" and settings.space
-        for label in ("ease", "als", "bpr", "itemknn"):
+        assert settings.spec.model == raw["tune"]["model"] and settings.space
+        for label in raw["tune"].get("spaces", {}):
             assert tune_from_dict(raw, model=label).spec.model == label
+
+
+def test_recvae_lastfm_preset_tunes_recvae_with_its_fixed_settings() -> None:
+    settings = tune_from_dict(read_toml(CONFIG_DIR / "recvae-lastfm.toml"))
+    assert settings.spec.model == "recvae"
+    assert settings.spec.config.epochs == 150 and settings.spec.config.patience == 15
+    assert {"gamma", "dropout", "hidden_dim", "n_layers"} <= {p.name for p in settings.space}
 
 
 def test_space_and_settings_errors() -> None:
