@@ -36,6 +36,7 @@ _SHOWN: dict[str, tuple[str, ...]] = {
     "recvae": (
         "hidden_dim",
         "latent_dim",
+        "n_layers",
         "gamma",
         "dropout",
         "weight_decay",
