@@ -100,6 +100,21 @@ def score(ranker: Ranker, held_out: HeldOut, split: Split, device: str = "cpu") 
     )
 
 
+def test_summary(
+    ranker: Ranker, split: Split, dataset: str, name: str, device: str = "cpu"
+) -> dict[str, Any]:
+    """Score the test users (once per final configuration), log NDCG@100 and return the summary."""
+    test = score(ranker, split.test, split, device)
+    logger.info(
+        "%s %s TEST ndcg@100 %.4f ± %.4f",
+        dataset,
+        name,
+        test.mean("ndcg@100"),
+        test.stderr("ndcg@100"),
+    )
+    return summary(test)
+
+
 def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

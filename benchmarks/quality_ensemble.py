@@ -20,7 +20,16 @@ import json
 import time
 from typing import Any
 
-from quality_common import common_arguments, load_split, logger, score, start, summary, write_result
+from quality_common import (
+    common_arguments,
+    load_split,
+    logger,
+    score,
+    start,
+    summary,
+    test_summary,
+    write_result,
+)
 
 from recvae.ensemble import Ensemble
 from recvae.recommender import Recommender
@@ -89,15 +98,7 @@ def main() -> None:
         out["validation"]["ndcg@100"]["mean"],
     )
     if args.test:
-        test = score(chosen, split.test, split, args.device)
-        out["test"] = summary(test)
-        logger.info(
-            "%s %s TEST ndcg@100 %.4f ± %.4f",
-            args.dataset,
-            args.name,
-            test.mean("ndcg@100"),
-            test.stderr("ndcg@100"),
-        )
+        out["test"] = test_summary(chosen, split, args.dataset, args.name, args.device)
     write_result(args.out, args.dataset, args.name, out)
 
 

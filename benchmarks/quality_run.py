@@ -29,6 +29,7 @@ from quality_common import (
     score,
     start,
     summary,
+    test_summary,
     write_result,
 )
 
@@ -169,15 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         record["train_seconds"],
     )
     if args.test:
-        test = score(ranker, split.test, split, args.device)
-        record["test"] = summary(test)
-        logger.info(
-            "%s %s TEST ndcg@100 %.4f ± %.4f",
-            args.dataset,
-            args.name,
-            test.mean("ndcg@100"),
-            test.stderr("ndcg@100"),
-        )
+        record["test"] = test_summary(ranker, split, args.dataset, args.name, args.device)
     record["command"] = " ".join(sys.argv)
     write_result(args.out, args.dataset, args.name, record)
     return record

@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from quality_common import common_arguments, load_split, logger, score, start, summary, write_result
+from quality_common import (
+    common_arguments,
+    load_split,
+    score,
+    start,
+    summary,
+    test_summary,
+    write_result,
+)
 
 from recvae.recommender import Recommender
 
@@ -106,16 +114,8 @@ def main() -> None:
         if "test" in record:
             raise SystemExit(f"{path} already has test metrics: the test users are scored once")
         rec = Recommender.load(record["bundle"], device=args.device)
-    test = score(rec, split.test, split, args.device)
-    record["test"] = summary(test)
+    record["test"] = test_summary(rec, split, args.dataset, args.name, args.device)
     record["test_scored"] = time.strftime("%F %T")
-    logger.info(
-        "%s %s TEST ndcg@100 %.4f ± %.4f",
-        args.dataset,
-        args.name,
-        test.mean("ndcg@100"),
-        test.stderr("ndcg@100"),
-    )
     record = {k: v for k, v in record.items() if k not in ("dataset", "name", "written")}
     write_result(args.out, args.dataset, args.name, record)
 

@@ -92,10 +92,13 @@ class Ensemble:
     def score(self, histories: sp.csr_array) -> torch.Tensor:
         """Combined log-probabilities, ``(n_users, n_items)`` float32 (history items not masked).
 
-        An item a member of positive weight scores ``-inf`` stays ``-inf``.
+        Members of weight 0 are not asked to score; an item any other member scores ``-inf``
+        stays ``-inf``.
         """
         total: torch.Tensor | None = None
         for member, weight in zip(self.members, self.weights, strict=True):
+            if weight == 0:
+                continue
             raw: Any = member.score(histories)
             s = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(np.asarray(raw))
             s = s.to(self.device, dtype=torch.float32)
@@ -107,7 +110,6 @@ class Ensemble:
             s = torch.log_softmax(s, dim=-1)
             if self.combine == "softmax":
                 s = torch.exp(s)
-            part = weight * s if weight > 0 else torch.zeros_like(s)
-            total = part if total is None else total + part
+            total = weight * s if total is None else total + weight * s
         assert total is not None
         return torch.log(total) if self.combine == "softmax" else total
