@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from recvae import cpu_runtime
 from recvae.config import ModelConfig, MultDAEConfig, MultVAEConfig
 
 __all__ = [
@@ -249,9 +250,25 @@ class SparseBatch:
         return dataclasses.replace(self, dropout_mask=dropout_mask, eps=eps)
 
 
-def _linear_layers(dims: Sequence[int]) -> nn.ModuleList:
-    """``nn.Linear(dims[i], dims[i + 1])`` for each consecutive pair, in order."""
-    return nn.ModuleList([nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)])
+class OutputLinear(nn.Linear):
+    """``nn.Linear`` for a layer over all items: on the CPU its product runs on whichever BLAS
+    is faster for the shape (:func:`recvae.cpu_runtime.linear`); elsewhere plain ``F.linear``.
+    Same parameters, ``state_dict`` and initialization as ``nn.Linear``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return cpu_runtime.linear(x, self.weight, self.bias)
+
+
+def _linear_layers(dims: Sequence[int], *, output: bool = False) -> nn.ModuleList:
+    """``nn.Linear(dims[i], dims[i + 1])`` for each consecutive pair, in order; with ``output``
+    the last is an :class:`OutputLinear`."""
+    pairs = list(zip(dims[:-1], dims[1:], strict=True))
+    return nn.ModuleList(
+        [
+            OutputLinear(a, b) if output and i == len(pairs) - 1 else nn.Linear(a, b)
+            for i, (a, b) in enumerate(pairs)
+        ]
+    )
 
 
 class _Autoencoder(nn.Module):
@@ -290,7 +307,7 @@ class _Autoencoder(nn.Module):
         self.n_items = n_items
         self._act = _ACTIVATIONS[config.activation]
         self.encoder = _linear_layers(encoder_dims)
-        self.decoder = _linear_layers(decoder_dims)
+        self.decoder = _linear_layers(decoder_dims, output=True)
         self.drop = nn.Dropout(config.dropout)
         for layer in [*self.encoder, *self.decoder]:
             _init_linear(layer)
@@ -300,7 +317,7 @@ class _Autoencoder(nn.Module):
         """Logits over all items for codes ``z`` (``(batch, latent)`` -> ``(batch, n_items)``)."""
         h = z
         for i, layer in enumerate(self.decoder):
-            h = layer(h)
+            h = layer(h)  # the last: (batch, n_items)
             if i < len(self.decoder) - 1:
                 h = self._act(h)
         return h
@@ -500,6 +517,33 @@ def _scaled_softmax(logits: Tensor, lse: Tensor, scale: Tensor) -> Tensor:
     return out.to(logits.dtype)
 
 
+_CHUNK_ELEMENTS = 1 << 18  # rows per CPU chunk: about 1 MiB of float32, so passes stay in cache
+
+
+def _softmax_rows_chunked(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``(softmax(f_u), logsumexp(f_u))`` per row, in float32 (float64 for float64 logits).
+
+    The CPU form of the likelihood's dense passes: a block of rows at a time, so the shift by
+    the row maximum, ``exp``, the sum and the normalization run in cache, and the logits are
+    read once and the probabilities written once. The backward pass then scales the saved
+    probabilities instead of computing ``exp`` again.
+    """
+    dtype = _nll_dtype(logits)
+    n_rows, n_cols = logits.shape
+    probs = torch.empty((n_rows, n_cols), dtype=dtype, device=logits.device)  # (batch, n_items)
+    lse = torch.empty(n_rows, dtype=dtype, device=logits.device)  # (batch,)
+    step = max(1, _CHUNK_ELEMENTS // max(n_cols, 1))
+    for lo in range(0, n_rows, step):
+        block = logits[lo : lo + step].to(dtype)
+        top = block.amax(dim=1, keepdim=True)  # (rows, 1)
+        out = torch.sub(block, top, out=probs[lo : lo + step])
+        out.exp_()
+        total = out.sum(dim=1, keepdim=True)  # (rows, 1)
+        out.div_(total)
+        lse[lo : lo + step] = (top + total.log()).squeeze(1)
+    return probs, lse
+
+
 _FUSED: dict[Callable[..., Tensor], Callable[..., Tensor]] = {}  # eager -> compiled
 
 
@@ -538,7 +582,9 @@ class _SparseNLL(torch.autograd.Function):
     ``nll_u = n_u lse(f_u) - sum_{i in u} x_ui f_ui`` with ``n_u = sum_i x_ui``. Saves the logits
     (in their own dtype: bf16 under autocast) and one ``logsumexp`` per row, not a dense float32
     ``log_softmax``: half the memory at bf16, and no dense write in the forward pass. The dense
-    passes run fused on CUDA (:func:`_fused`).
+    passes run fused on CUDA (:func:`_fused`). On the CPU, where nothing fuses them, the
+    forward pass saves the probabilities instead (:func:`_softmax_rows_chunked`, the same
+    memory as float32 logits), so the backward pass is one scaling, not a second ``exp``.
     """
 
     @staticmethod
@@ -546,20 +592,29 @@ class _SparseNLL(torch.autograd.Function):
         ctx: Any, logits: Tensor, row_of: Tensor, indices: Tensor, values: Tensor
     ) -> Tensor:
         dtype = _nll_dtype(logits)
-        lse = _fused(_logsumexp_rows, logits)  # (batch,)
+        ctx.saved_probs = logits.device.type == "cpu"
+        if ctx.saved_probs:
+            dense, lse = _softmax_rows_chunked(logits)  # (batch, n_items) probabilities
+        else:
+            dense, lse = logits, _fused(_logsumexp_rows, logits)  # (batch,)
         values = values.to(dtype)
         picked = (logits[row_of, indices].to(dtype) - lse[row_of]) * values  # (nnz,) x log p
         per_user = torch.zeros(logits.shape[0], dtype=dtype, device=logits.device)
-        ctx.save_for_backward(logits, lse, row_of, indices, values)
+        ctx.logits_dtype = logits.dtype
+        ctx.save_for_backward(dense, lse, row_of, indices, values)
         return -per_user.index_add_(0, row_of, picked)  # (batch,)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        logits, lse, row_of, indices, values = ctx.saved_tensors
+        dense, lse, row_of, indices, values = ctx.saved_tensors
         grad = grad.to(lse.dtype)
         n_per_user = torch.zeros_like(grad).index_add_(0, row_of, values)  # (batch,)
-        out = _fused(_scaled_softmax, logits, lse, grad * n_per_user)
+        scale = (grad * n_per_user).unsqueeze(1)  # (batch, 1)
+        if ctx.saved_probs:  # a new tensor: the saved probabilities stay intact
+            out = torch.mul(dense, scale).to(ctx.logits_dtype)
+        else:
+            out = _fused(_scaled_softmax, dense, lse, scale.squeeze(1))
         out.index_put_((row_of, indices), (-(values * grad[row_of])).to(out.dtype), accumulate=True)
         return out, None, None, None
 

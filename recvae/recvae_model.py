@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from recvae.config import ModelConfig, register_config
 from recvae.data.interactions import Interactions
-from recvae.model import MODEL_TYPES, l2_penalty
+from recvae.model import MODEL_TYPES, OutputLinear, l2_penalty
 from recvae.training import (
     CheckpointMismatchError,
     EpochCallback,
@@ -424,7 +424,7 @@ class RecVAE(nn.Module):
         self.config = config
         self.n_items = n_items
         self.encoder = RecVAEEncoder(n_items, config)
-        self.decoder = nn.Linear(config.latent_dim, n_items)
+        self.decoder = OutputLinear(config.latent_dim, n_items)
         _init_linear(self.decoder)
 
     @property
@@ -438,7 +438,7 @@ class RecVAE(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """Logits over all items (``(batch, latent)`` -> ``(batch, n_items)``)."""
-        return cast(Tensor, self.decoder(z))
+        return cast(Tensor, self.decoder(z))  # (batch, n_items)
 
     def reparameterize(self, mu: Tensor, logvar: Tensor) -> Tensor:
         """``z = mu + exp(logvar / 2) * eps`` in training; ``mu`` in eval mode."""

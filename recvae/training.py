@@ -34,6 +34,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 
+from recvae import cpu_runtime
 from recvae import distributed as dist_utils
 from recvae.config import ModelConfig, MultVAEConfig, RunOptions
 from recvae.data.interactions import Interactions
@@ -469,6 +470,10 @@ class Trainer:
         return batch.with_noise(dropout_mask=mask, eps=eps)
 
     def _run_epoch(self, epoch: int) -> dict[str, float]:
+        with cpu_runtime.reuse_freed_memory(self.device):
+            return self._run_epoch_steps(epoch)
+
+    def _run_epoch_steps(self, epoch: int) -> dict[str, float]:
         self.model.train()
         cfg = self.config
         n_users = self.data.n_users
@@ -581,6 +586,11 @@ class Trainer:
         """Train (resuming from a checkpoint when one exists) and return the best model."""
         if not self.try_resume() and self.initial_state is not None:
             self.model.load_state_dict(self.initial_state)
+        with cpu_runtime.reuse_freed_memory(self.device):
+            self._fit_loop()
+        return self._finish()
+
+    def _fit_loop(self) -> None:
         cfg = self.config
         s = self.state
         while s.epoch < cfg.epochs and not s.stopped_early:
@@ -627,7 +637,6 @@ class Trainer:
             )
             if self.on_epoch is not None:
                 self.on_epoch(epoch, dict(metrics))
-        return self._finish()
 
     def _finish(self) -> Recommender:
         s = self.state

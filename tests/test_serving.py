@@ -168,7 +168,10 @@ def test_recommendation_matches_the_recommender(client: TestClient, rec: Recomme
     body = client.post("/v1/recommendations", json={"history": history, "k": 6}).json()
     expected = rec.recommend_from_history(history, k=6).to_lists()[0]
     assert items_of(body) == [item for item, _ in expected]
-    np.testing.assert_allclose([e["score"] for e in body["items"]], [s for _, s in expected])
+    # float32 scores from two code paths: equal up to float32 rounding, not bit for bit.
+    np.testing.assert_allclose(
+        [e["score"] for e in body["items"]], [s for _, s in expected], rtol=1e-6
+    )
     assert body["model_version"] == rec.version
     assert body["unknown_items"] == []
     assert body["fallback"] is None

@@ -1,0 +1,169 @@
+"""The CPU training runtime: heap reuse and the BLAS choice for the logits product."""
+
+from __future__ import annotations
+
+import resource
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from recvae import cpu_runtime, model
+from recvae.config import MultVAEConfig
+from recvae.model import OutputLinear, SparseBatch, build_model, sparse_multinomial_nll
+
+needs_glibc = pytest.mark.skipif(
+    cpu_runtime._glibc() is None, reason="heap reuse needs glibc (Linux)"
+)
+needs_numpy_blas = pytest.mark.skipif(
+    cpu_runtime._numpy_blas() is None, reason="NumPy's OpenBLAS not found (or no threadpoolctl)"
+)
+
+
+@pytest.fixture
+def forced_choice(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Set the BLAS choice for a shape without timing anything."""
+    choices: dict[tuple[int, int, int], str] = {}
+    monkeypatch.setattr(cpu_runtime, "_choices", choices)
+
+    def force(n_in: int, n_out: int, which: str) -> None:
+        choices[(n_in, n_out, torch.get_num_threads())] = which
+
+    return force
+
+
+@needs_numpy_blas
+@pytest.mark.parametrize("which", ["numpy", "torch"])
+def test_linear_matches_f_linear_and_its_gradients(forced_choice, which: str) -> None:  # type: ignore[no-untyped-def]
+    forced_choice(48, 1500, which)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 48, generator=gen)
+    weight = torch.randn(1500, 48, generator=gen)
+    bias = torch.randn(1500, generator=gen)
+    upstream = torch.randn(70, 1500, generator=gen)
+    inputs = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+    expected_inputs = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+    out = cpu_runtime.linear(*inputs)
+    expected = F.linear(*expected_inputs)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    (out * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    for got, want in zip(inputs, expected_inputs, strict=True):
+        assert got.grad is not None and want.grad is not None
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-3)
+    # Without autograd (scoring), and without a bias.
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            cpu_runtime.linear(x, weight), x @ weight.T, rtol=1e-5, atol=1e-4
+        )
+
+
+@needs_numpy_blas
+def test_linear_times_both_once_per_shape_and_keeps_the_choice(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(cpu_runtime, "_choices", {})
+    x, weight = torch.randn(64, 16), torch.randn(1024, 16)
+    out = cpu_runtime.linear(x, weight)
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-4)
+    choices = cpu_runtime.blas_choices()
+    assert list(choices) == [(16, 1024, torch.get_num_threads())]
+    assert choices[(16, 1024, torch.get_num_threads())] in ("numpy", "torch")
+    calls: list[str] = []
+
+    def timed(*args: object) -> str:
+        calls.append("timed")
+        return "torch"
+
+    monkeypatch.setattr(cpu_runtime, "_choose", timed)
+    cpu_runtime.linear(x, weight)
+    assert calls == []  # decided once
+
+
+def test_small_or_foreign_products_are_plain_f_linear(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(cpu_runtime, "_choices", {})
+    monkeypatch.setattr(cpu_runtime, "_choose", lambda *a: pytest.fail("timed a small product"))
+    for x, weight in [
+        (torch.randn(10, 8), torch.randn(5000, 8)),  # few rows
+        (torch.randn(100, 8), torch.randn(50, 8)),  # few outputs
+        (torch.randn(100, 8, dtype=torch.float64), torch.randn(5000, 8, dtype=torch.float64)),
+        (torch.randn(8, 100).T, torch.randn(5000, 8)),  # not contiguous
+    ]:
+        torch.testing.assert_close(cpu_runtime.linear(x, weight), F.linear(x, weight))
+    assert cpu_runtime.blas_choices() == {}
+
+
+def test_output_layer_is_a_linear_with_the_same_state_and_initialization() -> None:
+    torch.manual_seed(3)
+    plain = torch.nn.Linear(20, 3000)
+    torch.manual_seed(3)
+    out = OutputLinear(20, 3000)
+    assert out.state_dict().keys() == plain.state_dict().keys()
+    torch.testing.assert_close(out.weight, plain.weight)
+    vae = build_model(MultVAEConfig(hidden_dims=(8,), latent_dim=4), n_items=3000)
+    decoder = vae.decoder
+    assert isinstance(decoder, torch.nn.ModuleList) and isinstance(decoder[-1], OutputLinear)
+    hits: list[tuple[int, ...]] = []
+    decoder[-1].register_forward_hook(lambda m, a, o: hits.append(tuple(o.shape)))
+    vae.eval()
+    with torch.no_grad():
+        vae(torch.zeros(2, 3000))
+    assert hits == [(2, 3000)]  # a module: hooks see its output
+
+
+@pytest.mark.parametrize("chunk", [40, 1 << 18])
+def test_chunked_softmax_equals_torch_softmax(monkeypatch, chunk: int) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(model, "_CHUNK_ELEMENTS", chunk)  # 40: one row per block
+    logits = torch.randn(9, 31) * 30  # large logits: the shift by the maximum matters
+    logits[3] += 500.0
+    probs, lse = model._softmax_rows_chunked(logits)
+    torch.testing.assert_close(probs, torch.softmax(logits, dim=1))
+    torch.testing.assert_close(lse, torch.logsumexp(logits, dim=1))
+    # The likelihood and its gradient through the CPU path, against the dense formula.
+    matrix = sp.random_array((9, 31), density=0.3, random_state=1, format="csr")
+    matrix.data[:] = 1.0
+    batch = SparseBatch.from_scipy(matrix.astype(np.float32))
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    sparse_multinomial_nll(a, batch).backward()
+    x = torch.from_numpy(matrix.toarray().astype(np.float32))
+    (-(F.log_softmax(b, dim=1) * x).sum(dim=1).mean()).backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def _faults_per_step(n_bytes: int, *, warm: int = 10, measured: int = 4) -> float:
+    """Mean minor page faults of a step that allocates, fills and frees a large tensor.
+
+    Like a training step, each also leaves a small allocation behind while the large one
+    lives; the first ``warm`` steps (the heap finding its steady state) are not counted.
+    """
+    small: list[bytearray] = []
+    faults = []
+    for i in range(warm + measured):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        big = torch.empty(n_bytes // 4).fill_(1.0)
+        small.append(bytearray(1000 + i))
+        del big
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return float(np.mean(faults[warm:]))
+
+
+@needs_glibc
+def test_reuse_freed_memory_stops_page_faults_on_large_blocks() -> None:
+    size = 96 * 1024 * 1024  # above glibc's largest mmap threshold (32 MiB)
+    pages = size // resource.getpagesize()
+    assert _faults_per_step(size, warm=2) > pages // 2  # default: fresh pages every step
+    with cpu_runtime.reuse_freed_memory("cpu") as active:
+        assert active
+        with cpu_runtime.reuse_freed_memory("cpu") as nested:  # re-entrant
+            assert nested
+        assert cpu_runtime._heap_depth == 1
+        assert _faults_per_step(size) < pages // 10  # freed blocks are reused
+    assert cpu_runtime._heap_depth == 0
+    assert _faults_per_step(size, warm=2) > pages // 2  # restored on exit
+
+
+def test_reuse_freed_memory_does_nothing_off_the_cpu() -> None:
+    with cpu_runtime.reuse_freed_memory(torch.device("cuda")) as active:
+        assert not active
+    assert cpu_runtime._heap_depth == 0
