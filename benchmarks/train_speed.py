@@ -12,10 +12,15 @@ reference and the project's epochs alternate so that both see the same machine l
   row slice, ``toarray()`` and a copy to the device, the dense model (plain first layer, dropout
   over the whole ``(batch, n_items)`` input), the dense target ``-(log_softmax(logits) * x)``,
   fp32, batch 500, ``torch.optim.Adam`` with its default implementation.
+- ``reference+heap`` (CPU only): the same reference steps inside
+  :func:`recvae.cpu_runtime.reuse_freed_memory`, which the project's trainer uses on the CPU: it
+  shows how much of the project's speed-up the heap setting alone would give the original code.
+  The speed-up column stays relative to the plain ``reference`` row.
 - ``project``: :class:`recvae.training.Trainer` as ``recvae train`` runs it (device-resident CSR
-  batches, sparse first layer and likelihood, fused Adam); on CUDA also with bf16 autocast, at
-  batch 4,096 and, where there are at least twice as many users, with the large batch of
-  ``pipelines/configs/gpu-large-batch.toml``, eager and with ``RunOptions.compile``
+  batches, sparse first layer and likelihood, fused Adam; on the CPU also the heap reuse and the
+  faster BLAS for the logits product of :mod:`recvae.cpu_runtime`); on CUDA also with bf16
+  autocast, at batch 4,096 and, where there are at least twice as many users, with the large
+  batch of ``pipelines/configs/gpu-large-batch.toml``, eager and with ``RunOptions.compile``
   (``project+compile``).
 
 Datasets: ml-1m and gowalla (PROTOCOL.md splits) on the CPU and, when CUDA is present, on the
@@ -56,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recvae import cpu_runtime
 from recvae.config import MultVAEConfig, RunOptions
 from recvae.data import Interactions, synthetic_interactions
 from recvae.evaluation import evaluate
@@ -224,6 +230,14 @@ def _timed_epoch(
         row.peak_gpu_bytes = max(row.peak_gpu_bytes or 0, peak)
 
 
+def _with_heap_reuse(run: Runner) -> Runner:
+    def wrapped(epoch: int, max_steps: int | None = None) -> None:
+        with cpu_runtime.reuse_freed_memory("cpu"):
+            run(epoch, max_steps)
+
+    return wrapped
+
+
 def measure(
     name: str,
     data: Interactions,
@@ -233,6 +247,8 @@ def measure(
 ) -> list[Row]:
     """Time the reference and the project's paths on ``data``, alternating their epochs."""
     variants: list[tuple[str, MultVAEConfig, str]] = [("reference", PAPER, "fp32")]
+    if device.type == "cpu":
+        variants.append(("reference+heap", PAPER, "fp32"))
     variants.append(("project", PAPER, "fp32"))
     if device.type == "cuda":
         variants.append(("project", PAPER, "bf16"))
@@ -248,6 +264,8 @@ def measure(
         runner = (
             ReferencePath(data, config, device).run_epoch
             if path == "reference"
+            else _with_heap_reuse(ReferencePath(data, config, device).run_epoch)
+            if path == "reference+heap"
             else ProjectPath(
                 data, config, device, precision, compile=path.endswith("+compile")
             ).run_epoch

@@ -13,12 +13,13 @@ Two costs of a CPU training step that are not arithmetic, each measured on the p
   (``mallopt``: no mmap, no trimming), so later steps reuse the same pages, and hands the memory
   back to the system (``malloc_trim``) when it ends. Exact: only where memory comes from
   changes.
-- **The logits GEMM.** ``logits = h @ W.T + b`` over all items is the largest product of a
-  step. MKL's single-precision kernel for this shape ran at 42 GFLOP/s on that CPU where the
-  OpenBLAS that NumPy's wheels bundle ran at 72-88 (the two gradient products ran at about the
-  same speed in both). :func:`linear` times both once per shape and thread count in the process
-  and keeps the faster, preferring torch unless NumPy's BLAS is clearly faster; both compute
-  the same float32 product (they differ in rounding only).
+- **The products over all items.** ``logits = h @ W.T + b`` and its two gradient products are
+  the largest of a step. MKL's single-precision kernel for the forward shape ran at 39-48
+  GFLOP/s on that CPU where the OpenBLAS that NumPy's wheels bundle ran at 70-76, and OpenBLAS
+  was also faster for the weight gradient on gowalla's catalog
+  (``benchmarks/cpu_runtime.py``). :func:`linear` times both for each product once per shape and
+  thread count in the process and keeps the faster, preferring torch unless NumPy's BLAS is
+  clearly faster; both compute the same float32 product (they differ in rounding only).
 
 Neither applies off the CPU, and both fall back to plain torch where they cannot work (not
 glibc; no threadpoolctl to hold NumPy's BLAS to torch's thread count).
@@ -30,9 +31,9 @@ import ctypes
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -110,8 +111,10 @@ def reuse_freed_memory(device: torch.device | str = "cpu") -> Iterator[bool]:
 
 
 # ---------------------------------------------------------------------------- the BLAS
-_NUMPY_MARGIN = 0.85  # NumPy's BLAS is used only when it takes at most 85% of torch's time
-_choices: dict[tuple[int, int, int], str] = {}  # (in, out, threads) -> "torch" | "numpy"
+_NUMPY_MARGIN = 0.9  # NumPy's BLAS is used only when it takes at most 90% of torch's time
+#: ``(product, in_features, out_features, threads) -> "torch" | "numpy"``; the products are
+#: ``"forward"`` (``x @ W.T + b``), ``"grad_input"`` (``G @ W``), ``"grad_weight"`` (``G.T @ x``).
+_choices: dict[tuple[str, int, int, int], str] = {}
 _openblas: Any = None
 
 
@@ -130,28 +133,39 @@ def _numpy_blas() -> Any:
     return _openblas or None
 
 
-def _numpy_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, threads: int, blas: Any
-) -> Tensor:
-    """``x @ weight.T + bias`` by NumPy's BLAS on ``threads`` threads, into a torch tensor."""
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)  # (batch, out)
+def _numpy_matmul(a: Tensor, b: Tensor, threads: int, blas: Any) -> Tensor:
+    """``a @ b`` (2-D float32, any strides) by NumPy's BLAS on ``threads`` threads."""
+    out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)  # (rows of a, columns of b)
     before = blas.num_threads
     if before != threads:
         blas.set_num_threads(threads)
     try:
-        np.matmul(x.detach().numpy(), weight.detach().numpy().T, out=out.numpy())
+        np.matmul(a.detach().numpy(), b.detach().numpy(), out=out.numpy())
     finally:
         if before != threads:
             blas.set_num_threads(before)
+    return out
+
+
+def _numpy_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, threads: int, blas: Any
+) -> Tensor:
+    """``x @ weight.T + bias`` by NumPy's BLAS on ``threads`` threads, into a torch tensor."""
+    out = _numpy_matmul(x, weight.t(), threads, blas)  # (batch, out)
     if bias is not None:
         out.add_(bias)
     return out
 
 
-def _choose(x: Tensor, weight: Tensor, bias: Tensor | None, threads: int, blas: Any) -> str:
-    """Time both BLAS on this product (best of two each) and keep the faster for its shape."""
+def _choose(
+    key: tuple[str, int, int, int], by_torch: Callable[[], Tensor], by_numpy: Callable[[], Tensor]
+) -> str:
+    """Time both BLAS on one product (best of two runs each); the faster, kept for ``key``."""
+    choice = _choices.get(key)
+    if choice is not None:
+        return choice
 
-    def best(fn: Any) -> float:
+    def best(fn: Callable[[], Tensor]) -> float:
         times = []
         for _ in range(2):
             start = time.perf_counter()
@@ -159,14 +173,12 @@ def _choose(x: Tensor, weight: Tensor, bias: Tensor | None, threads: int, blas: 
             times.append(time.perf_counter() - start)
         return min(times)
 
-    t_torch = best(lambda: F.linear(x, weight, bias))
-    t_numpy = best(lambda: _numpy_linear(x, weight, bias, threads, blas))
-    choice = "numpy" if t_numpy <= _NUMPY_MARGIN * t_torch else "torch"
+    with torch.no_grad():
+        t_torch, t_numpy = best(by_torch), best(by_numpy)
+    choice = _choices[key] = "numpy" if t_numpy <= _NUMPY_MARGIN * t_torch else "torch"
     logger.info(
-        "CPU linear %d->%d on %d thread(s): torch %.1f ms, NumPy BLAS %.1f ms; using %s",
-        weight.shape[1],
-        weight.shape[0],
-        threads,
+        "CPU %s %d->%d on %d thread(s): torch %.1f ms, NumPy BLAS %.1f ms; using %s",
+        *key,
         t_torch * 1e3,
         t_numpy * 1e3,
         choice,
@@ -174,32 +186,54 @@ def _choose(x: Tensor, weight: Tensor, bias: Tensor | None, threads: int, blas: 
     return choice
 
 
-class _NumpyLinear(torch.autograd.Function):
-    """``F.linear`` whose forward product runs on NumPy's BLAS; torch's backward products."""
+class _CpuLinear(torch.autograd.Function):
+    """``F.linear`` whose three products each run on the BLAS chosen for them."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, threads: int) -> Tensor:
-        blas = _numpy_blas()
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _numpy_linear(x, weight, bias, threads, blas)
+        ctx.threads = threads
+        return _forward(x.detach(), weight.detach(), bias, threads, _numpy_blas())
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        grad_x = grad.mm(weight) if ctx.needs_input_grad[0] else None  # (batch, in)
-        grad_w = grad.t().mm(x) if ctx.needs_input_grad[1] else None  # (out, in)
-        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None  # (out,)
+        threads, blas = ctx.threads, _numpy_blas()
+        n_in, n_out = int(weight.shape[1]), int(weight.shape[0])
+        grad = grad.contiguous()  # (batch, out)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # (batch, in)
+            key = ("grad_input", n_in, n_out, threads)
+            by_torch = lambda: grad.mm(weight)  # noqa: E731
+            by_numpy = lambda: _numpy_matmul(grad, weight, threads, blas)  # noqa: E731
+            grad_x = (by_numpy if _choose(key, by_torch, by_numpy) == "numpy" else by_torch)()
+        if ctx.needs_input_grad[1]:  # (out, in)
+            key = ("grad_weight", n_in, n_out, threads)
+            by_torch = lambda: grad.t().mm(x)  # noqa: E731
+            by_numpy = lambda: _numpy_matmul(grad.t(), x, threads, blas)  # noqa: E731
+            grad_w = (by_numpy if _choose(key, by_torch, by_numpy) == "numpy" else by_torch)()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)  # (out,)
         return grad_x, grad_w, grad_b, None
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``, on the CPU by whichever BLAS is faster for the shape.
+def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, threads: int, blas: Any) -> Tensor:
+    key = ("forward", int(weight.shape[1]), int(weight.shape[0]), threads)
+    by_torch = lambda: F.linear(x, weight, bias)  # noqa: E731
+    by_numpy = lambda: _numpy_linear(x, weight, bias, threads, blas)  # noqa: E731
+    return (by_numpy if _choose(key, by_torch, by_numpy) == "numpy" else by_torch)()
 
-    Off the CPU, for anything but contiguous float32 2-D input, under autocast, ``torch.compile``
-    or tracing, and for small products (fewer than 64 rows or 1,024 outputs, where the
-    choice does not matter), this is ``F.linear``.
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``, on the CPU by whichever BLAS is faster for each product.
+
+    The forward product and, in training, the two gradient products are each timed once per
+    shape and thread count in the process (:func:`blas_choices`). Off the CPU, for anything but
+    contiguous float32 2-D input, under autocast, ``torch.compile`` or tracing, and for small
+    products (fewer than 64 rows or 1,024 outputs, where the choice does not matter), this is
+    ``F.linear``.
     """
     if (
         x.device.type != "cpu"
@@ -218,20 +252,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     ):
         return F.linear(x, weight, bias)
     threads = torch.get_num_threads()
-    key = (int(weight.shape[1]), int(weight.shape[0]), threads)
-    choice = _choices.get(key)
-    if choice is None:
-        with torch.no_grad():
-            choice = _choices[key] = _choose(x.detach(), weight.detach(), bias, threads, blas)
-    if choice == "torch":
-        return F.linear(x, weight, bias)
-    if not torch.is_grad_enabled() or not (
+    if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
-        return _numpy_linear(x, weight, bias, threads, blas)
-    return _NumpyLinear.apply(x, weight, bias, threads)  # type: ignore[no-untyped-call]
+        return cast(Tensor, _CpuLinear.apply(x, weight, bias, threads))
+    return _forward(x, weight, bias, threads, blas)
 
 
-def blas_choices() -> dict[tuple[int, int, int], str]:
-    """The choices made so far: ``(in_features, out_features, threads) -> "torch" | "numpy"``."""
+def blas_choices() -> dict[tuple[str, int, int, int], str]:
+    """The choices made so far: ``(product, in_features, out_features, threads) -> BLAS``."""
     return dict(_choices)

@@ -1,0 +1,177 @@
+"""The two CPU runtime effects of ``recvae.cpu_runtime``, each measured on its own.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/cpu_runtime.py --threads 1 --repeats 7
+
+1. Heap reuse: one training step's worth of a large float32 tensor (``batch x n_items``) is
+   allocated, filled and freed, as the logits and gradients are every step; the median time and
+   minor page faults of that, with glibc's default heap settings and inside
+   ``reuse_freed_memory()``.
+2. The logits product ``h @ W.T + b`` (``batch x hidden`` times ``hidden x n_items``) by torch's
+   ``F.linear`` (its bundled BLAS, MKL on x86) and by NumPy's BLAS (OpenBLAS in NumPy's wheels),
+   as ``cpu_runtime.linear`` times them, plus the two gradient products for comparison.
+
+Shapes: the paper's batch of 500 and hidden width 600, over ml-1m's 3,485 and gowalla's 40,981
+items (PROTOCOL.md splits). Prints a Markdown table; ``--json`` also writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from recvae import cpu_runtime
+
+SHAPES = {"ml-1m": 3485, "gowalla": 40981}
+BATCH, HIDDEN = 500, 600
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Median seconds and median minor page faults of ``fn`` over ``repeats`` calls (one warm)."""
+    fn()
+    seconds, faults = [], []
+    for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return statistics.median(seconds), statistics.median(faults)
+
+
+def heap_rows(repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for name, n_items in SHAPES.items():
+        mib = BATCH * n_items * 4 / 2**20
+
+        def step(n_items: int = n_items) -> None:
+            torch.empty(BATCH, n_items).fill_(1.0)  # allocated, written, freed
+
+        for setting in ("glibc default", "reuse_freed_memory"):
+            if setting == "glibc default":
+                sec, faults = _timed(step, repeats)
+            else:
+                with cpu_runtime.reuse_freed_memory("cpu") as active:
+                    if not active:
+                        continue
+                    sec, faults = _timed(step, repeats)
+            rows.append(
+                {
+                    "dataset": name,
+                    "tensor": f"{BATCH} x {n_items} float32 ({mib:.0f} MiB)",
+                    "setting": setting,
+                    "ms": sec * 1e3,
+                    "page_faults": faults,
+                }
+            )
+    return rows
+
+
+def blas_rows(repeats: int, threads: int) -> list[dict[str, Any]]:
+    blas = cpu_runtime._numpy_blas()
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for name, n_items in SHAPES.items():
+        h = torch.randn(BATCH, HIDDEN, generator=gen)
+        w = torch.randn(n_items, HIDDEN, generator=gen)
+        b = torch.randn(n_items, generator=gen)
+        g = torch.randn(BATCH, n_items, generator=gen)
+        flops = 2 * BATCH * HIDDEN * n_items
+        products: dict[str, Callable[[], Any]] = {
+            "logits h @ W.T + b, torch F.linear": lambda h=h, w=w, b=b: F.linear(h, w, b),
+            "grad W = G.T @ h, torch": lambda g=g, h=h: g.t().mm(h),
+            "grad h = G @ W, torch": lambda g=g, w=w: g.mm(w),
+        }
+        if blas is not None:
+            products["logits h @ W.T + b, NumPy BLAS"] = lambda h=h, w=w, b=b: (
+                cpu_runtime._numpy_linear(h, w, b, threads, blas)
+            )
+            gn, hn, wn = g.numpy(), h.numpy(), w.numpy()
+
+            def on_threads(fn: Callable[[], Any]) -> Callable[[], Any]:
+                def run() -> Any:
+                    before = blas.num_threads
+                    blas.set_num_threads(threads)
+                    try:
+                        return fn()
+                    finally:
+                        blas.set_num_threads(before)
+
+                return run
+
+            products["grad W = G.T @ h, NumPy BLAS"] = on_threads(lambda gn=gn, hn=hn: gn.T @ hn)
+            products["grad h = G @ W, NumPy BLAS"] = on_threads(lambda gn=gn, wn=wn: gn @ wn)
+        with cpu_runtime.reuse_freed_memory("cpu"):  # as in training: no page faults counted
+            for product, fn in products.items():
+                sec, _ = _timed(fn, repeats)
+                rows.append(
+                    {
+                        "dataset": name,
+                        "product": product,
+                        "ms": sec * 1e3,
+                        "gflops": flops / sec / 1e9,
+                    }
+                )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.repeats < 1:
+        parser.error("--threads and --repeats must be >= 1")
+    torch.set_num_threads(args.threads)
+    machine = {
+        "cpu": platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": args.threads,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "numpy_blas": getattr(cpu_runtime._numpy_blas(), "filepath", None),
+        "glibc": cpu_runtime._glibc() is not None,
+        "load_average_before": os.getloadavg(),
+    }
+    print(f"machine: {machine}")
+    heap = heap_rows(args.repeats)
+    print("\n| dataset | tensor | heap | ms per allocate+fill+free (median) | page faults |")
+    print("|---|---|---|---:|---:|")
+    for r in heap:
+        print(
+            f"| {r['dataset']} | {r['tensor']} | {r['setting']} | {r['ms']:.1f} "
+            f"| {r['page_faults']:,.0f} |"
+        )
+    gemm = blas_rows(args.repeats, args.threads)
+    print(f"\n| dataset | product ({BATCH} x {HIDDEN} x n_items) | ms (median) | GFLOP/s |")
+    print("|---|---|---:|---:|")
+    for r in gemm:
+        print(f"| {r['dataset']} | {r['product']} | {r['ms']:.1f} | {r['gflops']:.1f} |")
+    if args.json:
+        payload = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": machine,
+            "heap": heap,
+            "gemm": gemm,
+        }
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
