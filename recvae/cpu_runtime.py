@@ -1,25 +1,25 @@
 """CPU training runtime: heap reuse for large tensors, and the faster BLAS for the logits.
 
 Two costs of a CPU training step that are not arithmetic, each measured on the project's
-2-core AMD EPYC (Zen 3) machine with torch's bundled MKL (``benchmarks/train_speed.py``):
+2-core AMD EPYC (Zen 3) machine with torch's bundled MKL (``benchmarks/cpu_runtime.py``):
 
 - **Page faults.** glibc serves a block larger than its mmap threshold (dynamic, at most
   32 MiB) with fresh pages from the kernel and unmaps it on ``free``. A step over a large
   catalog allocates several such blocks, each ``(batch, n_items)`` or ``(n_items, hidden)`` in
-  float32 (82 MiB for 500 users of gowalla's 40,981 items): the logits, the likelihood's
+  float32 (78 MiB for 500 users of gowalla's 40,981 items): the logits, the likelihood's
   gradient, the weight gradients. Every page of each is faulted in and zeroed by the kernel
-  again every step; filling a fresh 82 MiB tensor took 62 ms against 6 ms for a reused one.
-  :func:`reuse_freed_memory` keeps freed blocks in the process heap while training runs
+  again every step: a fresh 78 MiB tensor took 61 ms to allocate, fill and free, a reused one
+  6 ms. :func:`reuse_freed_memory` keeps freed blocks in the process heap while training runs
   (``mallopt``: no mmap, no trimming), so later steps reuse the same pages, and hands the memory
   back to the system (``malloc_trim``) when it ends. Exact: only where memory comes from
   changes.
 - **The products over all items.** ``logits = h @ W.T + b`` and its two gradient products are
-  the largest of a step. MKL's single-precision kernel for the forward shape ran at 39-48
-  GFLOP/s on that CPU where the OpenBLAS that NumPy's wheels bundle ran at 70-76, and OpenBLAS
-  was also faster for the weight gradient on gowalla's catalog
-  (``benchmarks/cpu_runtime.py``). :func:`linear` times both for each product once per shape and
-  thread count in the process and keeps the faster, preferring torch unless NumPy's BLAS is
-  clearly faster; both compute the same float32 product (they differ in rounding only).
+  the largest of a step. MKL's single-precision kernel for the forward shape ran at 36-55
+  GFLOP/s on that CPU where the OpenBLAS that NumPy's wheels bundle ran at 70-87; for the
+  gradient products either was faster, depending on the run. :func:`linear` times both BLAS
+  for each product once per shape and thread count in the process and keeps the faster,
+  preferring torch unless NumPy's BLAS is clearly faster; both compute the same float32
+  product (they differ in rounding only).
 
 Neither applies off the CPU, and both fall back to plain torch where they cannot work (not
 glibc; no threadpoolctl to hold NumPy's BLAS to torch's thread count).
@@ -116,6 +116,7 @@ _NUMPY_MARGIN = 0.9  # NumPy's BLAS is used only when it takes at most 90% of to
 #: ``"forward"`` (``x @ W.T + b``), ``"grad_input"`` (``G @ W``), ``"grad_weight"`` (``G.T @ x``).
 _choices: dict[tuple[str, int, int, int], str] = {}
 _openblas: Any = None
+_blas_lock = threading.Lock()
 
 
 def _numpy_blas() -> Any:
@@ -136,14 +137,17 @@ def _numpy_blas() -> Any:
 def _numpy_matmul(a: Tensor, b: Tensor, threads: int, blas: Any) -> Tensor:
     """``a @ b`` (2-D float32, any strides) by NumPy's BLAS on ``threads`` threads."""
     out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)  # (rows of a, columns of b)
-    before = blas.num_threads
-    if before != threads:
-        blas.set_num_threads(threads)
-    try:
-        np.matmul(a.detach().numpy(), b.detach().numpy(), out=out.numpy())
-    finally:
+    # One product at a time: the thread count is process-wide state of the library (and each
+    # product already uses all of its threads).
+    with _blas_lock:
+        before = blas.num_threads
         if before != threads:
-            blas.set_num_threads(before)
+            blas.set_num_threads(threads)
+        try:
+            np.matmul(a.detach().numpy(), b.detach().numpy(), out=out.numpy())
+        finally:
+            if before != threads:
+                blas.set_num_threads(before)
     return out
 
 

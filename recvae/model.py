@@ -517,7 +517,7 @@ def _scaled_softmax(logits: Tensor, lse: Tensor, scale: Tensor) -> Tensor:
     return out.to(logits.dtype)
 
 
-_CHUNK_ELEMENTS = 1 << 18  # rows per CPU chunk: about 1 MiB of float32, so passes stay in cache
+_CHUNK_ELEMENTS = 1 << 18  # elements per CPU block of rows (1 MiB of float32): passes stay in cache
 
 
 def _softmax_rows_chunked(logits: Tensor) -> tuple[Tensor, Tensor]:
