@@ -16,10 +16,11 @@ Two costs of a CPU training step that are not arithmetic, each measured on the p
 - **The products over all items.** ``logits = h @ W.T + b`` and its two gradient products are
   the largest of a step. MKL's single-precision kernel for the forward shape ran at 36-55
   GFLOP/s on that CPU where the OpenBLAS that NumPy's wheels bundle ran at 70-87; for the
-  gradient products either was faster, depending on the run. :func:`linear` times both BLAS
-  for each product once per shape and thread count in the process and keeps the faster,
-  preferring torch unless NumPy's BLAS is clearly faster; both compute the same float32
-  product (they differ in rounding only).
+  gradient products either was faster, depending on the run. When torch runs on one thread,
+  :func:`linear` times both BLAS for each product once per shape in the process and keeps the
+  faster, preferring torch unless NumPy's BLAS is clearly faster; both compute the same float32
+  product (they differ in rounding only). On more threads it leaves every product to torch:
+  the two libraries' thread pools then contend for the cores.
 
 Neither applies off the CPU, and both fall back to plain torch where they cannot work (not
 glibc; no threadpoolctl to hold NumPy's BLAS to torch's thread count).
@@ -234,7 +235,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``, on the CPU by whichever BLAS is faster for each product.
 
     The forward product and, in training, the two gradient products are each timed once per
-    shape and thread count in the process (:func:`blas_choices`). Off the CPU, for anything but
+    shape in the process (:func:`blas_choices`). This applies when torch runs on one thread
+    (``RunOptions.num_threads = 1``, ``--threads 1``): with more, the two libraries' thread pools
+    slow each other down, and torch's BLAS does everything. Off the CPU, for anything but
     contiguous float32 2-D input, under autocast, ``torch.compile`` or tracing, and for small
     products (fewer than 64 rows or 1,024 outputs, where the choice does not matter), this is
     ``F.linear``.
@@ -252,10 +255,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         or torch.is_autocast_enabled("cpu")
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()  # torch.jit.trace and ONNX export record F.linear
+        # With more threads, OpenBLAS's and torch's OpenMP thread pools contend for the cores
+        # (each spins after its work): on 2 threads an ml-1m step took 178 ms with NumPy's
+        # BLAS for one product against 101 ms with torch's for all three.
+        or torch.get_num_threads() != 1
         or (blas := _numpy_blas()) is None
     ):
         return F.linear(x, weight, bias)
-    threads = torch.get_num_threads()
+    threads = 1
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):

@@ -22,6 +22,15 @@ needs_numpy_blas = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():  # type: ignore[no-untyped-def]
+    """NumPy's BLAS is considered only when torch runs on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def forced_choice(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """Set the BLAS choice for a shape without timing anything."""
@@ -95,6 +104,10 @@ def test_linear_times_both_once_per_shape_and_keeps_the_choice(monkeypatch) -> N
 def test_small_or_foreign_products_are_plain_f_linear(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(cpu_runtime, "_choices", {})
     monkeypatch.setattr(cpu_runtime, "_choose", lambda *a: pytest.fail("timed a small product"))
+    torch.set_num_threads(2)  # several threads: torch's BLAS only
+    x, weight = torch.randn(100, 8), torch.randn(5000, 8)
+    torch.testing.assert_close(cpu_runtime.linear(x, weight), F.linear(x, weight))
+    torch.set_num_threads(1)
     for x, weight in [
         (torch.randn(10, 8), torch.randn(5000, 8)),  # few rows
         (torch.randn(100, 8), torch.randn(50, 8)),  # few outputs
@@ -143,19 +156,19 @@ def test_chunked_softmax_equals_torch_softmax(monkeypatch, chunk: int) -> None: 
     torch.testing.assert_close(a.grad, b.grad)
 
 
-def _faults_per_step(n_bytes: int, *, warm: int = 10, measured: int = 4) -> float:
+def _faults_per_step(n_bytes: int, *, warm: int = 10, measured: int = 5) -> float:
     """Mean minor page faults of a step that allocates, fills and frees a large tensor.
 
-    Like a training step, each also leaves a small allocation behind while the large one
-    lives; the first ``warm`` steps (the heap finding its steady state) are not counted.
+    Like a training step, each also makes small allocations while the large one lives, freed
+    with it at the end of the step; the first ``warm`` steps (the heap finding its steady
+    state) are not counted.
     """
-    small: list[bytearray] = []
     faults = []
     for i in range(warm + measured):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         big = torch.empty(n_bytes // 4).fill_(1.0)
-        small.append(bytearray(1000 + i))
-        del big
+        small = [bytearray(1000 + i), torch.empty(300 + i)]
+        del big, small
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     return float(np.mean(faults[warm:]))
 
