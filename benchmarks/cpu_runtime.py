@@ -11,6 +11,9 @@ Usage (from the repository root)::
 2. The logits product ``h @ W.T + b`` (``batch x hidden`` times ``hidden x n_items``) by torch's
    ``F.linear`` (its bundled BLAS, MKL on x86) and by NumPy's BLAS (OpenBLAS in NumPy's wheels),
    as ``cpu_runtime.linear`` times them, plus the two gradient products for comparison.
+3. The three products back to back, all on torch's BLAS or with the forward one on NumPy's: on
+   more than one thread this shows the two libraries' thread pools slowing each other down,
+   which is why ``cpu_runtime.linear`` uses NumPy's BLAS only on one thread.
 
 Shapes: the paper's batch of 500 and hidden width 600, over ml-1m's 3,485 and gowalla's 40,981
 items (PROTOCOL.md splits). Prints a Markdown table; ``--json`` also writes the numbers.
@@ -128,6 +131,37 @@ def blas_rows(repeats: int, threads: int) -> list[dict[str, Any]]:
     return rows
 
 
+def mixed_rows(repeats: int, threads: int) -> list[dict[str, Any]]:
+    """The three products back to back, all on torch's BLAS or the forward one on NumPy's.
+
+    On one thread this is the sum of the single products; on more it also shows what the two
+    libraries' thread pools cost each other when their calls alternate, as in a training step.
+    """
+    blas = cpu_runtime._numpy_blas()
+    if blas is None:
+        return []
+    rows = []
+    gen = torch.Generator().manual_seed(1)
+    for name, n_items in SHAPES.items():
+        h = torch.randn(BATCH, HIDDEN, generator=gen)
+        w = torch.randn(n_items, HIDDEN, generator=gen)
+        b = torch.randn(n_items, generator=gen)
+
+        def step(numpy_forward: bool, h=h, w=w, b=b) -> None:  # type: ignore[no-untyped-def]
+            if numpy_forward:
+                logits = cpu_runtime._numpy_linear(h, w, b, threads, blas)
+            else:
+                logits = F.linear(h, w, b)
+            logits.t().mm(h)  # the weight gradient's shape
+            logits.mm(w)  # the input gradient's shape
+
+        with cpu_runtime.reuse_freed_memory("cpu"):
+            for label, numpy_forward in (("all torch", False), ("forward on NumPy BLAS", True)):
+                sec, _ = _timed(lambda nf=numpy_forward: step(nf), repeats)
+                rows.append({"dataset": name, "products": label, "ms": sec * 1e3})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -161,12 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---:|---:|")
     for r in gemm:
         print(f"| {r['dataset']} | {r['product']} | {r['ms']:.1f} | {r['gflops']:.1f} |")
+    mixed = mixed_rows(args.repeats, args.threads)
+    print(f"\n| dataset | three products in sequence, {args.threads} thread(s) | ms (median) |")
+    print("|---|---|---:|")
+    for r in mixed:
+        print(f"| {r['dataset']} | {r['products']} | {r['ms']:.1f} |")
     if args.json:
         payload = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": machine,
             "heap": heap,
             "gemm": gemm,
+            "mixed": mixed,
         }
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)

@@ -9,13 +9,13 @@ Two costs of a CPU training step that are not arithmetic, each measured on the p
   float32 (78 MiB for 500 users of gowalla's 40,981 items): the logits, the likelihood's
   gradient, the weight gradients. Every page of each is faulted in and zeroed by the kernel
   again every step: a fresh 78 MiB tensor took 61 ms to allocate, fill and free, a reused one
-  6 ms. :func:`reuse_freed_memory` keeps freed blocks in the process heap while training runs
+  6-7 ms. :func:`reuse_freed_memory` keeps freed blocks in the process heap while training runs
   (``mallopt``: no mmap, no trimming), so later steps reuse the same pages, and hands the memory
   back to the system (``malloc_trim``) when it ends. Exact: only where memory comes from
   changes.
 - **The products over all items.** ``logits = h @ W.T + b`` and its two gradient products are
   the largest of a step. MKL's single-precision kernel for the forward shape ran at 36-55
-  GFLOP/s on that CPU where the OpenBLAS that NumPy's wheels bundle ran at 70-87; for the
+  GFLOP/s on that CPU where the OpenBLAS that NumPy's wheels bundle ran at 63-87; for the
   gradient products either was faster, depending on the run. When torch runs on one thread,
   :func:`linear` times both BLAS for each product once per shape in the process and keeps the
   faster, preferring torch unless NumPy's BLAS is clearly faster; both compute the same float32
@@ -256,8 +256,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()  # torch.jit.trace and ONNX export record F.linear
         # With more threads, OpenBLAS's and torch's OpenMP thread pools contend for the cores
-        # (each spins after its work): on 2 threads an ml-1m step took 178 ms with NumPy's
-        # BLAS for one product against 101 ms with torch's for all three.
+        # (each spins after its work): on 2 threads ml-1m's three products in sequence took
+        # 148 ms with NumPy's BLAS for one of them, 65 ms on torch's alone
+        # (benchmarks/cpu_runtime.py).
         or torch.get_num_threads() != 1
         or (blas := _numpy_blas()) is None
     ):
