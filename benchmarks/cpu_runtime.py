@@ -83,14 +83,20 @@ def heap_rows(repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _operands(gen: torch.Generator, n_items: int) -> tuple[torch.Tensor, ...]:
+    """``h`` (batch, hidden), ``W`` (n_items, hidden) and ``b`` (n_items,), standard normal."""
+    h = torch.randn(BATCH, HIDDEN, generator=gen)
+    w = torch.randn(n_items, HIDDEN, generator=gen)
+    b = torch.randn(n_items, generator=gen)
+    return h, w, b
+
+
 def blas_rows(repeats: int, threads: int) -> list[dict[str, Any]]:
     blas = cpu_runtime._numpy_blas()
     rows = []
     gen = torch.Generator().manual_seed(0)
     for name, n_items in SHAPES.items():
-        h = torch.randn(BATCH, HIDDEN, generator=gen)
-        w = torch.randn(n_items, HIDDEN, generator=gen)
-        b = torch.randn(n_items, generator=gen)
+        h, w, b = _operands(gen, n_items)
         g = torch.randn(BATCH, n_items, generator=gen)
         flops = 2 * BATCH * HIDDEN * n_items
         products: dict[str, Callable[[], Any]] = {
@@ -102,21 +108,12 @@ def blas_rows(repeats: int, threads: int) -> list[dict[str, Any]]:
             products["logits h @ W.T + b, NumPy BLAS"] = lambda h=h, w=w, b=b: (
                 cpu_runtime._numpy_linear(h, w, b, threads, blas)
             )
-            gn, hn, wn = g.numpy(), h.numpy(), w.numpy()
-
-            def on_threads(fn: Callable[[], Any]) -> Callable[[], Any]:
-                def run() -> Any:
-                    before = blas.num_threads
-                    blas.set_num_threads(threads)
-                    try:
-                        return fn()
-                    finally:
-                        blas.set_num_threads(before)
-
-                return run
-
-            products["grad W = G.T @ h, NumPy BLAS"] = on_threads(lambda gn=gn, hn=hn: gn.T @ hn)
-            products["grad h = G @ W, NumPy BLAS"] = on_threads(lambda gn=gn, wn=wn: gn @ wn)
+            products["grad W = G.T @ h, NumPy BLAS"] = lambda g=g, h=h: cpu_runtime._numpy_matmul(
+                g.t(), h, threads, blas
+            )
+            products["grad h = G @ W, NumPy BLAS"] = lambda g=g, w=w: cpu_runtime._numpy_matmul(
+                g, w, threads, blas
+            )
         with cpu_runtime.reuse_freed_memory("cpu"):  # as in training: no page faults counted
             for product, fn in products.items():
                 sec, _ = _timed(fn, repeats)
@@ -143,9 +140,7 @@ def mixed_rows(repeats: int, threads: int) -> list[dict[str, Any]]:
     rows = []
     gen = torch.Generator().manual_seed(1)
     for name, n_items in SHAPES.items():
-        h = torch.randn(BATCH, HIDDEN, generator=gen)
-        w = torch.randn(n_items, HIDDEN, generator=gen)
-        b = torch.randn(n_items, generator=gen)
+        h, w, b = _operands(gen, n_items)
 
         def step(numpy_forward: bool, h=h, w=w, b=b) -> None:  # type: ignore[no-untyped-def]
             if numpy_forward:
