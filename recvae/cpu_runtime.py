@@ -113,9 +113,10 @@ def reuse_freed_memory(device: torch.device | str = "cpu") -> Iterator[bool]:
 
 # ---------------------------------------------------------------------------- the BLAS
 _NUMPY_MARGIN = 0.9  # NumPy's BLAS is used only when it takes at most 90% of torch's time
-#: ``(product, in_features, out_features, threads) -> "torch" | "numpy"``; the products are
-#: ``"forward"`` (``x @ W.T + b``), ``"grad_input"`` (``G @ W``), ``"grad_weight"`` (``G.T @ x``).
-_choices: dict[tuple[str, int, int, int], str] = {}
+#: ``(product, in_features, out_features) -> "torch" | "numpy"``, on one thread; the products
+#: are ``"forward"`` (``x @ W.T + b``), ``"grad_input"`` (``G @ W``), ``"grad_weight"``
+#: (``G.T @ x``).
+_choices: dict[tuple[str, int, int], str] = {}
 _openblas: Any = None
 _blas_lock = threading.Lock()
 
@@ -163,7 +164,7 @@ def _numpy_linear(
 
 
 def _choose(
-    key: tuple[str, int, int, int], by_torch: Callable[[], Tensor], by_numpy: Callable[[], Tensor]
+    key: tuple[str, int, int], by_torch: Callable[[], Tensor], by_numpy: Callable[[], Tensor]
 ) -> str:
     """Time both BLAS on one product (best of two runs each); the faster, kept for ``key``."""
     choice = _choices.get(key)
@@ -182,7 +183,7 @@ def _choose(
         t_torch, t_numpy = best(by_torch), best(by_numpy)
     choice = _choices[key] = "numpy" if t_numpy <= _NUMPY_MARGIN * t_torch else "torch"
     logger.info(
-        "CPU %s %d->%d on %d thread(s): torch %.1f ms, NumPy BLAS %.1f ms; using %s",
+        "CPU %s %d->%d on one thread: torch %.1f ms, NumPy BLAS %.1f ms; using %s",
         *key,
         t_torch * 1e3,
         t_numpy * 1e3,
@@ -191,44 +192,57 @@ def _choose(
     return choice
 
 
+def _product(
+    name: str, weight: Tensor, by_torch: Callable[[], Tensor], by_numpy: Callable[[], Tensor]
+) -> Tensor:
+    """One of the layer's products, by the BLAS chosen for it (timed on first use)."""
+    key = (name, int(weight.shape[1]), int(weight.shape[0]))
+    return (by_numpy if _choose(key, by_torch, by_numpy) == "numpy" else by_torch)()
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, blas: Any) -> Tensor:
+    return _product(
+        "forward",
+        weight,
+        lambda: F.linear(x, weight, bias),
+        lambda: _numpy_linear(x, weight, bias, 1, blas),
+    )
+
+
 class _CpuLinear(torch.autograd.Function):
     """``F.linear`` whose three products each run on the BLAS chosen for them."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, threads: int) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, blas: Any) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        ctx.threads = threads
-        return _forward(x.detach(), weight.detach(), bias, threads, _numpy_blas())
+        ctx.blas = blas
+        return _forward(x.detach(), weight.detach(), bias, blas)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        threads, blas = ctx.threads, _numpy_blas()
-        n_in, n_out = int(weight.shape[1]), int(weight.shape[0])
+        blas = ctx.blas
         grad = grad.contiguous()  # (batch, out)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:  # (batch, in)
-            key = ("grad_input", n_in, n_out, threads)
-            by_torch = lambda: grad.mm(weight)  # noqa: E731
-            by_numpy = lambda: _numpy_matmul(grad, weight, threads, blas)  # noqa: E731
-            grad_x = (by_numpy if _choose(key, by_torch, by_numpy) == "numpy" else by_torch)()
+            grad_x = _product(
+                "grad_input",
+                weight,
+                lambda: grad.mm(weight),
+                lambda: _numpy_matmul(grad, weight, 1, blas),
+            )
         if ctx.needs_input_grad[1]:  # (out, in)
-            key = ("grad_weight", n_in, n_out, threads)
-            by_torch = lambda: grad.t().mm(x)  # noqa: E731
-            by_numpy = lambda: _numpy_matmul(grad.t(), x, threads, blas)  # noqa: E731
-            grad_w = (by_numpy if _choose(key, by_torch, by_numpy) == "numpy" else by_torch)()
+            grad_w = _product(
+                "grad_weight",
+                weight,
+                lambda: grad.t().mm(x),
+                lambda: _numpy_matmul(grad.t(), x, 1, blas),
+            )
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)  # (out,)
         return grad_x, grad_w, grad_b, None
-
-
-def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, threads: int, blas: Any) -> Tensor:
-    key = ("forward", int(weight.shape[1]), int(weight.shape[0]), threads)
-    by_torch = lambda: F.linear(x, weight, bias)  # noqa: E731
-    by_numpy = lambda: _numpy_linear(x, weight, bias, threads, blas)  # noqa: E731
-    return (by_numpy if _choose(key, by_torch, by_numpy) == "numpy" else by_torch)()
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -263,14 +277,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         or (blas := _numpy_blas()) is None
     ):
         return F.linear(x, weight, bias)
-    threads = 1
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
-        return cast(Tensor, _CpuLinear.apply(x, weight, bias, threads))
-    return _forward(x, weight, bias, threads, blas)
+        return cast(Tensor, _CpuLinear.apply(x, weight, bias, blas))
+    return _forward(x, weight, bias, blas)
 
 
-def blas_choices() -> dict[tuple[str, int, int, int], str]:
-    """The choices made so far: ``(product, in_features, out_features, threads) -> BLAS``."""
+def blas_choices() -> dict[tuple[str, int, int], str]:
+    """The choices made so far: ``(product, in_features, out_features) -> "torch" | "numpy"``."""
     return dict(_choices)
