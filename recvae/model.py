@@ -517,30 +517,19 @@ def _scaled_softmax(logits: Tensor, lse: Tensor, scale: Tensor) -> Tensor:
     return out.to(logits.dtype)
 
 
-_CHUNK_ELEMENTS = 1 << 18  # elements per CPU block of rows (1 MiB of float32): passes stay in cache
-
-
-def _softmax_rows_chunked(logits: Tensor) -> tuple[Tensor, Tensor]:
+def _softmax_rows(logits: Tensor) -> tuple[Tensor, Tensor]:
     """``(softmax(f_u), logsumexp(f_u))`` per row, in float32 (float64 for float64 logits).
 
-    The CPU form of the likelihood's dense passes: a block of rows at a time, so the shift by
-    the row maximum, ``exp``, the sum and the normalization run in cache, and the logits are
-    read once and the probabilities written once. The backward pass then scales the saved
-    probabilities instead of computing ``exp`` again.
+    The CPU form of the likelihood's dense passes: torch's vectorized row softmax (threaded over
+    rows), then the ``logsumexp`` from two row maxima instead of another pass of ``exp``: the
+    largest probability is ``exp(0) / sum_i exp(f_ui - max_i f_ui)``, so
+    ``logsumexp(f_u) = max_i f_ui - log max_i softmax(f_u)_i``, which is at least ``1 / n_items``
+    and never underflows. The backward pass then scales the saved probabilities instead of
+    computing ``exp`` again.
     """
     dtype = _nll_dtype(logits)
-    n_rows, n_cols = logits.shape
-    probs = torch.empty((n_rows, n_cols), dtype=dtype, device=logits.device)  # (batch, n_items)
-    lse = torch.empty(n_rows, dtype=dtype, device=logits.device)  # (batch,)
-    step = max(1, _CHUNK_ELEMENTS // max(n_cols, 1))
-    for lo in range(0, n_rows, step):
-        block = logits[lo : lo + step].to(dtype)
-        top = block.amax(dim=1, keepdim=True)  # (rows, 1)
-        out = torch.sub(block, top, out=probs[lo : lo + step])
-        out.exp_()
-        total = out.sum(dim=1, keepdim=True)  # (rows, 1)
-        out.div_(total)
-        lse[lo : lo + step] = (top + total.log()).squeeze(1)
+    probs = torch.softmax(logits, dim=1, dtype=dtype)  # (batch, n_items)
+    lse = logits.amax(dim=1).to(dtype) - probs.amax(dim=1).log()  # (batch,)
     return probs, lse
 
 
@@ -583,7 +572,7 @@ class _SparseNLL(torch.autograd.Function):
     (in their own dtype: bf16 under autocast) and one ``logsumexp`` per row, not a dense float32
     ``log_softmax``: half the memory at bf16, and no dense write in the forward pass. The dense
     passes run fused on CUDA (:func:`_fused`). On the CPU, where nothing fuses them, the
-    forward pass saves the probabilities instead (:func:`_softmax_rows_chunked`, the same
+    forward pass saves the probabilities instead (:func:`_softmax_rows`, the same
     memory as float32 logits), so the backward pass is one scaling, not a second ``exp``.
     """
 
@@ -594,7 +583,7 @@ class _SparseNLL(torch.autograd.Function):
         dtype = _nll_dtype(logits)
         ctx.saved_probs = logits.device.type == "cpu"
         if ctx.saved_probs:
-            dense, lse = _softmax_rows_chunked(logits)  # (batch, n_items) probabilities
+            dense, lse = _softmax_rows(logits)  # (batch, n_items) probabilities
         else:
             dense, lse = logits, _fused(_logsumexp_rows, logits)  # (batch,)
         values = values.to(dtype)

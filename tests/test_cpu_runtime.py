@@ -135,14 +135,20 @@ def test_output_layer_is_a_linear_with_the_same_state_and_initialization() -> No
     assert hits == [(2, 3000)]  # a module: hooks see its output
 
 
-@pytest.mark.parametrize("chunk", [40, 1 << 18])
-def test_chunked_softmax_equals_torch_softmax(monkeypatch, chunk: int) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(model, "_CHUNK_ELEMENTS", chunk)  # 40: one row per block
-    logits = torch.randn(9, 31) * 30  # large logits: the shift by the maximum matters
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_softmax_and_logsumexp_equal_torch(dtype: torch.dtype) -> None:
+    logits = torch.randn(9, 31, dtype=torch.float64) * 30  # the shift by the maximum matters
     logits[3] += 500.0
-    probs, lse = model._softmax_rows_chunked(logits)
-    torch.testing.assert_close(probs, torch.softmax(logits, dim=1))
-    torch.testing.assert_close(lse, torch.logsumexp(logits, dim=1))
+    logits[5] = 0.0  # all equal: lse = log(31)
+    logits[6, 7] = 1e4  # one item takes all the mass; the others underflow to 0
+    logits = logits.to(dtype)
+    probs, lse = model._softmax_rows(logits)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    assert probs.dtype == lse.dtype == wide  # bf16 logits (CPU autocast) give float32
+    torch.testing.assert_close(probs, torch.softmax(logits.to(wide), dim=1))
+    torch.testing.assert_close(lse, torch.logsumexp(logits.to(wide), dim=1))
+    assert torch.isfinite(lse).all()
+    logits = logits.float()
     # The likelihood and its gradient through the CPU path, against the dense formula.
     matrix = sp.random_array((9, 31), density=0.3, random_state=1, format="csr")
     matrix.data[:] = 1.0
