@@ -523,9 +523,9 @@ def _softmax_rows(logits: Tensor) -> tuple[Tensor, Tensor]:
     The CPU form of the likelihood's dense passes: torch's vectorized row softmax (threaded over
     rows), then the ``logsumexp`` from two row maxima instead of another pass of ``exp``: the
     largest probability is ``exp(0) / sum_i exp(f_ui - max_i f_ui)``, so
-    ``logsumexp(f_u) = max_i f_ui - log max_i softmax(f_u)_i``, which is at least ``1 / n_items``
-    and never underflows. The backward pass then scales the saved probabilities instead of
-    computing ``exp`` again.
+    ``logsumexp(f_u) = max_i f_ui - log max_i softmax(f_u)_i``; that largest probability is at
+    least ``1 / n_items``, so its log never underflows. The backward pass then scales the saved
+    probabilities instead of computing ``exp`` again.
     """
     dtype = _nll_dtype(logits)
     probs = torch.softmax(logits, dim=1, dtype=dtype)  # (batch, n_items)
