@@ -268,7 +268,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         or (bias is not None and bias.dtype != torch.float32)
         or torch.is_autocast_enabled("cpu")
         or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()  # torch.jit.trace and ONNX export record F.linear
+        # torch.jit.trace and ONNX export record F.linear (is_tracing is unannotated in torch)
+        or torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]
         # With more threads, OpenBLAS's and torch's OpenMP thread pools contend for the cores
         # (each spins after its work): on 2 threads ml-1m's three products in sequence took
         # 148 ms with NumPy's BLAS for one of them, 65 ms on torch's alone
@@ -280,7 +281,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
-        return cast(Tensor, _CpuLinear.apply(x, weight, bias, blas))
+        return cast(Tensor, _CpuLinear.apply(x, weight, bias, blas))  # type: ignore[no-untyped-call]
     return _forward(x, weight, bias, blas)
 
 
