@@ -251,6 +251,10 @@ class RunOptions:
     validate_every: int = 1  # epochs between validation passes
     precision: str = "fp32"  # "bf16": bf16 autocast for training's forward pass (GPU speed)
     compile: bool = False  # torch.compile the training forward pass (pays on long GPU runs)
+    # Training pads the logits to a multiple of this many items (-inf columns, exact; see
+    # recvae.model.padded_output); 1 turns it off; None: 64 where it pays (CUDA, and the CPU
+    # with more than one thread), else 1.
+    item_multiple: int | None = None
     distributed: bool = False  # DDP over the torch.distributed group (see recvae.distributed)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form tags, never used by training
 
@@ -263,5 +267,8 @@ class RunOptions:
         _check(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1")
         _check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         _check(self.validate_every >= 1, "validate_every", "must be >= 1")
+        _check(
+            self.item_multiple is None or self.item_multiple >= 1, "item_multiple", "must be >= 1"
+        )
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         _check(self.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16")

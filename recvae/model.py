@@ -37,6 +37,7 @@ __all__ = [
     "MultDAE",
     "SparseBatch",
     "sparse_multinomial_nll",
+    "padded_output",
     "build_model",
     "elbo_loss",
     "elbo_terms",
@@ -259,6 +260,30 @@ class OutputLinear(nn.Linear):
         return cpu_runtime.linear(x, self.weight, self.bias)
 
 
+def padded_output(layer: nn.Linear, h: Tensor, multiple: int) -> Tensor:
+    """``layer(h)`` with its outputs padded to a multiple of ``multiple`` columns of ``-inf``.
+
+    ``(batch, in) -> (batch, ceil(out / multiple) * multiple)``. The product runs over a weight
+    with zero rows appended and a bias of ``-inf`` there, so the padded logits come out of the
+    same GEMM with rows whose length is a multiple of ``multiple`` elements: BLAS and GPU kernels
+    run their aligned, faster code for such rows (torch's CPU BLAS took 237 ms instead of 311 ms
+    for gowalla's ``500 x 600 x 40,981`` forward product on two threads). A softmax gives the
+    padding probability 0, so the likelihood, its gradient and the layer's gradients (the
+    padding's are sliced off) are those of ``layer(h)``, up to the products' rounding.
+
+    Args:
+        layer: The layer over all items (``out_features`` items).
+        h: ``(batch, in_features)`` inputs.
+        multiple: Row length to round up to (1: no padding).
+    """
+    pad = -layer.out_features % multiple
+    if pad == 0:
+        return cpu_runtime.linear(h, layer.weight, layer.bias)
+    weight = F.pad(layer.weight, (0, 0, 0, pad))  # (out + pad, in): zero rows
+    bias = torch.cat([layer.bias, layer.bias.new_full((pad,), -math.inf)])  # (out + pad,)
+    return cpu_runtime.linear(h, weight, bias)  # (batch, out + pad)
+
+
 def _linear_layers(dims: Sequence[int], *, output: bool = False) -> nn.ModuleList:
     """``nn.Linear(dims[i], dims[i + 1])`` for each consecutive pair, in order; with ``output``
     the last is an :class:`OutputLinear`."""
@@ -313,14 +338,21 @@ class _Autoencoder(nn.Module):
             _init_linear(layer)
         self.encoder[0] = _ItemMajorLinear.from_linear(cast(nn.Linear, self.encoder[0]))
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Logits over all items for codes ``z`` (``(batch, latent)`` -> ``(batch, n_items)``)."""
+    def decode(self, z: Tensor, *, item_multiple: int = 1) -> Tensor:
+        """Logits over all items for codes ``z`` (``(batch, latent)`` -> ``(batch, n_items)``).
+
+        With ``item_multiple > 1`` the logits have ``n_items`` rounded up to a multiple of it
+        (:func:`padded_output`): the extra columns are ``-inf``, so a softmax over them, its
+        ``logsumexp`` and every gradient are those of the ``n_items`` columns. Training uses this
+        to give the products over all items aligned rows.
+        """
         h = z
-        for i, layer in enumerate(self.decoder):
-            h = layer(h)  # the last: (batch, n_items)
-            if i < len(self.decoder) - 1:
-                h = self._act(h)
-        return h
+        for layer in self.decoder[:-1]:
+            h = self._act(layer(h))
+        last = cast(nn.Linear, self.decoder[-1])
+        if item_multiple > 1:
+            return padded_output(last, h, item_multiple)
+        return cast(Tensor, last(h))  # (batch, n_items)
 
     def encode(  # pragma: no cover - abstract
         self, x: Tensor | SparseBatch
@@ -406,14 +438,17 @@ class MultVAE(_Autoencoder):
             eps = torch.randn_like(mu)
         return mu + torch.exp(0.5 * logvar) * eps
 
-    def forward(self, x: Tensor | SparseBatch) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, x: Tensor | SparseBatch, *, item_multiple: int = 1
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """``(logits (batch, n_items), mu (batch, latent), logvar (batch, latent))``.
 
         A :class:`SparseBatch` may carry pre-drawn noise (``dropout_mask``, ``eps``).
+        ``item_multiple`` pads the logits with ``-inf`` columns (:meth:`decode`).
         """
         mu, logvar = self.encode(x)
         z = self.reparameterize(mu, logvar, x.eps if isinstance(x, SparseBatch) else None)
-        return self.decode(z), mu, logvar
+        return self.decode(z, item_multiple=item_multiple), mu, logvar
 
 
 class MultDAE(_Autoencoder):
@@ -441,9 +476,12 @@ class MultDAE(_Autoencoder):
             h = self._act(layer(h))
         return h, None
 
-    def forward(self, x: Tensor | SparseBatch) -> tuple[Tensor, Tensor, None]:
+    def forward(
+        self, x: Tensor | SparseBatch, *, item_multiple: int = 1
+    ) -> tuple[Tensor, Tensor, None]:
+        """``(logits, code, None)``; ``item_multiple`` as in :meth:`MultVAE.forward`."""
         code, _ = self.encode(x)
-        return self.decode(code), code, None
+        return self.decode(code, item_multiple=item_multiple), code, None
 
 
 MODEL_TYPES: dict[str, type[_Autoencoder]] = {"multvae": MultVAE, "multdae": MultDAE}
@@ -487,7 +525,8 @@ def sparse_multinomial_nll(
     logits' dtype (bf16 under autocast).
 
     Args:
-        logits: ``(batch, n_items)`` decoder outputs.
+        logits: ``(batch, n_items)`` decoder outputs; extra columns of ``-inf`` after the
+            ``n_items`` (:func:`padded_output`) change neither the value nor the gradient.
         batch: The same users' histories (``values`` are the ``x_ui``).
         reduction: ``"mean"`` over users, ``"sum"``, or ``"none"`` for ``(batch,)`` values.
 

@@ -26,6 +26,7 @@ from recvae.model import (
     gaussian_kl,
     l2_penalty,
     multinomial_nll,
+    padded_output,
     sparse_multinomial_nll,
 )
 from recvae.training import Trainer, _batch_tensor, _DeviceMatrix, train
@@ -421,3 +422,92 @@ def test_resume_from_a_format_1_checkpoint_transposes_the_first_layer_moments(
     resumed = train(data, config, options=options)
     for name, value in full.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+# ---------------------------------------------------------------- logits padded to aligned rows
+def test_padded_output_is_the_layer_with_minus_inf_columns() -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 37)
+    h = torch.randn(5, 6)
+    out = padded_output(layer, h, 16)
+    assert out.shape == (5, 48)
+    torch.testing.assert_close(out[:, :37], layer(h))
+    assert torch.isneginf(out[:, 37:]).all()
+    torch.testing.assert_close(padded_output(layer, h, 1), layer(h))  # no padding
+    aligned = torch.nn.Linear(6, 32)
+    assert padded_output(aligned, h, 16).shape == (5, 32)  # already a multiple
+
+
+@pytest.mark.parametrize(
+    ("n_users", "n_items", "threads", "precision"),
+    [(9, 37, None, "fp32"), (70, 1030, 1, "fp32"), (70, 1030, 2, "fp32"), (9, 37, None, "bf16")],
+    ids=["small", "cpu-blas-1-thread", "cpu-blas-2-threads", "bf16"],
+)
+def test_padded_logits_give_the_same_likelihood_and_gradients(
+    n_users: int, n_items: int, threads: int | None, precision: str
+) -> None:
+    # The large cases go through recvae.cpu_runtime.linear's own products (>= 64 rows,
+    # >= 1,024 outputs); one thread may pick NumPy's BLAS for them.
+    rng = np.random.default_rng(3)
+    batch = SparseBatch.from_scipy(_random_histories(rng, n_users, n_items, weighted=False))
+    torch.manual_seed(1)
+    model = MultVAE(MultVAEConfig(hidden_dims=(24,), latent_dim=6, dropout=0.5), n_items)
+    model.train()
+    noisy = batch.with_noise(
+        dropout_mask=(torch.rand(batch.indices.shape[0]) >= 0.5).float() * 2.0,
+        eps=torch.randn(n_users, 6),
+    )
+    before = torch.get_num_threads()
+    results = []
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        for multiple in (1, 64):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits, mu, logvar = model(noisy, item_multiple=multiple)
+            assert logits.shape == (n_users, -(-n_items // multiple) * multiple)
+            loss = sparse_multinomial_nll(logits, noisy) + 0.3 * gaussian_kl(mu, logvar)
+            loss.backward()
+            results.append((loss.detach(), _params_and_grads(model)))
+    finally:
+        torch.set_num_threads(before)
+    (loss_plain, grads_plain), (loss_padded, grads_padded) = results
+    torch.testing.assert_close(loss_padded, loss_plain, rtol=1e-5, atol=1e-5)
+    assert grads_padded.keys() == grads_plain.keys() == dict(model.named_parameters()).keys()
+    for name, grad in grads_plain.items():
+        assert grads_padded[name].shape == grad.shape
+        torch.testing.assert_close(grads_padded[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [small_vae_config(epochs=2), MultDAEConfig(latent_dim=8, epochs=2, batch_size=16)],
+    ids=["vae", "dae"],
+)
+def test_training_with_padded_logits_matches_training_without(
+    config: MultVAEConfig | MultDAEConfig,
+) -> None:
+    data, _ = make_checkerboard(n_items=21)
+    plain = train(data, config, options=RunOptions(device="cpu", progress=False, item_multiple=1))
+    padded = train(data, config, options=RunOptions(device="cpu", progress=False, item_multiple=8))
+    assert padded.model.decoder[-1].weight.shape == (21, 16 if config.model == "multvae" else 8)
+    for name, value in plain.model.state_dict().items():
+        torch.testing.assert_close(padded.model.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_item_multiple_is_automatic_and_validated() -> None:
+    data, _ = make_checkerboard()
+    config = small_vae_config(epochs=1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert Trainer(data, config, options=CPU).item_multiple == 1
+        torch.set_num_threads(2)
+        assert Trainer(data, config, options=CPU).item_multiple == 64
+        chosen = RunOptions(device="cpu", progress=False, item_multiple=16)
+        assert Trainer(data, config, options=chosen).item_multiple == 16
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="item_multiple"):
+        RunOptions(item_multiple=0)
