@@ -14,6 +14,9 @@ Usage (from the repository root)::
 3. The three products back to back, all on torch's BLAS or with the forward one on NumPy's: on
    more than one thread this shows the two libraries' thread pools slowing each other down,
    which is why ``cpu_runtime.linear`` uses NumPy's BLAS only on one thread.
+4. Aligned rows: the three products on torch's BLAS over ``n_items`` and over ``n_items``
+   rounded up to a multiple of 64 (the padded logits of ``recvae.model.padded_output``, which
+   training uses on more than one thread), with the time per 1,000 items to compare.
 
 Shapes: the paper's batch of 500 and hidden width 600, over ml-1m's 3,485 and gowalla's 40,981
 items (PROTOCOL.md splits). Prints a Markdown table; ``--json`` also writes the numbers.
@@ -157,6 +160,34 @@ def mixed_rows(repeats: int, threads: int) -> list[dict[str, Any]]:
     return rows
 
 
+def aligned_rows(repeats: int) -> list[dict[str, Any]]:
+    """torch's three products over ``n_items`` and over ``n_items`` padded to a multiple of 64."""
+    rows = []
+    gen = torch.Generator().manual_seed(2)
+    for name, n_items in SHAPES.items():
+        for width in (n_items, -(-n_items // 64) * 64):
+            h, w, b = _operands(gen, width)
+            g = torch.randn(BATCH, width, generator=gen)
+            products: dict[str, Callable[[], Any]] = {
+                "logits h @ W.T + b": lambda h=h, w=w, b=b: F.linear(h, w, b),
+                "grad W = G.T @ h": lambda g=g, h=h: g.t().mm(h),
+                "grad h = G @ W": lambda g=g, w=w: g.mm(w),
+            }
+            with cpu_runtime.reuse_freed_memory("cpu"):
+                for product, fn in products.items():
+                    sec, _ = _timed(fn, repeats)
+                    rows.append(
+                        {
+                            "dataset": name,
+                            "columns": width,
+                            "product": product,
+                            "ms": sec * 1e3,
+                            "ms_per_1000_items": sec * 1e3 / width * 1000,
+                        }
+                    )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -195,6 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---:|")
     for r in mixed:
         print(f"| {r['dataset']} | {r['products']} | {r['ms']:.1f} |")
+    aligned = aligned_rows(args.repeats)
+    print(
+        f"\n| dataset | columns | product on torch's BLAS, {args.threads} thread(s) | ms (median) "
+        "| ms per 1,000 items |"
+    )
+    print("|---|---:|---|---:|---:|")
+    for r in aligned:
+        print(
+            f"| {r['dataset']} | {r['columns']:,} | {r['product']} | {r['ms']:.1f} "
+            f"| {r['ms_per_1000_items']:.2f} |"
+        )
     if args.json:
         payload = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -202,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             "heap": heap,
             "gemm": gemm,
             "mixed": mixed,
+            "aligned": aligned,
         }
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)

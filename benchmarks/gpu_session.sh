@@ -10,6 +10,7 @@
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh tests          # pytest -m gpu
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh speed          # benchmarks/train_speed.py
+#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh quick          # profiles + 3 speed rows, ~6 min
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh quality ml-1m  # quality table rows (issue 7)
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh pack           # $OUT/quality.tgz of the results
 #
@@ -60,6 +61,27 @@ phase_speed() {
         --repeats "$repeats" --quality-epochs "$quality" --quality-device "$DEVICE" \
         --quality-precisions fp32 bf16 --split-cache "$CACHE" --json "$OUT/train_speed.json" \
         2>&1 | tee "$OUT/train_speed.log"
+}
+
+# About 6 minutes on an H100/H200: where the time of a large-batch bf16 step on ml-20m-like goes
+# (train_profile.py, compiled then eager), then those two rows and the compiled one without the
+# logits padded to 64 items (RunOptions.item_multiple = 1) against the reference per epoch.
+# A failed step does not stop the next ones; the phase then returns non-zero.
+phase_quick() {
+    local dataset=ml-20m-like steps=10 warmup=5 repeats=3 rc=0 batch=()
+    # bf16 at batch 24,576 takes ~15 s a step on a CPU: the smoke run uses batch 500.
+    if smoke; then dataset=ml-1m steps=2 warmup=1 repeats=1 batch=(--batch-size 500); fi
+    local profile=(benchmarks/train_profile.py --dataset "$dataset" --device "$DEVICE" --large
+        --precision bf16 --steps "$steps" --warmup "$warmup" --split-cache "$CACHE" "${batch[@]}")
+    $PY "${profile[@]}" --compile --out "$OUT/profile-large-compile" 2>&1 |
+        tee "$OUT/profile-large-compile.log" || rc=$?
+    $PY "${profile[@]}" --out "$OUT/profile-large" 2>&1 | tee "$OUT/profile-large.log" || rc=$?
+    $PY benchmarks/train_speed.py --devices "$DEVICE" --datasets "$dataset" \
+        --rows reference project-large project-large-compile project-large-compile-unpadded \
+        --repeats "$repeats" \
+        --quality-epochs 0 --split-cache "$CACHE" --json "$OUT/train_speed_quick.json" \
+        2>&1 | tee "$OUT/train_speed_quick.log" || rc=$?
+    return "$rc"
 }
 
 # Quality rows of one dataset, most needed first, so that a run cut short by DEADLINE (seconds
@@ -163,6 +185,6 @@ pack() {  # the results (no bundles or checkpoints) as one archive under OUT
     tar czf "$OUT/quality.tgz" -C "$QOUT" --exclude=bundles --exclude=checkpoints .
 }
 
-phase=${1:?usage: gpu_session.sh prepare|tests|speed|quality DATASET|pack}
+phase=${1:?usage: gpu_session.sh prepare|tests|speed|quick|quality DATASET|pack}
 shift
 if [[ $phase == pack ]]; then pack; else "phase_$phase" "$@"; fi

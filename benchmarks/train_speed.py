@@ -22,6 +22,15 @@ reference and the project's epochs alternate so that both see the same machine l
   autocast, at batch 4,096 and, where there are at least twice as many users, with the large
   batch of ``pipelines/configs/gpu-large-batch.toml``, eager and with ``RunOptions.compile``
   (``project+compile``).
+- ``project-unpadded``, ``project+compile-unpadded``: the fp32 row and the compiled large-batch
+  row without the logits padded to a multiple of 64 items (``RunOptions(item_multiple=1)``);
+  the other project rows use the automatic setting, padded on CUDA and on more than one CPU
+  thread (:func:`recvae.model.padded_output`).
+
+``--rows`` keeps only some of these rows, named ``reference``, ``reference+heap``,
+``project-fp32``, ``project-fp32-unpadded``, ``project-bf16``, ``project-bf16-4096`` (batch
+4,096), ``project-large``, ``project-large-compile`` and ``project-large-compile-unpadded``; the
+reference row is always measured.
 
 Datasets: ml-1m and gowalla (PROTOCOL.md splits) on the CPU and, when CUDA is present, on the
 GPU; the synthetic ML-20M-like matrix (``recvae.data.synthetic_interactions()``) on the GPU only
@@ -50,7 +59,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,6 +82,18 @@ from recvae.training import Trainer, beta_schedule, train
 N_HELDOUT = {"ml-1m": 1000, "gowalla": 3000, "ml-20m-like": 10_000}
 PAPER = MultVAEConfig()  # [I, 600, 200, 600, I], tanh, dropout 0.5, Adam 1e-3, batch 500
 LARGE_BATCH: dict[str, Any] = {"batch_size": 24_576, "learning_rate": 4e-3}  # gpu-large-batch
+# The rows measure() can time per dataset and device, by the names --rows takes.
+VARIANTS = (
+    "reference",
+    "reference+heap",  # CPU only
+    "project-fp32",
+    "project-fp32-unpadded",  # the same with RunOptions(item_multiple=1)
+    "project-bf16",  # this and the following: CUDA only
+    "project-bf16-4096",
+    "project-large",  # the large ones: only with at least two large batches of users
+    "project-large-compile",
+    "project-large-compile-unpadded",  # the same with RunOptions(item_multiple=1)
+)
 
 
 # ------------------------------------------------------------------------------ memory
@@ -165,12 +186,17 @@ class ProjectPath:
         device: torch.device,
         precision: str,
         compile: bool = False,
+        item_multiple: int | None = None,
     ) -> None:
         self.trainer = Trainer(
             data,
             config,
             options=RunOptions(
-                device=str(device), progress=False, precision=precision, compile=compile
+                device=str(device),
+                progress=False,
+                precision=precision,
+                compile=compile,
+                item_multiple=item_multiple,
             ),
         )
 
@@ -202,6 +228,7 @@ class Row:
     peak_host_bytes: int = 0
     skipped: str | None = None
     ratio: float | None = None
+    variant: str = ""  # its name in VARIANTS
 
     @property
     def median(self) -> float:
@@ -244,30 +271,49 @@ def measure(
     device: torch.device,
     repeats: int,
     memory: HostMemory,
+    only: Collection[str] | None = None,
 ) -> list[Row]:
-    """Time the reference and the project's paths on ``data``, alternating their epochs."""
-    variants: list[tuple[str, MultVAEConfig, str]] = [("reference", PAPER, "fp32")]
+    """Time the reference and the project's paths on ``data``, alternating their epochs.
+
+    With ``only`` (names of ``VARIANTS``), just those rows and the reference row.
+    """
+    variants: list[tuple[str, str, MultVAEConfig, str]] = [
+        ("reference", "reference", PAPER, "fp32")
+    ]
     if device.type == "cpu":
-        variants.append(("reference+heap", PAPER, "fp32"))
-    variants.append(("project", PAPER, "fp32"))
+        variants.append(("reference+heap", "reference+heap", PAPER, "fp32"))
+    variants.append(("project-fp32", "project", PAPER, "fp32"))
+    variants.append(("project-fp32-unpadded", "project-unpadded", PAPER, "fp32"))
     if device.type == "cuda":
-        variants.append(("project", PAPER, "bf16"))
-        variants.append(("project", PAPER.replace(batch_size=4096), "bf16"))  # type: ignore[arg-type]
+        variants.append(("project-bf16", "project", PAPER, "bf16"))
+        batch_4096 = PAPER.replace(batch_size=4096)
+        variants.append(("project-bf16-4096", "project", batch_4096, "bf16"))  # type: ignore[arg-type]
         if data.n_users >= 2 * LARGE_BATCH["batch_size"]:  # else one step is the whole epoch
             large = PAPER.replace(**LARGE_BATCH)
-            variants.append(("project", large, "bf16"))  # type: ignore[arg-type]
-            variants.append(("project+compile", large, "bf16"))  # type: ignore[arg-type]
+            variants.append(("project-large", "project", large, "bf16"))  # type: ignore[arg-type]
+            variants.append(("project-large-compile", "project+compile", large, "bf16"))  # type: ignore[arg-type]
+            unpadded = ("project-large-compile-unpadded", "project+compile-unpadded")
+            variants.append((*unpadded, large, "bf16"))  # type: ignore[arg-type]
+    if only is not None:
+        variants = [v for v in variants if v[0] == "reference" or v[0] in only]
     rows: list[Row] = []
     runners: list[Runner] = []
-    for path, config, precision in variants:
-        row = Row(name, str(device), path, config.batch_size, precision, data.n_users)
+    for variant, path, config, precision in variants:
+        row = Row(
+            name, str(device), path, config.batch_size, precision, data.n_users, variant=variant
+        )
         runner = (
             ReferencePath(data, config, device).run_epoch
             if path == "reference"
             else _with_heap_reuse(ReferencePath(data, config, device).run_epoch)
             if path == "reference+heap"
             else ProjectPath(
-                data, config, device, precision, compile=path.endswith("+compile")
+                data,
+                config,
+                device,
+                precision,
+                compile="+compile" in path,
+                item_multiple=1 if path.endswith("-unpadded") else None,
             ).run_epoch
         )
         runner(1, WARMUP_STEPS)  # warm-up: optimizer state, allocator, kernels
@@ -474,6 +520,16 @@ def main(argv: list[str] | None = None) -> int:
         "--split-cache", type=Path, help="folder of pickled splits (<dataset>.pkl), read or written"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        choices=VARIANTS,
+        metavar="NAME",
+        help="measure only these rows of each dataset and device (default: all that apply): "
+        f"{', '.join(VARIANTS)}; the reference row is always measured first, since the "
+        "speed-ups are relative to it; reference+heap is CPU-only, the project-bf16 and "
+        "project-large rows CUDA-only",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -505,7 +561,9 @@ def main(argv: list[str] | None = None) -> int:
                 splits[name] = _load(name, args.data_dir, args.split_cache)
             data = splits[name].train
             print(f"{name}: {data.n_users} users x {data.n_items} items", file=sys.stderr)
-            rows += measure(name, data, torch.device(device_name), args.repeats, memory)
+            rows += measure(
+                name, data, torch.device(device_name), args.repeats, memory, only=args.rows
+            )
     speed = table(rows, memory)
     print(speed)
     results: list[dict[str, Any]] = []

@@ -1,0 +1,69 @@
+"""The training benchmark scripts run on the CPU: train_profile end to end, train_speed's --rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` as the scripts import their siblings (their folder first)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+def test_train_profile_writes_the_ops_of_a_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train_profile = _script("train_profile", monkeypatch)
+    out = tmp_path / "profile"
+    argv = ["--dataset", "tiny", "--device", "cpu", "--batch-size", "200"]
+    assert train_profile.main([*argv, "--warmup", "1", "--steps", "1", "--out", str(out)]) == 0
+
+    record = json.loads((out / "profile.json").read_text())
+    assert record["ms_per_step"] > 0
+    assert record["settings"]["steps"] == 1
+    assert record["settings"]["batch_size"] == 200
+    assert record["settings"]["torch"] == torch.__version__
+    ops = record["ops"]
+    assert 0 < len(ops) <= 40
+    assert {"name", "calls", "self_ms_per_step", "total_ms_per_step", "clock"} <= set(ops[0])
+    assert any(op["name"] in ("aten::mm", "aten::addmm", "aten::matmul") for op in ops)
+    assert "Grouped by input shape" in (out / "profile.txt").read_text()
+    assert not (out / "trace.json").exists()
+
+
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["--warmup", "-1"], ["--batch-size", "0"]])
+def test_train_profile_rejects_bad_arguments(
+    bad: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train_profile = _script("train_profile", monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        train_profile.main(["--dataset", "tiny", "--device", "cpu", "--out", str(tmp_path), *bad])
+    assert exc.value.code == 2
+
+
+def test_train_speed_rejects_an_unknown_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    train_speed = _script("train_speed", monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        train_speed.main(["--rows", "project-fast", "--quality-epochs", "0"])
+    assert exc.value.code == 2
+
+
+def test_train_speed_rows_keep_the_reference_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    train_speed = _script("train_speed", monkeypatch)
+    from recvae.data import synthetic_interactions
+
+    data = synthetic_interactions(n_users=300, n_items=100, n_interactions=3000, seed=0)
+    memory = train_speed.HostMemory()
+    rows = train_speed.measure("tiny", data, torch.device("cpu"), 1, memory, only=["project-fp32"])
+    assert [row.variant for row in rows] == ["reference", "project-fp32"]
+    assert rows[0].ratio == pytest.approx(1.0)
