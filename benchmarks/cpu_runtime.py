@@ -14,9 +14,10 @@ Usage (from the repository root)::
 3. The three products back to back, all on torch's BLAS or with the forward one on NumPy's: on
    more than one thread this shows the two libraries' thread pools slowing each other down,
    which is why ``cpu_runtime.linear`` uses NumPy's BLAS only on one thread.
-4. Aligned rows: the three products on torch's BLAS over ``n_items`` and over ``n_items``
-   rounded up to a multiple of 64 (the padded logits of ``recvae.model.padded_output``, which
-   training uses on more than one thread), with the time per 1,000 items to compare.
+4. Aligned rows: the three products over ``n_items`` and over ``n_items`` rounded up to a
+   multiple of 64 (the padded logits of ``recvae.model.padded_output``, which training uses on
+   more than one thread), with the time per 1,000 items to compare; on torch's BLAS, and on one
+   thread also on NumPy's.
 
 Shapes: the paper's batch of 500 and hidden width 600, over ml-1m's 3,485 and gowalla's 40,981
 items (PROTOCOL.md splits). Prints a Markdown table; ``--json`` also writes the numbers.
@@ -160,8 +161,12 @@ def mixed_rows(repeats: int, threads: int) -> list[dict[str, Any]]:
     return rows
 
 
-def aligned_rows(repeats: int) -> list[dict[str, Any]]:
-    """torch's three products over ``n_items`` and over ``n_items`` padded to a multiple of 64."""
+def aligned_rows(repeats: int, threads: int) -> list[dict[str, Any]]:
+    """The three products over ``n_items`` and over ``n_items`` padded to a multiple of 64.
+
+    On torch's BLAS, and on one thread (where ``cpu_runtime.linear`` may use it) on NumPy's too.
+    """
+    blas = cpu_runtime._numpy_blas() if threads == 1 else None
     rows = []
     gen = torch.Generator().manual_seed(2)
     for name, n_items in SHAPES.items():
@@ -169,10 +174,22 @@ def aligned_rows(repeats: int) -> list[dict[str, Any]]:
             h, w, b = _operands(gen, width)
             g = torch.randn(BATCH, width, generator=gen)
             products: dict[str, Callable[[], Any]] = {
-                "logits h @ W.T + b": lambda h=h, w=w, b=b: F.linear(h, w, b),
-                "grad W = G.T @ h": lambda g=g, h=h: g.t().mm(h),
-                "grad h = G @ W": lambda g=g, w=w: g.mm(w),
+                "logits h @ W.T + b, torch": lambda h=h, w=w, b=b: F.linear(h, w, b),
+                "grad W = G.T @ h, torch": lambda g=g, h=h: g.t().mm(h),
+                "grad h = G @ W, torch": lambda g=g, w=w: g.mm(w),
             }
+            if blas is not None:
+                products |= {
+                    "logits h @ W.T + b, NumPy BLAS": lambda h=h, w=w, b=b: (
+                        cpu_runtime._numpy_linear(h, w, b, 1, blas)
+                    ),
+                    "grad W = G.T @ h, NumPy BLAS": lambda g=g, h=h: cpu_runtime._numpy_matmul(
+                        g.t(), h, 1, blas
+                    ),
+                    "grad h = G @ W, NumPy BLAS": lambda g=g, w=w: cpu_runtime._numpy_matmul(
+                        g, w, 1, blas
+                    ),
+                }
             with cpu_runtime.reuse_freed_memory("cpu"):
                 for product, fn in products.items():
                     sec, _ = _timed(fn, repeats)
@@ -226,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---:|")
     for r in mixed:
         print(f"| {r['dataset']} | {r['products']} | {r['ms']:.1f} |")
-    aligned = aligned_rows(args.repeats)
+    aligned = aligned_rows(args.repeats, args.threads)
     print(
-        f"\n| dataset | columns | product on torch's BLAS, {args.threads} thread(s) | ms (median) "
+        f"\n| dataset | columns | product, {args.threads} thread(s) | ms (median) "
         "| ms per 1,000 items |"
     )
     print("|---|---:|---|---:|---:|")
