@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
@@ -37,6 +38,11 @@ def register_config(cls: type[ModelConfig]) -> type[ModelConfig]:
 def _check(condition: bool, name: str, message: str) -> None:
     if not condition:
         raise ValueError(f"invalid config field '{name}': {message}")
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_layer_sizes(hidden_dims: tuple[int, ...], latent_dim: int) -> None:
@@ -260,15 +266,30 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         _check(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            isinstance(self.device, str)
+            and (self.device in ("auto", "cpu") or self.device.startswith("cuda")),
             "device",
             "must be auto, cpu, cuda or cuda:N",
         )
-        _check(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1")
-        _check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
-        _check(self.validate_every >= 1, "validate_every", "must be >= 1")
+        # A TOML [run] table can hold any type: check the type before comparing.
+        for name in ("num_threads", "eval_batch_size", "validate_every", "checkpoint_every"):
+            value = getattr(self, name)
+            optional = name == "num_threads"
+            _check(
+                (value is None and optional) or (_is_int(value) and value >= 1),
+                name,
+                "must be an integer >= 1" + (" or unset" if optional else ""),
+            )
         _check(
-            self.item_multiple is None or self.item_multiple >= 1, "item_multiple", "must be >= 1"
+            self.item_multiple is None or (_is_int(self.item_multiple) and self.item_multiple >= 1),
+            "item_multiple",
+            "must be an integer >= 1 (1: no padding) or unset (automatic)",
         )
-        _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        for name in ("progress", "compile", "distributed"):
+            _check(isinstance(getattr(self, name), bool), name, "must be true or false")
+        _check(
+            self.checkpoint_dir is None or isinstance(self.checkpoint_dir, str | os.PathLike),
+            "checkpoint_dir",
+            "must be a path",
+        )
         _check(self.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16")

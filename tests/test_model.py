@@ -105,3 +105,42 @@ def test_config_round_trip_and_validation() -> None:
         config_from_dict({"model": "nope"})
     with pytest.raises(ValueError, match="batch_size"):
         MultDAEConfig(batch_size=0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("num_threads", "2", "integer >= 1 or unset"),
+        ("num_threads", 0, "integer >= 1 or unset"),
+        ("eval_batch_size", 2.5, "integer >= 1"),
+        ("validate_every", True, "integer >= 1"),
+        ("checkpoint_every", 0, "integer >= 1"),
+        ("item_multiple", 2.5, "integer >= 1"),
+        ("item_multiple", "64", "integer >= 1"),
+        ("item_multiple", 0, "integer >= 1"),
+        ("compile", "yes", "true or false"),
+        ("progress", 1, "true or false"),
+        ("distributed", None, "true or false"),
+        ("device", 0, "auto, cpu, cuda"),
+        ("device", "tpu", "auto, cpu, cuda"),
+        ("checkpoint_dir", 3, "path"),
+    ],
+)
+def test_run_options_reject_wrong_types_and_values(field: str, value: object, message: str) -> None:
+    # A TOML [run] table can hold any type; each must fail with the field's name.
+    from recvae.config import RunOptions
+
+    with pytest.raises(ValueError, match=f"'{field}'.*{message}"):
+        RunOptions(**{field: value})  # type: ignore[arg-type]
+
+
+def test_run_options_accept_their_types() -> None:
+    from pathlib import Path
+
+    from recvae.config import RunOptions
+
+    options = RunOptions(
+        device="cuda:1", num_threads=3, item_multiple=1, checkpoint_dir=Path("x"), compile=True
+    )
+    assert options.item_multiple == 1 and options.num_threads == 3
+    assert RunOptions().item_multiple is None  # automatic

@@ -84,6 +84,26 @@ def test_datasets_lists_loaders(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize(
+    ("run_table", "message"),
+    [
+        ('num_threads = "2"', "'num_threads': must be an integer"),
+        ("item_multiple = 2.5", "'item_multiple': must be an integer"),
+        ('compile = "yes"', "'compile': must be true or false"),
+    ],
+)
+def test_wrongly_typed_run_options_give_message_and_nonzero_exit(
+    run_table: str, message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    config = tmp_path / "job.toml"
+    config.write_text(f'[model]\nmodel = "multvae"\nepochs = 1\n[run]\n{run_table}\n')
+    out = tmp_path / "run"
+    code, _, err = _run(["train", "--config", str(config), "-o", str(out)], capsys)
+    assert code == 2
+    assert message in err and err.startswith("recvae: error:")
+    assert not out.exists()  # rejected before anything is written
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["train", "--data", "/no/such/file.csv"], "/no/such/file.csv"),
