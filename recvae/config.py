@@ -11,6 +11,8 @@ import dataclasses
 import importlib
 import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
@@ -43,6 +45,79 @@ def _check(condition: bool, name: str, message: str) -> None:
 def _is_int(value: Any) -> bool:
     """An integer, not a bool (which Python counts as one)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+_FIELD_HINTS: dict[type, dict[str, Any]] = {}  # config class -> resolved annotations
+
+
+def _field_hints(cls: type) -> dict[str, Any]:
+    hints = _FIELD_HINTS.get(cls)
+    if hints is None:
+        hints = _FIELD_HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def _type_matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the annotated type (the simple types configs use; others pass)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is type(None):
+        return value is None
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin in (types.UnionType, typing.Union):
+        return any(_type_matches(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_type_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(map(_type_matches, value, args))
+    return True
+
+
+def _describe_type(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    simple = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if hint in simple:
+        return simple[hint]
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (types.UnionType, typing.Union):
+        parts = [_describe_type(a) for a in args if a is not type(None)]
+        unset = " or unset" if type(None) in args else ""
+        return " or ".join(parts) + unset
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a list of {_describe_type(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    return str(hint)
+
+
+def _check_field_types(config: Any) -> None:
+    """Check every dataclass field of ``config`` against its annotation (a list given for a
+    tuple field becomes a tuple). Values from TOML, JSON or a command line can be of any type;
+    this names the field before any comparison of a wrongly typed value fails obscurely.
+
+    Raises:
+        ValueError: ``invalid config field '<name>': must be <type>, got <value>``.
+    """
+    hints = _field_hints(type(config))
+    for f in dataclasses.fields(config):
+        hint, value = hints.get(f.name, Any), getattr(config, f.name)
+        if typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)
+            object.__setattr__(config, f.name, value)  # frozen dataclass
+        _check(
+            _type_matches(value, hint),
+            f.name,
+            f"must be {_describe_type(hint)}, got {value!r}",
+        )
 
 
 def _check_layer_sizes(hidden_dims: tuple[int, ...], latent_dim: int) -> None:
@@ -125,6 +200,7 @@ class ModelConfig:
     seed: int = 98765  # seeds weights, shuffling, dropout and sampling
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         _check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an int >= 1")
         _check(
             isinstance(self.batch_size, int) and self.batch_size >= 1,

@@ -144,3 +144,42 @@ def test_run_options_accept_their_types() -> None:
     )
     assert options.item_multiple == 1 and options.num_threads == 3
     assert RunOptions().item_multiple is None  # automatic
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("learning_rate", "1e-3", "must be a number, got '1e-3'"),
+        ("dropout", "0.5", "must be a number"),
+        ("beta_max", None, "must be a number"),
+        ("beta_search", "no", "must be true or false"),  # was accepted: a truthy string
+        ("anneal_steps", 2.5, "must be an integer or unset"),
+        ("hidden_dims", ("600",), "must be a list of integers"),
+        ("activation", "gelu", "must be one of tanh, relu, sigmoid, silu"),
+        ("select_metric", 100, "must be a string"),
+    ],
+)
+def test_model_configs_name_a_wrongly_typed_field(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=f"invalid config field '{field}': {message}"):
+        MultVAEConfig(**{field: value})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=f"'{field}'"):
+        config_from_dict({"model": "multvae", field: value})
+
+
+def test_config_lists_become_tuples_and_numbers_stay_numbers() -> None:
+    cfg = MultVAEConfig(hidden_dims=[300, 100], learning_rate=1)  # type: ignore[arg-type]
+    assert cfg.hidden_dims == (300, 100) and hash(cfg)
+    assert cfg == MultVAEConfig(hidden_dims=(300, 100), learning_rate=1.0)
+    from recvae.recvae_model import RecVAEConfig
+
+    with pytest.raises(ValueError, match="'gamma': must be a number"):
+        RecVAEConfig(gamma="0.005")  # type: ignore[arg-type]
+
+
+def test_baseline_configs_name_a_wrongly_typed_field() -> None:
+    from recvae.baselines import ALSConfig, EASEConfig
+
+    with pytest.raises(ValueError, match="'regularization': must be a number, got '0.1'"):
+        ALSConfig(regularization="0.1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'regularization'"):
+        EASEConfig.from_dict({"regularization": True})

@@ -84,18 +84,22 @@ def test_datasets_lists_loaders(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("run_table", "message"),
+    ("table", "line", "message"),
     [
-        ('num_threads = "2"', "'num_threads': must be an integer"),
-        ("item_multiple = 2.5", "'item_multiple': must be an integer"),
-        ('compile = "yes"', "'compile': must be true or false"),
+        ("run", 'num_threads = "2"', "'num_threads': must be an integer"),
+        ("run", "item_multiple = 2.5", "'item_multiple': must be an integer"),
+        ("run", 'compile = "yes"', "'compile': must be true or false"),
+        ("model", 'learning_rate = "1e-3"', "'learning_rate': must be a number"),
+        ("model", 'beta_search = "no"', "'beta_search': must be true or false"),
     ],
 )
-def test_wrongly_typed_run_options_give_message_and_nonzero_exit(
-    run_table: str, message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+def test_wrongly_typed_config_values_give_message_and_nonzero_exit(
+    table: str, line: str, message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    tables = {"model": 'model = "multvae"\nepochs = 1', "run": "progress = false"}
+    tables[table] += "\n" + line
     config = tmp_path / "job.toml"
-    config.write_text(f'[model]\nmodel = "multvae"\nepochs = 1\n[run]\n{run_table}\n')
+    config.write_text("".join(f"[{name}]\n{body}\n" for name, body in tables.items()))
     out = tmp_path / "run"
     code, _, err = _run(["train", "--config", str(config), "-o", str(out)], capsys)
     assert code == 2
