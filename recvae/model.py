@@ -256,7 +256,11 @@ class OutputLinear(nn.Linear):
     is faster for the shape (:func:`recvae.cpu_runtime.linear`); elsewhere plain ``F.linear``.
     Same parameters, ``state_dict`` and initialization as ``nn.Linear``."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, item_multiple: int = 1) -> Tensor:
+        """``(batch, in) -> (batch, out)``; padded with ``-inf`` columns to a multiple of
+        ``item_multiple`` (:func:`padded_output`)."""
+        if item_multiple > 1:
+            return padded_output(self, x, item_multiple)
         return cpu_runtime.linear(x, self.weight, self.bias)
 
 
@@ -266,10 +270,10 @@ def padded_output(layer: nn.Linear, h: Tensor, multiple: int) -> Tensor:
     ``(batch, in) -> (batch, ceil(out / multiple) * multiple)``. The product runs over a weight
     with zero rows appended and a bias of ``-inf`` there, so the padded logits come out of the
     same GEMM with rows whose length is a multiple of ``multiple`` elements: BLAS and GPU kernels
-    run their aligned, faster code for such rows (torch's CPU BLAS took 237 ms instead of 311 ms
-    for gowalla's ``500 x 600 x 40,981`` forward product on two threads). A softmax gives the
-    padding probability 0, so the likelihood, its gradient and the layer's gradients (the
-    padding's are sliced off) are those of ``layer(h)``, up to the products' rounding.
+    run their aligned, faster code for such rows (torch's CPU BLAS took 233 ms instead of 292 ms
+    for gowalla's ``500 x 600 x 40,981`` forward product on two threads, BENCHMARKS.md). A
+    softmax gives the padding probability 0, so the likelihood, its gradient and the layer's
+    gradients (the padding's are sliced off) are those of ``layer(h)``, up to rounding.
 
     Args:
         layer: The layer over all items (``out_features`` items).
@@ -308,6 +312,8 @@ class _Autoencoder(nn.Module):
     variational: bool = False
     #: ``forward``/``encode`` accept a :class:`SparseBatch` as well as a dense tensor.
     supports_sparse_input: bool = True
+    #: ``forward``/``decode`` take ``item_multiple`` (logits padded with ``-inf`` columns).
+    supports_item_padding: bool = True
 
     def _build(
         self,
@@ -350,8 +356,10 @@ class _Autoencoder(nn.Module):
         for layer in self.decoder[:-1]:
             h = self._act(layer(h))
         last = cast(nn.Linear, self.decoder[-1])
-        if item_multiple > 1:
-            return padded_output(last, h, item_multiple)
+        if item_multiple > 1 and not isinstance(last, OutputLinear):
+            return padded_output(last, h, item_multiple)  # a plain nn.Linear put in its place
+        if item_multiple > 1:  # through the module, so that its hooks see the padded logits
+            return cast(Tensor, last(h, item_multiple=item_multiple))
         return cast(Tensor, last(h))  # (batch, n_items)
 
     def encode(  # pragma: no cover - abstract

@@ -332,8 +332,8 @@ class Trainer:
         products over all items ran faster on aligned rows; 1 on one CPU thread, where the
         product that was sensitive to it runs on NumPy's BLAS, which was not.
         """
-        if not self.sparse_input:
-            return 1
+        if not self.sparse_input or not getattr(self.model, "supports_item_padding", False):
+            return 1  # the dense likelihood, or a model whose forward takes no item_multiple
         if self.options.item_multiple is not None:
             return self.options.item_multiple
         if self.device.type == "cuda":

@@ -33,6 +33,18 @@ def shared_data_dir() -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterable[None]:
+    """Undo a test's ``torch.set_num_threads`` (direct, or through ``--threads``/``num_threads``):
+    the thread count is process-wide and changes what training does (``item_multiple``, BLAS)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     return shared_data_dir()

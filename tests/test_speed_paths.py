@@ -511,3 +511,11 @@ def test_item_multiple_is_automatic_and_validated() -> None:
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="item_multiple"):
         RunOptions(item_multiple=0)
+
+
+def test_models_without_item_padding_train_unpadded() -> None:
+    # A sparse-input model whose forward takes no item_multiple keeps the plain logits.
+    data, _ = make_checkerboard()
+    trainer = Trainer(data, small_vae_config(epochs=1), options=CPU)
+    trainer.model.supports_item_padding = False  # type: ignore[assignment]
+    assert trainer._item_multiple() == 1
