@@ -10,7 +10,7 @@
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh tests          # pytest -m gpu
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh speed          # benchmarks/train_speed.py
-#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh quick          # profiles + 3 speed rows, ~6 min
+#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh quick          # tests, profiles, speed rows, ~8 min
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh quality ml-1m  # quality table rows (issue 7)
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh pack           # $OUT/quality.tgz of the results
 #
@@ -63,12 +63,19 @@ phase_speed() {
         2>&1 | tee "$OUT/train_speed.log"
 }
 
-# About 6 minutes on an H100/H200: where the time of a large-batch bf16 step on ml-20m-like goes
-# (train_profile.py, compiled then eager), then those two rows and the compiled one without the
-# logits padded to 64 items (RunOptions.item_multiple = 1) against the reference per epoch.
+# About 8 minutes on an H100/H200: the GPU tests, then where the time of a large-batch bf16
+# step on ml-20m-like goes (train_profile.py, compiled then eager), then those two rows and the
+# compiled one without the logits padded to 64 items (RunOptions.item_multiple = 1) against
+# the reference per epoch.
 # A failed step does not stop the next ones; the phase then returns non-zero.
 phase_quick() {
     local dataset=ml-20m-like steps=10 warmup=5 repeats=3 rc=0 batch=()
+    # First the GPU tests (at most 4 minutes): the padded logits are the CUDA default.
+    if ! smoke; then
+        export -f phase_tests
+        export PY OUT
+        timeout 240 bash -c phase_tests || rc=$?
+    fi
     # bf16 at batch 24,576 takes ~15 s a step on a CPU: the smoke run uses batch 500.
     if smoke; then dataset=ml-1m steps=2 warmup=1 repeats=1 batch=(--batch-size 500); fi
     local profile=(benchmarks/train_profile.py --dataset "$dataset" --device "$DEVICE" --large

@@ -21,7 +21,13 @@ from recvae.baselines import EASE, EASEConfig
 from recvae.blend import Blend
 from recvae.config import MultVAEConfig, RunOptions, config_from_dict
 from recvae.evaluation import evaluate
-from recvae.model import SparseBatch, build_model, multinomial_nll, sparse_multinomial_nll
+from recvae.model import (
+    SparseBatch,
+    build_model,
+    gaussian_kl,
+    multinomial_nll,
+    sparse_multinomial_nll,
+)
 from recvae.recommender import Recommender
 from recvae.split import split_users
 from recvae.training import train
@@ -65,6 +71,42 @@ def test_sparse_likelihood_and_its_gradient_match_the_dense_float64_reference() 
         assert _rel_err(out, ref) < tolerance
         assert logits.grad is not None and ref_logits.grad is not None
         assert _rel_err(logits.grad, ref_logits.grad) < tolerance * 10
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_padded_logits_give_the_cpu_loss_and_gradients_on_the_accelerator(precision: str) -> None:
+    # Training's default on CUDA: logits padded to 64 items with -inf columns (300 -> 320),
+    # through bf16 autocast and the compiled dense passes; against the unpadded float32 CPU run.
+    rng = np.random.default_rng(4)
+    x = _random_histories(rng, 48, 300)
+    torch.manual_seed(2)
+    cpu_model = build_model(MultVAEConfig(hidden_dims=(64,), latent_dim=16), 300).train()
+    model = build_model(MultVAEConfig(hidden_dims=(64,), latent_dim=16), 300).to(ACCEL).train()
+    model.load_state_dict({k: v.to(ACCEL) for k, v in cpu_model.state_dict().items()})
+    cpu_batch = SparseBatch.from_scipy(x)
+    mask = (torch.rand(cpu_batch.indices.shape[0]) >= 0.5).float() * 2.0
+    eps = torch.randn(48, 16)
+    results = []
+    for net, device, multiple, bf16 in (
+        (cpu_model, "cpu", 1, False),
+        (model, ACCEL, 64, precision == "bf16"),
+    ):
+        batch = SparseBatch.from_scipy(x, device=device).with_noise(
+            dropout_mask=mask.to(device), eps=eps.to(device)
+        )
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            logits, mu, logvar = net(batch, item_multiple=multiple)
+        assert logits.shape == (48, 300 if multiple == 1 else 320)
+        loss = sparse_multinomial_nll(logits, batch) + 0.2 * gaussian_kl(mu.float(), logvar.float())
+        loss.backward()
+        grads = {k: p.grad.detach().cpu().float() for k, p in net.named_parameters()}
+        results.append((loss.detach().cpu(), grads))
+    (cpu_loss, cpu_grads), (loss, grads) = results
+    tolerance = 1e-5 if precision == "fp32" else 2e-2
+    assert _rel_err(loss, cpu_loss) < tolerance
+    for name, grad in cpu_grads.items():
+        assert grads[name].shape == grad.shape, name
+        assert _rel_err(grads[name], grad) < tolerance * 10, name
 
 
 def test_sparse_and_dense_forward_agree_on_the_accelerator() -> None:
