@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.settings import JobSettings, check_known_keys
+from pipelines.settings import JobSettings, check_known_keys, table
 from pipelines.tracking_hooks import Tracker, evaluation_metrics, run_tags
 from pipelines.train_job import (
     PreparedData,
@@ -74,6 +74,20 @@ _EXPERIMENT_KEYS = {
     "plots",
 }
 _MLFLOW_KEYS = {"tracking_uri", "artifact_location", "experiment", "registered_model", "alias"}
+# ExperimentSettings fields that hold a string or None -> their place in the TOML file.
+_STRING_KEYS = {
+    "output_dir": "[experiment] output_dir",
+    "register": "[experiment] register",
+    "device": "[experiment] device",
+    "experiment_name": "[mlflow] experiment",
+    "tracking_uri": "[mlflow] tracking_uri",
+    "registered_model": "[mlflow] registered_model",
+}
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ------------------------------------------------------------------------------ settings
@@ -134,16 +148,28 @@ class ExperimentSettings:
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
         if duplicates:
             raise ValueError(f"model label(s) given twice: {', '.join(duplicates)}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise ValueError(f"[experiment] threads must be an int >= 1, got {self.threads!r}")
-        if not self.ks or any(not isinstance(k, int) or k < 1 for k in self.ks):
+        if not self.ks or any(not _is_int(k) or k < 1 for k in self.ks):
             raise ValueError(f"[experiment] ks must be positive ints, got {list(self.ks)}")
-        if not isinstance(self.fairness_k, int) or self.fairness_k < 1:
-            raise ValueError(f"[experiment] fairness_k must be an int >= 1, got {self.fairness_k}")
+        if not _is_int(self.fairness_k) or self.fairness_k < 1:
+            raise ValueError(
+                f"[experiment] fairness_k must be an int >= 1, got {self.fairness_k!r}"
+            )
         if not isinstance(self.alias, str) or not self.alias.strip():
             raise ValueError("[mlflow] alias must be a non-empty string")
         if not isinstance(self.plots, bool):
             raise ValueError(f"[experiment] plots must be true or false, got {self.plots!r}")
+        for attr, key in _STRING_KEYS.items():
+            value = getattr(self, attr)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{key} must be a string, got {value!r}")
+        if self.device is not None and not (
+            self.device in ("auto", "cpu") or self.device.startswith("cuda")
+        ):
+            raise ValueError(
+                f"[experiment] device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
+            )
 
     @property
     def eval_ks(self) -> tuple[int, ...]:
@@ -223,31 +249,47 @@ def model_spec(label: str, table: Mapping[str, Any]) -> ModelSpec:
     return ModelSpec(label=label, config=config, lambdas=lambdas)
 
 
+def mlflow_from_dict(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``[mlflow]`` table of a parsed TOML document (empty when absent).
+
+    Raises:
+        ValueError: It is not a table, has unknown keys, or a value that is not a string.
+    """
+    section = table(raw, "mlflow")
+    check_known_keys(section, _MLFLOW_KEYS, "mlflow")
+    for key, value in section.items():
+        if not isinstance(value, str):
+            raise ValueError(f"[mlflow] {key} must be a string, got {value!r}")
+    return section
+
+
 def experiment_from_dict(raw: Mapping[str, Any]) -> ExperimentSettings:
     """Read the experiment sections of a parsed TOML document.
 
     Raises:
         ValueError: Unknown keys, a bad model table or invalid values, with the place named.
     """
-    section = dict(raw.get("experiment", {}))
+    section = table(raw, "experiment")
     check_known_keys(section, _EXPERIMENT_KEYS, "experiment")
-    mlflow_section = dict(raw.get("mlflow", {}))
-    check_known_keys(mlflow_section, _MLFLOW_KEYS, "mlflow")
+    mlflow_section = mlflow_from_dict(raw)
+    ks = section.get("ks", list(ExperimentSettings.ks))
+    if not isinstance(ks, list):
+        raise ValueError(f"[experiment] ks must be a list of positive ints, got {ks!r}")
     tables = raw.get("models", {})
     if not isinstance(tables, Mapping):
         raise ValueError("[models] must hold one table per model: [models.<label>]")
     specs = []
-    for label, table in tables.items():
-        if not isinstance(table, Mapping):
+    for label, fields in tables.items():
+        if not isinstance(fields, Mapping):
             raise ValueError(f"[models.{label}] must be a table of config fields")
-        specs.append(model_spec(str(label), table))
+        specs.append(model_spec(str(label), fields))
     if not specs:
         specs = [model_spec(name, {}) for name in ("multvae", "ease", "popularity")]
     settings = ExperimentSettings(
         models=tuple(specs),
         output_dir=section.get("output_dir"),
         threads=section.get("threads"),
-        ks=tuple(section.get("ks", ExperimentSettings.ks)),
+        ks=tuple(ks),
         fairness_k=section.get("fairness_k", ExperimentSettings.fairness_k),
         register=section.get("register", ExperimentSettings.register),
         device=section.get("device"),
@@ -262,6 +304,12 @@ def experiment_from_dict(raw: Mapping[str, Any]) -> ExperimentSettings:
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             raise ValueError("[experiment] models must be a list of model labels")
         settings = settings.with_models(labels)
+    labels = [spec.label for spec in settings.models]
+    if "register" in section and settings.register is not None and settings.register not in labels:
+        raise ValueError(
+            f"[experiment] register: {settings.register!r} is not one of the models "
+            f"({', '.join(labels)})"
+        )
     return settings
 
 

@@ -38,6 +38,9 @@ class DataSettings:
     threshold: float | None = 3.5
     separator: str | None = None
 
+    def __post_init__(self) -> None:
+        _check_types(self, "data")
+
     @property
     def name(self) -> str:
         return Path(self.path).stem if self.path else str(self.dataset)
@@ -51,6 +54,24 @@ class ProtocolSettings:
     holdout_fraction: float = 0.2
     seed: int = 98765
     min_user_count: int = 5
+
+    def __post_init__(self) -> None:
+        _check_types(self, "protocol")
+
+
+def _check_types(settings: Any, where: str) -> None:
+    """Check each field of ``settings`` against its annotation (ranges are checked where the
+    values are used).
+
+    Raises:
+        ValueError: ``[<where>]: invalid config field '<name>': must be <type>, got <value>``.
+    """
+    from recvae.config import check_field_types
+
+    try:
+        check_field_types(settings)
+    except ValueError as exc:
+        raise ValueError(f"[{where}]: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -98,6 +119,18 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {p} is not valid TOML: {exc}") from exc
 
 
+def table(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The TOML table ``[name]`` of a parsed document, as a dict (empty when absent).
+
+    Raises:
+        ValueError: ``name`` holds something other than a table (``run = 3``).
+    """
+    value = raw.get(name, {})
+    if not isinstance(value, Mapping):
+        raise ValueError(f"[{name}] must be a table, got {name} = {value!r}")
+    return dict(value)
+
+
 def check_known_keys(section: Mapping[str, Any], valid: Iterable[str], where: str) -> None:
     """Reject keys of the TOML table ``[where]`` that are not in ``valid``.
 
@@ -136,11 +169,17 @@ def job_from_dict(raw: dict[str, Any]) -> JobSettings:
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ValueError(f"unknown section(s) in config: {', '.join(unknown)}")
+    for name in raw:
+        table(raw, name)
+    from recvae.config import RunOptions
+
+    run = table(raw, "run")
+    check_known_keys(run, (f.name for f in dataclasses.fields(RunOptions)), "run")
     return JobSettings(
-        data=_take(dict(raw.get("data", {})), DataSettings, "data"),
-        protocol=_take(dict(raw.get("protocol", {})), ProtocolSettings, "protocol"),
-        model=dict(raw.get("model", {"model": "multvae"})),
-        run=dict(raw.get("run", {})),
+        data=_take(table(raw, "data"), DataSettings, "data"),
+        protocol=_take(table(raw, "protocol"), ProtocolSettings, "protocol"),
+        model=table(raw, "model") if "model" in raw else {"model": "multvae"},
+        run=run,
     )
 
 

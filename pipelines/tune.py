@@ -55,7 +55,7 @@ from pipelines.experiment import (
     model_spec,
     thread_limits,
 )
-from pipelines.settings import JobSettings, check_known_keys
+from pipelines.settings import JobSettings, check_known_keys, table
 from pipelines.tracking_hooks import Tracker, evaluation_metrics, run_tags
 from pipelines.train_job import PreparedData, prepare
 
@@ -84,6 +84,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class ParamSpace:
     """One searched parameter: a range (``low``/``high``, optional ``log`` or ``step``) or a
@@ -106,19 +111,19 @@ class ParamSpace:
             return
         if self.low is None or self.high is None:
             raise ValueError(f"{where}: give low and high, or choices")
+        if not isinstance(self.log, bool):
+            raise ValueError(f"{where}: log must be true or false")
         for bound in (self.low, self.high):
-            if isinstance(bound, bool) or not isinstance(bound, int | float):
-                raise ValueError(f"{where}: low and high must be numbers")
+            if not _is_number(bound):
+                raise ValueError(f"{where}: low and high must be finite numbers")
         if not self.low <= self.high:
             raise ValueError(f"{where}: low must be <= high, got {self.low} > {self.high}")
         if self.log and self.low <= 0:
             raise ValueError(f"{where}: a log range needs low > 0")
         if self.log and self.step is not None:
             raise ValueError(f"{where}: log and step cannot be combined")
-        if self.step is not None and not self.step > 0:
-            raise ValueError(f"{where}: step must be > 0")
-        if not isinstance(self.log, bool):
-            raise ValueError(f"{where}: log must be true or false")
+        if self.step is not None and not (_is_number(self.step) and self.step > 0):
+            raise ValueError(f"{where}: step must be a number > 0, got {self.step!r}")
 
     @property
     def is_int(self) -> bool:
@@ -145,6 +150,8 @@ class ParamSpace:
                 f"(valid: {', '.join(sorted(_SPACE_KEYS))})"
             )
         choices = data.get("choices")
+        if choices is not None and not isinstance(choices, list):
+            raise ValueError(f"[tune.space] {name}: choices must be a list, got {choices!r}")
         return cls(
             name=name,
             low=data.get("low"),
@@ -210,11 +217,13 @@ class TuneSettings:
         if self.n_trials is not None and (not _is_int(self.n_trials) or self.n_trials < 1):
             raise ValueError(f"[tune] n_trials must be an int >= 1, got {self.n_trials!r}")
         if self.timeout_minutes is not None and not (
-            isinstance(self.timeout_minutes, int | float) and self.timeout_minutes > 0
+            _is_number(self.timeout_minutes) and self.timeout_minutes > 0
         ):
             raise ValueError(f"[tune] timeout_minutes must be > 0, got {self.timeout_minutes!r}")
         if not _is_int(self.seed):
             raise ValueError(f"[tune] seed must be an int, got {self.seed!r}")
+        if self.output_dir is not None and not isinstance(self.output_dir, str):
+            raise ValueError(f"[tune] output_dir must be a path, got {self.output_dir!r}")
         fields = set(self.spec.config.to_dict()) - {"model"}
         unknown = sorted(p.name for p in self.space if p.name not in fields)
         if unknown:
@@ -246,13 +255,16 @@ def tune_from_dict(raw: Mapping[str, Any], *, model: str | None = None) -> TuneS
         ValueError: A missing or invalid section, unknown keys, a space that does not fit the
             model.
     """
-    section = dict(raw.get("tune", {}))
+    section = table(raw, "tune")
     check_known_keys(section, _TUNE_KEYS, "tune")
     label = model or section.get("model")
     if not label:
         raise ValueError("[tune] model is missing: name the model to tune (or pass --model)")
     tables = raw.get("models", {})
-    spec = model_spec(str(label), tables.get(label, {}) if isinstance(tables, Mapping) else {})
+    fixed = tables.get(label, {}) if isinstance(tables, Mapping) else {}
+    if not isinstance(fixed, Mapping):
+        raise ValueError(f"[models.{label}] must be a table of config fields")
+    spec = model_spec(str(label), fixed)
     spaces = section.get("spaces", {})
     if not isinstance(spaces, Mapping):
         raise ValueError("[tune.spaces] must hold one table per model: [tune.spaces.<label>]")

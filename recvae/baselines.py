@@ -42,10 +42,10 @@ from numpy.typing import NDArray
 from scipy.linalg import lapack
 
 from recvae.config import (
-    _check_field_types,
     _config_fields_from_dict,
     _config_to_dict,
     _replace_config,
+    check_field_types,
 )
 from recvae.data.interactions import Interactions
 from recvae.evaluation import evaluate
@@ -145,7 +145,7 @@ class EASEConfig(BaselineConfig):
     dtype: Literal["auto", "float64", "float32"] = "auto"  # auto: float64 while it fits 2 GiB
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
+        check_field_types(self)
         _check(
             isinstance(self.regularization, int | float)
             and not isinstance(self.regularization, bool)
@@ -176,7 +176,7 @@ class ALSConfig(BaselineConfig):
     seed: int = 98765  # seeds the initial factors
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
+        check_field_types(self)
         _check(_is_int(self.factors) and self.factors >= 1, "factors", "must be an int >= 1")
         _check(self.regularization >= 0, "regularization", "must be >= 0")
         _check(self.alpha > 0, "alpha", "must be > 0")
@@ -207,7 +207,7 @@ class BPRConfig(BaselineConfig):
     seed: int = 98765  # seeds training and the fold-in sampling
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
+        check_field_types(self)
         _check(_is_int(self.factors) and self.factors >= 1, "factors", "must be an int >= 1")
         _check(self.learning_rate > 0, "learning_rate", "must be > 0")
         _check(self.regularization >= 0, "regularization", "must be >= 0")
@@ -242,7 +242,7 @@ class ItemKNNConfig(BaselineConfig):
     bm25_b: float = 0.75  # BM25 length normalization (similarity = "bm25")
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
+        check_field_types(self)
         _check(
             self.similarity in ("cosine", "bm25", "tfidf"),
             "similarity",

@@ -22,6 +22,7 @@ __all__ = [
     "MultDAEConfig",
     "RunOptions",
     "config_from_dict",
+    "check_field_types",
     "register_config",
     "CONFIG_TYPES",
 ]
@@ -99,7 +100,7 @@ def _describe_type(hint: Any) -> str:
     return str(hint)
 
 
-def _check_field_types(config: Any) -> None:
+def check_field_types(config: Any) -> None:
     """Check every dataclass field of ``config`` against its annotation (a list given for a
     tuple field becomes a tuple). Values from TOML, JSON or a command line can be of any type;
     this names the field before any comparison of a wrongly typed value fails obscurely.
@@ -200,7 +201,7 @@ class ModelConfig:
     seed: int = 98765  # seeds weights, shuffling, dropout and sampling
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
+        check_field_types(self)
         _check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an int >= 1")
         _check(
             isinstance(self.batch_size, int) and self.batch_size >= 1,

@@ -99,13 +99,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else the CPU.
 
     Raises:
-        ValueError: CUDA was asked for but is not available.
+        ValueError: ``device`` names no device, or CUDA was asked for but is not available.
     """
     if isinstance(device, torch.device):
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device {device!r} is not a device: use auto, cpu, cuda or cuda:N"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device '{device}' was requested but CUDA is not available")
     return dev

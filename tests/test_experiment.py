@@ -89,6 +89,28 @@ def test_settings_errors_name_the_problem() -> None:
         experiment_from_dict({"experiment": {"fairness_k": 0}})
 
 
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"experiment": 3}, "[experiment] must be a table, got experiment = 3"),
+        ({"mlflow": "x"}, "[mlflow] must be a table"),
+        ({"experiment": {"ks": 5}}, "[experiment] ks must be a list of positive ints, got 5"),
+        ({"experiment": {"ks": [True, 10]}}, "[experiment] ks must be positive ints"),
+        ({"experiment": {"threads": True}}, "[experiment] threads must be an int >= 1, got True"),
+        ({"experiment": {"fairness_k": True}}, "[experiment] fairness_k must be an int >= 1"),
+        ({"experiment": {"output_dir": 3}}, "[experiment] output_dir must be a string, got 3"),
+        ({"experiment": {"device": "gpu"}}, "[experiment] device must be auto, cpu, cuda"),
+        ({"experiment": {"register": "multvea"}}, "register: 'multvea' is not one of the models"),
+        ({"mlflow": {"experiment": 3}}, "[mlflow] experiment must be a string, got 3"),
+        ({"mlflow": {"registered_model": True}}, "[mlflow] registered_model must be a string"),
+    ],
+)
+def test_wrongly_typed_experiment_values_name_the_key(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        experiment_from_dict(raw)
+    assert message in str(info.value)
+
+
 def test_model_selection_and_epoch_override() -> None:
     settings = experiment_from_dict({"models": TINY_MODELS})
     chosen = settings.with_models(["ease", "multvae", "als"])

@@ -1010,6 +1010,16 @@ def test_shipped_config_parses() -> None:
             {"nightly": {"lake": "x", "training": {"exclude_anomalies_above_percentile": 120}}},
             "must be in (0, 100)",
         ),
+        ({"nightly": 3}, "[nightly] must be a table"),
+        ({"nightly": {"lake": "x"}, "mlflow": 3}, "[mlflow] must be a table"),
+        ({"nightly": {"lake": "x", "columns": 3}}, "[nightly.columns] must be a table"),
+        ({"nightly": {"lake": 3}}, "[nightly] lake: must be a path, got 3"),
+        ({"nightly": {"lake": "x", "state_dir": 7}}, "[nightly] state_dir: must be a path"),
+        ({"nightly": {"lake": "x"}, "mlflow": {"tracking_uri": 3}}, "[mlflow] tracking_uri"),
+        (
+            {"nightly": {"lake": "x", "columns": {"timestamp_unit": ["s"]}}},
+            "[nightly.columns] timestamp_unit: must be one of s, ms, us, ns",
+        ),
     ],
 )
 def test_bad_settings_name_the_key(document: dict[str, Any], message: str) -> None:

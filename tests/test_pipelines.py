@@ -108,11 +108,54 @@ def test_wrongly_typed_config_values_give_message_and_nonzero_exit(
 
 
 @pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ("run = 3", "[run] must be a table, got run = 3"),
+        ('data = "ml-1m"', "[data] must be a table"),
+        ("[run]\nthreds = 2", "unknown key(s) in [run]: threds"),
+        ("[protocol]\nseed = 1.5", "[protocol]: invalid config field 'seed': must be an integer"),
+        ("[protocol]\nn_heldout = true", "'n_heldout': must be an integer or unset, got True"),
+        ("[protocol]\nmin_user_count = 2.5", "'min_user_count': must be an integer"),
+        ('[protocol]\nholdout_fraction = "0.2"', "'holdout_fraction': must be a number"),
+        ('[data]\nthreshold = "x"', "[data]: invalid config field 'threshold'"),
+        ("[data]\ndataset = 3", "'dataset': must be a string or unset, got 3"),
+    ],
+)
+def test_bad_config_tables_give_message_and_nonzero_exit(
+    document: str, message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    config = tmp_path / "job.toml"
+    # epochs = 1: a value taken silently would let the run finish quickly (and the test fail).
+    config.write_text(f"{document}\n[model]\nepochs = 1\n")
+    out = tmp_path / "run"
+    code, _, err = _run(["train", "--config", str(config), "--no-progress", "-o", str(out)], capsys)
+    assert code == 2
+    assert message in err and err.startswith("recvae: error:")
+    assert not out.exists()  # rejected before anything is written
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--device", "gpu"], "device 'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
+        (["--ks", "x,20"], "--ks must be positive integers, got 'x,20'"),
+    ],
+)
+def test_bad_evaluate_flags_give_message(
+    flags: list[str], message: str, trained: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _run(["evaluate", str(trained / "bundle"), *flags], capsys)
+    assert code == 2
+    assert err.strip() == f"recvae: error: {message}"
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["train", "--data", "/no/such/file.csv"], "/no/such/file.csv"),
         (["train", "--dataset", "nope"], "nope"),
         (["train", "--epochs", "0"], "epochs"),
+        (["train", "--device", "cudax"], "device 'cudax' is not a device"),
         (["train", "--n-heldout", "400"], "no training users"),
         (["train", "--config", "/no/such.toml"], "config file not found"),
         (["evaluate", "/no/bundle"], "no model bundle"),

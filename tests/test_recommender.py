@@ -72,6 +72,12 @@ def test_unknown_user_and_bad_k(rec: Recommender) -> None:
         rec.recommend(rec.user_ids[:1].tolist(), k=0)
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda:x"])
+def test_a_device_that_is_no_device_is_named(rec: Recommender, device: str) -> None:
+    with pytest.raises(ValueError, match=f"device '{device}' is not a device"):
+        rec.to(device)
+
+
 def test_weights_and_exclude(rec: Recommender) -> None:
     items = rec.item_ids[:4].tolist()
     result = rec.recommend_from_history(items, k=5, exclude=[rec.item_ids[5]])

@@ -99,7 +99,59 @@ def test_space_and_settings_errors() -> None:
     assert ParamSpace.from_dict("epochs", {"low": 2, "high": 6, "step": 2}).is_int
 
 
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"choices": "abc"}, "latent_dim: choices must be a list, got 'abc'"),
+        ({"choices": 5}, "latent_dim: choices must be a list, got 5"),
+        ({"low": 1, "high": 5, "step": "x"}, "latent_dim: step must be a number > 0, got 'x'"),
+        ({"low": 1, "high": 5, "step": True}, "latent_dim: step must be a number > 0, got True"),
+        ({"low": 1, "high": float("inf")}, "latent_dim: low and high must be finite numbers"),
+        ({"low": -1, "high": 5, "log": "no"}, "latent_dim: log must be true or false"),
+    ],
+)
+def test_wrongly_typed_space_names_the_parameter(space: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        ParamSpace.from_dict("latent_dim", space)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"tune": 3}, "[tune] must be a table, got tune = 3"),
+        ({"tune": {**EASE_TUNE["tune"], "timeout_minutes": True}}, "timeout_minutes must be > 0"),
+        ({"tune": {**EASE_TUNE["tune"], "output_dir": 3}}, "[tune] output_dir must be a path"),
+        ({**EASE_TUNE, "models": {"ease": 3}}, "[models.ease] must be a table"),
+    ],
+)
+def test_wrongly_typed_tune_values_name_the_key(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        tune_from_dict(raw)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("mlflow", "message"),
+    [("mlflow = 3", "[mlflow] must be a table"), ("[mlflow]\nexperiment = 3", "must be a string")],
+)
+def test_tune_rejects_a_bad_mlflow_table(
+    mlflow: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "tune.toml"
+    config.write_text(
+        f'{mlflow}\n[tune]\nmodel = "ease"\nn_trials = 1\n'
+        "[tune.space]\nregularization = { low = 1.0, high = 10.0 }\n"
+    )
+    out = tmp_path / "study"
+    code = main(["tune", "--config", str(config), "--no-track", "-o", str(out)])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------ search
+
+
 def test_selection_uses_validation_only_and_scores_test_once(
     prepared: PreparedData, spy: list[str], tmp_path: Path, mlflow_uri: str
 ) -> None:

@@ -29,7 +29,10 @@ def register(subparsers: Any) -> None:
 def run_command(args: argparse.Namespace) -> int:
     from pipelines.eval_job import run_evaluate
 
-    ks = tuple(int(k) for k in str(args.ks).split(",") if k.strip())
+    try:
+        ks = tuple(int(k) for k in str(args.ks).split(",") if k.strip())
+    except ValueError:
+        ks = ()
     if not ks or min(ks) < 1:
         raise ValueError(f"--ks must be positive integers, got {args.ks!r}")
     job = job_from_args(args)

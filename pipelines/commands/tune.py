@@ -55,6 +55,7 @@ def register(subparsers: Any) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from pipelines.cli import CLIError
+    from pipelines.experiment import mlflow_from_dict
     from pipelines.settings import read_toml
     from pipelines.tracking_hooks import make_tracker
     from pipelines.tune import result_summary, run_tune, trials_table, tune_from_dict
@@ -73,7 +74,7 @@ def run_command(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         seed=args.tune_seed,
     )
-    mlflow_section = raw.get("mlflow", {})
+    mlflow_section = mlflow_from_dict(raw)
     tracker = make_tracker(
         track=args.track,
         tracking_uri=args.tracking_uri or mlflow_section.get("tracking_uri"),

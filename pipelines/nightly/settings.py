@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.settings import check_known_keys
+from pipelines.settings import check_known_keys, table
 
 if TYPE_CHECKING:
     from recvae.config import ModelConfig, RunOptions
@@ -97,7 +98,7 @@ class LakeSettings:
         for key in ("user_id_type", "item_id_type"):
             if getattr(self, key) not in _ID_TYPES:
                 _fail(where, key, f"must be one of {', '.join(_ID_TYPES)}")
-        if self.timestamp_unit not in _TIMESTAMP_UNITS:
+        if not isinstance(self.timestamp_unit, str) or self.timestamp_unit not in _TIMESTAMP_UNITS:
             _fail(where, "timestamp_unit", f"must be one of {', '.join(_TIMESTAMP_UNITS)}")
         if not isinstance(self.require_success_marker, bool):
             _fail(where, "require_success_marker", "must be true or false")
@@ -272,6 +273,10 @@ class MlflowSettings:
             value = getattr(self, key)
             if not isinstance(value, str) or not value.strip():
                 _fail("mlflow", key, "must be a non-empty string")
+        for key in ("tracking_uri", "artifact_location"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                _fail("mlflow", key, "must be a string or absent")
 
 
 @dataclass(frozen=True)
@@ -382,10 +387,10 @@ def settings_from_dict(
             f"unknown section(s) in nightly config: {', '.join(unknown)} "
             f"(valid: {', '.join(_SECTIONS)})"
         )
-    nightly = dict(raw.get("nightly", {}))
+    nightly = table(raw, "nightly")
     kwargs: dict[str, Any] = {}
     for name, (attr, cls) in _SUBTABLES.items():
-        if isinstance(nightly.get(name), dict):
+        if name in nightly:
             kwargs[attr] = _section(nightly.pop(name), cls, f"nightly.{name}")
     bad = sorted(set(nightly) - set(_TOP_KEYS))
     if bad:
@@ -397,9 +402,11 @@ def settings_from_dict(
     base = base_dir or Path.cwd()
     for key in ("lake", "state_dir"):
         if key in nightly:
-            path = Path(str(nightly[key])).expanduser()
+            if not isinstance(nightly[key], str | os.PathLike):
+                _fail("nightly", key, f"must be a path, got {nightly[key]!r}")
+            path = Path(nightly[key]).expanduser()
             nightly[key] = path if path.is_absolute() else base / path
-    kwargs["mlflow"] = _section(dict(raw.get("mlflow", {})), MlflowSettings, "mlflow")
+    kwargs["mlflow"] = _section(raw.get("mlflow", {}), MlflowSettings, "mlflow")
     model = raw.get("model", {"model": "multvae"})
     run = raw.get("run", {})
     if not isinstance(model, dict) or not isinstance(run, dict):
