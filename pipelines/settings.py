@@ -175,6 +175,7 @@ def job_from_dict(raw: dict[str, Any]) -> JobSettings:
 
     run = table(raw, "run")
     check_known_keys(run, (f.name for f in dataclasses.fields(RunOptions)), "run")
+    RunOptions(**run)  # checks the values now, before any model of an experiment trains
     return JobSettings(
         data=_take(table(raw, "data"), DataSettings, "data"),
         protocol=_take(table(raw, "protocol"), ProtocolSettings, "protocol"),

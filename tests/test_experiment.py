@@ -289,6 +289,13 @@ def test_experiment_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert main([*argv[:-2], "--models", "pop,nope"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert main([*argv, "--epochs", "0"]) == 2
+    # A bad [run] value stops the experiment before any model (the baselines first) runs.
+    config.write_text(config.read_text() + '[run]\nprecision = "fp8"\n')
+    capsys.readouterr()
+    out_dir = tmp_path / "bad-run"
+    assert main([*argv[:-2], "-o", str(out_dir), "--threads", "1"]) == 2
+    assert "'precision': must be fp32 or bf16" in capsys.readouterr().err
+    assert not (out_dir / "pop").exists()
 
 
 def test_comparison_table_marks_empty_segments(prepared: PreparedData) -> None:

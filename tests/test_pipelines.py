@@ -89,6 +89,7 @@ def test_datasets_lists_loaders(capsys: pytest.CaptureFixture[str]) -> None:
         ("run", 'num_threads = "2"', "'num_threads': must be an integer"),
         ("run", "item_multiple = 2.5", "'item_multiple': must be an integer"),
         ("run", 'compile = "yes"', "'compile': must be true or false"),
+        ("run", 'precision = "fp8"', "'precision': must be fp32 or bf16"),
         ("model", 'learning_rate = "1e-3"', "'learning_rate': must be a number"),
         ("model", 'beta_search = "no"', "'beta_search': must be true or false"),
     ],
