@@ -57,6 +57,21 @@ class ProtocolSettings:
 
     def __post_init__(self) -> None:
         _check_types(self, "protocol")
+        # The ranges split_users and the readers check, here too so a job stops before loading.
+        if self.n_heldout is not None and self.n_heldout < 1:
+            raise ValueError(
+                f"[protocol] n_heldout (--n-heldout) must be >= 1, got {self.n_heldout}"
+            )
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(
+                "[protocol] holdout_fraction (--holdout-fraction) must be in (0, 1), "
+                f"got {self.holdout_fraction}"
+            )
+        if self.min_user_count < 0:
+            raise ValueError(
+                "[protocol] min_user_count (--min-user-count) must be >= 0, "
+                f"got {self.min_user_count}"
+            )
 
 
 def _check_types(settings: Any, where: str) -> None:
