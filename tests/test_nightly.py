@@ -1097,3 +1097,13 @@ def test_simulation_command_with_real_processes(
     kill = next(r for r in rows if r["scenario"] == "kill")
     assert kill["note"].startswith("killed pid") and 0 < kill["resumed_from_epoch"] < 4
     assert "[FAIL]" not in out and "2nd run" in out and "busy" in out
+
+
+def test_simulation_with_bad_options_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sim"
+    argv = ["retrain", "simulate", "--tolerance", "-5", "--output", str(out), "--no-plot"]
+    assert main(argv) == 2
+    assert "tolerance" in capsys.readouterr().err
+    assert not out.exists()

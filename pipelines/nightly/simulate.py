@@ -537,11 +537,11 @@ def run_simulation(options: SimulationOptions) -> SimulationResult:
         raise ValueError(
             f"{out} already holds a simulation (lake/ or state/): choose a new --output"
         )
-    out.mkdir(parents=True, exist_ok=True)
     document = simulation_config(options)
+    settings = settings_from_dict(document)  # bad options fail here, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     config_path = out / "nightly-sim.toml"
     config_path.write_text(_toml(document))
-    settings = settings_from_dict(document)
     open_tracking(settings.mlflow)
     lake = settings.lake
     chunks = replay_days(start=options.start, n_days=options.history_days + options.days)
