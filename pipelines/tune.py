@@ -100,9 +100,10 @@ class ParamSpace:
     log: bool = False
     step: float | None = None
     choices: tuple[Any, ...] | None = None
+    table: str = field(default="tune.space", compare=False, repr=False)  # for messages
 
     def __post_init__(self) -> None:
-        where = f"[tune.space] {self.name}"
+        where = f"[{self.table}] {self.name}"
         if self.choices is not None:
             if self.low is not None or self.high is not None or self.step is not None:
                 raise ValueError(f"{where}: give either choices or low/high, not both")
@@ -132,26 +133,26 @@ class ParamSpace:
         )
 
     @classmethod
-    def from_dict(cls, name: str, data: Any) -> ParamSpace:
-        """Build from a TOML inline table.
+    def from_dict(cls, name: str, data: Any, table: str = "tune.space") -> ParamSpace:
+        """Build from a TOML inline table of the table ``[<table>]``.
 
         Raises:
             ValueError: Unknown keys or invalid bounds, named.
         """
         if not isinstance(data, Mapping):
             raise ValueError(
-                f"[tune.space] {name} must be a table such as {{ low = 0.1, high = 0.5 }} "
+                f"[{table}] {name} must be a table such as {{ low = 0.1, high = 0.5 }} "
                 "or { choices = [...] }"
             )
         unknown = sorted(set(data) - _SPACE_KEYS)
         if unknown:
             raise ValueError(
-                f"[tune.space] {name}: unknown key(s) {', '.join(unknown)} "
+                f"[{table}] {name}: unknown key(s) {', '.join(unknown)} "
                 f"(valid: {', '.join(sorted(_SPACE_KEYS))})"
             )
         choices = data.get("choices")
         if choices is not None and not isinstance(choices, list):
-            raise ValueError(f"[tune.space] {name}: choices must be a list, got {choices!r}")
+            raise ValueError(f"[{table}] {name}: choices must be a list, got {choices!r}")
         return cls(
             name=name,
             low=data.get("low"),
@@ -159,6 +160,7 @@ class ParamSpace:
             log=data.get("log", False),
             step=data.get("step"),
             choices=None if choices is None else tuple(_hashable(c) for c in choices),
+            table=table,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,6 +262,8 @@ def tune_from_dict(raw: Mapping[str, Any], *, model: str | None = None) -> TuneS
     label = model or section.get("model")
     if not label:
         raise ValueError("[tune] model is missing: name the model to tune (or pass --model)")
+    if not isinstance(label, str):
+        raise ValueError(f"[tune] model must be a model label (a string), got {label!r}")
     tables = raw.get("models", {})
     fixed = tables.get(label, {}) if isinstance(tables, Mapping) else {}
     if not isinstance(fixed, Mapping):
@@ -269,9 +273,9 @@ def tune_from_dict(raw: Mapping[str, Any], *, model: str | None = None) -> TuneS
     if not isinstance(spaces, Mapping):
         raise ValueError("[tune.spaces] must hold one table per model: [tune.spaces.<label>]")
     if label in spaces:
-        space_raw = spaces[label]
+        space_raw, where = spaces[label], f"tune.spaces.{label}"
     elif label == section.get("model"):
-        space_raw = section.get("space", {})
+        space_raw, where = section.get("space", {}), "tune.space"
     else:
         raise ValueError(
             f"no search space for {label!r}: add [tune.spaces.{label}] "
@@ -281,7 +285,7 @@ def tune_from_dict(raw: Mapping[str, Any], *, model: str | None = None) -> TuneS
         raise ValueError(f"the search space of {label!r} must be a table of parameter ranges")
     return TuneSettings(
         spec=dataclasses.replace(spec, lambdas=()),
-        space=tuple(ParamSpace.from_dict(name, value) for name, value in space_raw.items()),
+        space=tuple(ParamSpace.from_dict(name, value, where) for name, value in space_raw.items()),
         sampler=section.get("sampler", "tpe"),
         n_trials=section.get("n_trials", 20 if "timeout_minutes" not in section else None),
         timeout_minutes=section.get("timeout_minutes"),

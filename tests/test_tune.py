@@ -123,6 +123,15 @@ def test_wrongly_typed_space_names_the_parameter(space: dict[str, object], messa
         ({"tune": {**EASE_TUNE["tune"], "timeout_minutes": True}}, "timeout_minutes must be > 0"),
         ({"tune": {**EASE_TUNE["tune"], "output_dir": 3}}, "[tune] output_dir must be a path"),
         ({**EASE_TUNE, "models": {"ease": 3}}, "[models.ease] must be a table"),
+        ({"tune": {**EASE_TUNE["tune"], "model": 3}}, "[tune] model must be a model label"),
+        (
+            {"tune": {"model": "ease", "n_trials": 2, "spaces": {"ease": {"x": 3}}}},
+            "[tune.spaces.ease] x must be a table",
+        ),
+        (
+            {"tune": {"model": "ease", "n_trials": 2, "spaces": {"ease": {"x": {"low": 2}}}}},
+            "[tune.spaces.ease] x: give low and high",
+        ),
     ],
 )
 def test_wrongly_typed_tune_values_name_the_key(raw: dict[str, object], message: str) -> None:
