@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.settings import JobSettings, check_known_keys, table
+from pipelines.settings import JobSettings, check_known_keys, is_int, table
 from pipelines.tracking_hooks import Tracker, evaluation_metrics, run_tags
 from pipelines.train_job import (
     PreparedData,
@@ -83,11 +83,6 @@ _STRING_KEYS = {
     "tracking_uri": "[mlflow] tracking_uri",
     "registered_model": "[mlflow] registered_model",
 }
-
-
-def _is_int(value: Any) -> bool:
-    """An integer, not a bool (which Python counts as one)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ------------------------------------------------------------------------------ settings
@@ -148,11 +143,11 @@ class ExperimentSettings:
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
         if duplicates:
             raise ValueError(f"model label(s) given twice: {', '.join(duplicates)}")
-        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
+        if self.threads is not None and (not is_int(self.threads) or self.threads < 1):
             raise ValueError(f"[experiment] threads must be an int >= 1, got {self.threads!r}")
-        if not self.ks or any(not _is_int(k) or k < 1 for k in self.ks):
+        if not self.ks or any(not is_int(k) or k < 1 for k in self.ks):
             raise ValueError(f"[experiment] ks must be positive ints, got {list(self.ks)}")
-        if not _is_int(self.fairness_k) or self.fairness_k < 1:
+        if not is_int(self.fairness_k) or self.fairness_k < 1:
             raise ValueError(
                 f"[experiment] fairness_k must be an int >= 1, got {self.fairness_k!r}"
             )

@@ -146,6 +146,11 @@ def table(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
     return dict(value)
 
 
+def is_int(value: Any) -> bool:
+    """An integer, not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_known_keys(section: Mapping[str, Any], valid: Iterable[str], where: str) -> None:
     """Reject keys of the TOML table ``[where]`` that are not in ``valid``.
 

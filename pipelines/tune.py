@@ -55,7 +55,7 @@ from pipelines.experiment import (
     model_spec,
     thread_limits,
 )
-from pipelines.settings import JobSettings, check_known_keys, table
+from pipelines.settings import JobSettings, check_known_keys, is_int, table
 from pipelines.tracking_hooks import Tracker, evaluation_metrics, run_tags
 from pipelines.train_job import PreparedData, prepare
 
@@ -80,10 +80,6 @@ _SPACE_KEYS = {"low", "high", "log", "step", "choices"}
 
 
 # ------------------------------------------------------------------------------ settings
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value: Any) -> bool:
     """A finite int or float, not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
@@ -128,9 +124,7 @@ class ParamSpace:
 
     @property
     def is_int(self) -> bool:
-        return (
-            _is_int(self.low) and _is_int(self.high) and (self.step is None or _is_int(self.step))
-        )
+        return is_int(self.low) and is_int(self.high) and (self.step is None or is_int(self.step))
 
     @classmethod
     def from_dict(cls, name: str, data: Any, table: str = "tune.space") -> ParamSpace:
@@ -216,13 +210,13 @@ class TuneSettings:
             raise ValueError(f"[tune] sampler must be 'tpe' or 'random', got {self.sampler!r}")
         if self.n_trials is None and self.timeout_minutes is None:
             raise ValueError("[tune] needs a budget: n_trials and/or timeout_minutes")
-        if self.n_trials is not None and (not _is_int(self.n_trials) or self.n_trials < 1):
+        if self.n_trials is not None and (not is_int(self.n_trials) or self.n_trials < 1):
             raise ValueError(f"[tune] n_trials must be an int >= 1, got {self.n_trials!r}")
         if self.timeout_minutes is not None and not (
             _is_number(self.timeout_minutes) and self.timeout_minutes > 0
         ):
             raise ValueError(f"[tune] timeout_minutes must be > 0, got {self.timeout_minutes!r}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"[tune] seed must be an int, got {self.seed!r}")
         if self.output_dir is not None and not isinstance(self.output_dir, str):
             raise ValueError(f"[tune] output_dir must be a path, got {self.output_dir!r}")

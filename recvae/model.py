@@ -355,12 +355,8 @@ class _Autoencoder(nn.Module):
         h = z
         for layer in self.decoder[:-1]:
             h = self._act(layer(h))
-        last = cast(nn.Linear, self.decoder[-1])
-        if item_multiple > 1 and not isinstance(last, OutputLinear):
-            return padded_output(last, h, item_multiple)  # a plain nn.Linear put in its place
-        if item_multiple > 1:  # through the module, so that its hooks see the padded logits
-            return cast(Tensor, last(h, item_multiple=item_multiple))
-        return cast(Tensor, last(h))  # (batch, n_items)
+        # (batch, n_items), or padded; through the module, so that its hooks see the logits
+        return cast(Tensor, self.decoder[-1](h, item_multiple=item_multiple))
 
     def encode(  # pragma: no cover - abstract
         self, x: Tensor | SparseBatch
