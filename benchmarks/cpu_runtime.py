@@ -18,15 +18,21 @@ Usage (from the repository root)::
    multiple of 64 (the padded logits of ``recvae.model.padded_output``, which training uses on
    more than one thread), with the time per 1,000 items to compare; on torch's BLAS, and on one
    thread also on NumPy's.
+5. The padded layer, forward and backward together, three ways taken in turns: in place (what
+   ``recvae.model.padded_output`` does on the CPU: the product written into the first
+   ``n_items`` columns of the padded output, the gradients read from those columns), over a
+   zero-padded copy of the weight (what it did before, and still does on a GPU), and unpadded.
 
-Shapes: the paper's batch of 500 and hidden width 600, over ml-1m's 3,485 and gowalla's 40,981
-items (PROTOCOL.md splits). Prints a Markdown table; ``--json`` also writes the numbers.
+``--sections`` runs only some of them. Shapes: the paper's batch of 500 and hidden width 600, over
+ml-1m's 3,485 and gowalla's 40,981 items (PROTOCOL.md splits). Prints Markdown tables;
+``--json`` also writes the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -41,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from recvae import cpu_runtime
+from recvae.model import padded_output
 
 SHAPES = {"ml-1m": 3485, "gowalla": 40981}
 BATCH, HIDDEN = 500, 600
@@ -205,11 +212,77 @@ def aligned_rows(repeats: int, threads: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _padded_layer_times(n_items: int, repeats: int, gen: torch.Generator) -> dict[str, list[float]]:
+    """Seconds per forward+backward of one layer over ``n_items``, per way, taken in turns."""
+    pad = -n_items % 64
+    layer = torch.nn.Linear(HIDDEN, n_items)
+    h = torch.randn(BATCH, HIDDEN, generator=gen).requires_grad_()
+    upstream = torch.randn(BATCH, n_items + pad, generator=gen)
+    upstream[:, n_items:] = 0.0  # a softmax's gradient at the -inf columns
+    weight, bias = layer.weight, layer.bias
+
+    def in_place() -> None:
+        padded_output(layer, h, 64).backward(upstream)
+
+    def weight_copy() -> None:
+        padded_bias = torch.cat([bias, bias.new_full((pad,), -math.inf)])
+        F.linear(h, F.pad(weight, (0, 0, 0, pad)), padded_bias).backward(upstream)
+
+    def unpadded() -> None:
+        F.linear(h, weight, bias).backward(upstream[:, :n_items])
+
+    variants = {
+        "in place (padded_output on the CPU)": in_place,
+        "zero-padded weight copy": weight_copy,
+        "unpadded": unpadded,
+    }
+    seconds: dict[str, list[float]] = {label: [] for label in variants}
+    with cpu_runtime.reuse_freed_memory("cpu"):
+        for _ in range(repeats + 1):  # the first round warms up
+            for label, fn in variants.items():
+                layer.zero_grad(set_to_none=True)
+                h.grad = None
+                start = time.perf_counter()
+                fn()
+                seconds[label].append(time.perf_counter() - start)
+    return {label: times[1:] for label, times in seconds.items()}
+
+
+def padded_layer_rows(repeats: int) -> list[dict[str, Any]]:
+    """Forward and backward of the layer over all items: in place, over a padded weight copy,
+    and unpadded; the three taken in turns, so that a slow spell of the machine hits each."""
+    rows = []
+    gen = torch.Generator().manual_seed(3)
+    for name, n_items in SHAPES.items():
+        padded_columns = -(-n_items // 64) * 64
+        for label, times in _padded_layer_times(n_items, repeats, gen).items():
+            rows.append(
+                {
+                    "dataset": name,
+                    "layer": label,
+                    "columns": n_items if label == "unpadded" else padded_columns,
+                    "ms": statistics.median(times) * 1e3,
+                }
+            )
+    return rows
+
+
+SECTIONS = ("heap", "gemm", "mixed", "aligned", "padded")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        metavar="SECTION",
+        help=f"which tables to measure, of {', '.join(SECTIONS)} (default: all)",
+    )
     args = parser.parse_args(argv)
     if args.threads < 1 or args.repeats < 1:
         parser.error("--threads and --repeats must be >= 1")
@@ -225,44 +298,53 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before": os.getloadavg(),
     }
     print(f"machine: {machine}")
-    heap = heap_rows(args.repeats)
-    print("\n| dataset | tensor | heap | ms per allocate+fill+free (median) | page faults |")
-    print("|---|---|---|---:|---:|")
-    for r in heap:
+    payload: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine,
+    }
+    if "heap" in args.sections:
+        heap = payload["heap"] = heap_rows(args.repeats)
+        print("\n| dataset | tensor | heap | ms per allocate+fill+free (median) | page faults |")
+        print("|---|---|---|---:|---:|")
+        for r in heap:
+            print(
+                f"| {r['dataset']} | {r['tensor']} | {r['setting']} | {r['ms']:.1f} "
+                f"| {r['page_faults']:,.0f} |"
+            )
+    if "gemm" in args.sections:
+        gemm = payload["gemm"] = blas_rows(args.repeats, args.threads)
+        print(f"\n| dataset | product ({BATCH} x {HIDDEN} x n_items) | ms (median) | GFLOP/s |")
+        print("|---|---|---:|---:|")
+        for r in gemm:
+            print(f"| {r['dataset']} | {r['product']} | {r['ms']:.1f} | {r['gflops']:.1f} |")
+    if "mixed" in args.sections:
+        mixed = payload["mixed"] = mixed_rows(args.repeats, args.threads)
+        print(f"\n| dataset | three products in sequence, {args.threads} thread(s) | ms (median) |")
+        print("|---|---|---:|")
+        for r in mixed:
+            print(f"| {r['dataset']} | {r['products']} | {r['ms']:.1f} |")
+    if "aligned" in args.sections:
+        aligned = payload["aligned"] = aligned_rows(args.repeats, args.threads)
         print(
-            f"| {r['dataset']} | {r['tensor']} | {r['setting']} | {r['ms']:.1f} "
-            f"| {r['page_faults']:,.0f} |"
+            f"\n| dataset | columns | product, {args.threads} thread(s) | ms (median) "
+            "| ms per 1,000 items |"
         )
-    gemm = blas_rows(args.repeats, args.threads)
-    print(f"\n| dataset | product ({BATCH} x {HIDDEN} x n_items) | ms (median) | GFLOP/s |")
-    print("|---|---|---:|---:|")
-    for r in gemm:
-        print(f"| {r['dataset']} | {r['product']} | {r['ms']:.1f} | {r['gflops']:.1f} |")
-    mixed = mixed_rows(args.repeats, args.threads)
-    print(f"\n| dataset | three products in sequence, {args.threads} thread(s) | ms (median) |")
-    print("|---|---|---:|")
-    for r in mixed:
-        print(f"| {r['dataset']} | {r['products']} | {r['ms']:.1f} |")
-    aligned = aligned_rows(args.repeats, args.threads)
-    print(
-        f"\n| dataset | columns | product, {args.threads} thread(s) | ms (median) "
-        "| ms per 1,000 items |"
-    )
-    print("|---|---:|---|---:|---:|")
-    for r in aligned:
+        print("|---|---:|---|---:|---:|")
+        for r in aligned:
+            print(
+                f"| {r['dataset']} | {r['columns']:,} | {r['product']} | {r['ms']:.1f} "
+                f"| {r['ms_per_1000_items']:.2f} |"
+            )
+    if "padded" in args.sections:
+        padded = payload["padded"] = padded_layer_rows(args.repeats)
         print(
-            f"| {r['dataset']} | {r['columns']:,} | {r['product']} | {r['ms']:.1f} "
-            f"| {r['ms_per_1000_items']:.2f} |"
+            f"\n| dataset | layer over all items, forward + backward, {args.threads} thread(s) "
+            "| columns | ms (median) |"
         )
+        print("|---|---|---:|---:|")
+        for r in padded:
+            print(f"| {r['dataset']} | {r['layer']} | {r['columns']:,} | {r['ms']:.1f} |")
     if args.json:
-        payload = {
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": machine,
-            "heap": heap,
-            "gemm": gemm,
-            "mixed": mixed,
-            "aligned": aligned,
-        }
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
     return 0

@@ -267,13 +267,19 @@ class OutputLinear(nn.Linear):
 def padded_output(layer: nn.Linear, h: Tensor, multiple: int) -> Tensor:
     """``layer(h)`` with its outputs padded to a multiple of ``multiple`` columns of ``-inf``.
 
-    ``(batch, in) -> (batch, ceil(out / multiple) * multiple)``. The product runs over a weight
-    with zero rows appended and a bias of ``-inf`` there, so the padded logits come out of the
-    same GEMM with rows whose length is a multiple of ``multiple`` elements: BLAS and GPU kernels
-    run their aligned, faster code for such rows (torch's CPU BLAS took 233 ms instead of 292 ms
-    for gowalla's ``500 x 600 x 40,981`` forward product on two threads, BENCHMARKS.md). A
-    softmax gives the padding probability 0, so the likelihood, its gradient and the layer's
-    gradients (the padding's are sliced off) are those of ``layer(h)``, up to rounding.
+    ``(batch, in) -> (batch, ceil(out / multiple) * multiple)``. The logits come out of a GEMM
+    whose output rows are a multiple of ``multiple`` elements long: BLAS and GPU kernels run
+    their aligned, faster code for such rows (torch's CPU BLAS took 233 ms instead of 292 ms for
+    gowalla's ``500 x 600 x 40,981`` forward product on two threads, BENCHMARKS.md). A softmax
+    gives the padding probability 0, so the likelihood, its gradient and the layer's gradients
+    are those of ``layer(h)``, up to rounding.
+
+    On the CPU (float32 or float64, no autocast, not compiling or tracing) the product writes
+    straight into the first ``out`` columns of the padded output, and the backward pass reads
+    only those columns of the incoming gradient (:class:`_PaddedLinear`): no padded copy of the
+    weight, and no padded weight gradient to slice and copy back. Elsewhere the product runs over
+    a weight with zero rows appended and a bias of ``-inf`` there (one extra weight copy, which
+    is cheap on a GPU, and which autocast and ``torch.compile`` handle as any other op).
 
     Args:
         layer: The layer over all items (``out_features`` items).
@@ -283,9 +289,64 @@ def padded_output(layer: nn.Linear, h: Tensor, multiple: int) -> Tensor:
     pad = -layer.out_features % multiple
     if pad == 0:
         return cpu_runtime.linear(h, layer.weight, layer.bias)
-    weight = F.pad(layer.weight, (0, 0, 0, pad))  # (out + pad, in): zero rows
-    bias = torch.cat([layer.bias, layer.bias.new_full((pad,), -math.inf)])  # (out + pad,)
+    weight: Tensor = layer.weight
+    bias: Tensor | None = layer.bias
+    if (
+        h.device.type == "cpu"
+        and h.dim() == 2
+        and h.dtype in (torch.float32, torch.float64)
+        and weight.dtype == h.dtype
+        and (bias is None or bias.dtype == h.dtype)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]
+    ):
+        # torch leaves Function.apply unannotated.
+        return cast(Tensor, _PaddedLinear.apply(h, weight, bias, pad))  # type: ignore[no-untyped-call]
+    weight = F.pad(weight, (0, 0, 0, pad))  # (out + pad, in): zero rows
+    if bias is None:
+        bias = weight.new_zeros((layer.out_features,))
+    bias = torch.cat([bias, bias.new_full((pad,), -math.inf)])  # (out + pad,)
     return cpu_runtime.linear(h, weight, bias)  # (batch, out + pad)
+
+
+class _PaddedLinear(torch.autograd.Function):
+    """``F.linear(h, weight, bias)`` written into the first ``out`` columns of a ``(batch,
+    out + pad)`` output whose other columns are ``-inf`` (:func:`padded_output`, CPU).
+
+    The bias is copied into the output's view and the GEMM accumulates onto it in place (the
+    view's row stride is the padded length, which is what BLAS's aligned code needs). The
+    backward pass takes the first ``out`` columns of the gradient as a strided view: ``grad_h =
+    g @ W``, ``grad_W = g.T @ h``, ``grad_b = g.sum(0)``, each of the layer's own shape. On
+    gowalla's layer (two threads) this saves a zero-fill and a copy of the padded weight in the
+    forward pass and a copy of its gradient in the backward pass, about 40 ms of a 750 ms step
+    (BENCHMARKS.md).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, pad: int) -> Tensor:
+        n_out = weight.shape[0]
+        out = h.new_empty((h.shape[0], n_out + pad))
+        out[:, n_out:] = -math.inf
+        logits = out[:, :n_out]  # (batch, out), row stride out + pad
+        if bias is None:
+            logits.zero_()
+        else:
+            logits.copy_(bias.expand_as(logits))
+        logits.addmm_(h, weight.t())
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        h, weight = ctx.saved_tensors
+        g = grad[:, : weight.shape[0]]  # (batch, out): the padding's gradient is not needed
+        grad_h = g.mm(weight) if ctx.needs_input_grad[0] else None
+        grad_w = g.t().mm(h) if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_h, grad_w, grad_b, None
 
 
 def _linear_layers(dims: Sequence[int], *, output: bool = False) -> nn.ModuleList:

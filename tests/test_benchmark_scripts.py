@@ -67,3 +67,31 @@ def test_train_speed_rows_keep_the_reference_first(monkeypatch: pytest.MonkeyPat
     rows = train_speed.measure("tiny", data, torch.device("cpu"), 1, memory, only=["project-fp32"])
     assert [row.variant for row in rows] == ["reference", "project-fp32"]
     assert rows[0].ratio == pytest.approx(1.0)
+
+
+def test_cpu_runtime_measures_only_the_sections_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpu_runtime = _script("cpu_runtime", monkeypatch)
+    monkeypatch.setattr(cpu_runtime, "SHAPES", {"small": 1_000})
+    out = tmp_path / "cpu.json"
+    assert (
+        cpu_runtime.main(
+            ["--threads", "1", "--repeats", "1", "--sections", "padded", "--json", str(out)]
+        )
+        == 0
+    )
+    record = json.loads(out.read_text())
+    assert "heap" not in record and "gemm" not in record
+    rows = {row["layer"]: row for row in record["padded"]}
+    assert rows.keys() == {
+        "in place (padded_output on the CPU)",
+        "zero-padded weight copy",
+        "unpadded",
+    }
+    assert rows["unpadded"]["columns"] == 1_000
+    assert rows["zero-padded weight copy"]["columns"] == 1_024
+    assert all(row["ms"] > 0 for row in rows.values())
+    with pytest.raises(SystemExit) as exc:
+        cpu_runtime.main(["--sections", "everything"])
+    assert exc.value.code == 2

@@ -8,6 +8,7 @@ loop, validation on sparse histories vs the Recommender, bf16 autocast, and exac
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -436,6 +437,46 @@ def test_padded_output_is_the_layer_with_minus_inf_columns() -> None:
     torch.testing.assert_close(padded_output(layer, h, 1), layer(h))  # no padding
     aligned = torch.nn.Linear(6, 32)
     assert padded_output(aligned, h, 16).shape == (5, 32)  # already a multiple
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_cpu_padded_output_writes_in_place_and_has_the_layers_gradients(bias: bool) -> None:
+    # On the CPU the product goes into a view of the padded output, and the backward pass reads
+    # only the layer's columns of the gradient: checked against finite differences (float64)
+    # and against the zero-padded weight it replaces (float32).
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 37, bias=bias).double()
+    h = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    out = padded_output(layer, h, 16)
+    assert type(out.grad_fn).__name__ == "_PaddedLinearBackward"
+    assert torch.isneginf(out[:, 37:]).all()
+
+    def first_columns(h: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        return padded_output(layer, h, 16)[:, :37]
+
+    params = tuple(layer.parameters())
+    assert torch.autograd.gradcheck(first_columns, (h, *params))
+
+    layer32 = torch.nn.Linear(6, 37, bias=bias)
+    x = torch.randn(5, 6, requires_grad=True)
+    upstream = torch.randn(5, 48)
+    upstream[:, 37:] = 0.0  # what a softmax's gradient is at -inf logits
+    grads = []
+    for use_fast_path in (True, False):
+        layer32.zero_grad(set_to_none=True)
+        x.grad = None
+        if use_fast_path:
+            out32 = padded_output(layer32, x, 16)
+        else:
+            weight = F.pad(layer32.weight, (0, 0, 0, 11))  # zero rows
+            b = layer32.bias if bias else torch.zeros(37)
+            out32 = F.linear(
+                x, weight, torch.cat([b, torch.full((11,), -math.inf)])
+            )
+        (out32[:, :37] * upstream[:, :37]).sum().backward()
+        grads.append([x.grad] + [p.grad for p in layer32.parameters()])
+    for fast, plain in zip(*grads, strict=True):
+        torch.testing.assert_close(fast, plain)
 
 
 @pytest.mark.parametrize(
