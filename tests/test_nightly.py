@@ -1011,6 +1011,10 @@ def test_shipped_config_parses() -> None:
             "must be in (0, 100)",
         ),
         ({"nightly": 3}, "[nightly] must be a table"),
+        (
+            {"nightly": {"lake": "x", "split": {"eval_salt": " "}}},
+            "[nightly.split] eval_salt: must be a non-empty string",
+        ),
         ({"nightly": {"lake": "x"}, "mlflow": 3}, "[mlflow] must be a table"),
         ({"nightly": {"lake": "x", "columns": 3}}, "[nightly.columns] must be a table"),
         ({"nightly": {"lake": 3}}, "[nightly] lake: must be a path, got 3"),

@@ -171,8 +171,10 @@ class SplitSettings:
         where = "nightly.split"
         if not _number(self.eval_user_fraction) or not 0.0 < self.eval_user_fraction < 1.0:
             _fail(where, "eval_user_fraction", "must be in (0, 1)")
-        if not isinstance(self.eval_salt, str):
-            _fail(where, "eval_salt", "must be a string")
+        if not isinstance(self.eval_salt, str) or not self.eval_salt.strip():
+            # An empty salt still splits, but is almost always an unset variable; a fixed,
+            # named salt keeps the groups reproducible and separate from other jobs' hashes.
+            _fail(where, "eval_salt", "must be a non-empty string")
         if not _integer(self.n_heldout) or self.n_heldout < 1:
             _fail(where, "n_heldout", "must be an int >= 1")
         if not _integer(self.n_validation) or self.n_validation < 0:
