@@ -12,11 +12,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 
 from serving.batching import MicroBatcher
+from serving.guards import RequestGuard, validation_error
 from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.routes import router
 from serving.settings import ServingSettings
@@ -97,6 +98,8 @@ def create_app(
         version=__version__,
         description=_DESCRIPTION,
         lifespan=lifespan,
+        # A trailing slash is a 404 (JSON), not a redirect with an empty body.
+        redirect_slashes=False,
         openapi_tags=[
             {"name": "recommendations", "description": "Top-K items for histories and users."},
             {"name": "items", "description": "Item-to-item similarity."},
@@ -111,15 +114,12 @@ def create_app(
     app.state.model_state = state
     app.state.batcher = batcher
     app.include_router(router)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    # Inside the metrics middleware (added later = outer), so that its 413, 415 and 500 answers
+    # are counted. The 500 is the last resort: the fuzz tests must never reach it.
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.add_exception_handler(Exception, _internal_error)
     return app
-
-
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    # Last resort: an unexpected error still answers JSON. The fuzz tests must never reach it.
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(status_code=500, content={"detail": "internal server error"})
 
 
 def app_from_env() -> FastAPI:

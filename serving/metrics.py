@@ -204,9 +204,18 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             self.metrics.in_flight.dec()
-            labels = (scope["method"], _route_template(scope), str(status))
+            labels = (_method_label(scope["method"]), _route_template(scope), str(status))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _method_label(method: str) -> str:
+    """The method as a label value; any other (a client can send any token) is ``other``, so
+    that invented methods cannot add label values without bound."""
+    return method if method in _METHODS else "other"
 
 
 def _route_template(scope: Scope) -> str:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from typing import Annotated, Any, NoReturn
 
-from fastapi import APIRouter, Body, HTTPException, Path, Query, Response, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -25,6 +25,7 @@ from serving.deps import (
     RecommenderDep,
     StateDep,
 )
+from serving.guards import reject_unknown_query
 from serving.metrics import CONTENT_TYPE_LATEST, ServingMetrics
 from serving.schemas import (
     EXPLORE_DESCRIPTION,
@@ -57,7 +58,9 @@ __all__ = ["router"]
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter()
+# A query parameter a route does not declare (a typo such as ?exlude_seen=) is a 422, as an
+# unknown body field is.
+router = APIRouter(dependencies=[Depends(reject_unknown_query)])
 
 _NOT_READY: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "No model is loaded yet."}
@@ -186,6 +189,15 @@ async def readyz(state: StateDep) -> ReadyResponse | JSONResponse:
             detail += f" (last load failed: {state.last_error})"
         return JSONResponse(status_code=503, content={"detail": detail})
     return ReadyResponse(model_version=served.version)
+
+
+# The probes answer HEAD too (load balancers send it), with the GET status and no body.
+router.add_api_route(
+    "/healthz", healthz, methods=["HEAD"], response_model=HealthResponse, include_in_schema=False
+)
+router.add_api_route(
+    "/readyz", readyz, methods=["HEAD"], response_model=ReadyResponse, include_in_schema=False
+)
 
 
 @router.get(
@@ -496,7 +508,12 @@ def reload_model(
         return JSONResponse(
             status_code=422,
             content={
-                "detail": f"reload failed, the previous model keeps serving: {exc}",
+                "detail": (
+                    "reload failed, the previous model keeps serving: "
+                    if current is not None
+                    else "reload failed, no model is loaded: "
+                )
+                + str(exc),
                 "model_version": None if current is None else current.version,
             },
         )

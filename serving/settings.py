@@ -14,6 +14,7 @@ Variable                    Meaning                                        Defau
 ``RECVAE_MAX_K``            largest ``k`` a request may ask for            1000
 ``RECVAE_MAX_HISTORY``      most items in one history (and its exclusions) 10000
 ``RECVAE_MAX_BATCH``        most histories in one batch request            1000
+``RECVAE_MAX_BODY_BYTES``   largest request body (413 above it)            16777216 (16 MiB)
 ``RECVAE_ADMIN_TOKEN``      bearer token of ``POST /v1/admin/reload``      (reload off)
 ``RECVAE_POLL_INTERVAL``    seconds between registry alias checks, 0 = off 0
 ``RECVAE_TORCH_THREADS``    torch intra-op threads per worker process      1
@@ -45,6 +46,7 @@ ENV_VARS: dict[str, str] = {
     "max_k": "MAX_K",
     "max_history": "MAX_HISTORY",
     "max_batch": "MAX_BATCH",
+    "max_body_bytes": "MAX_BODY_BYTES",
     "admin_token": "ADMIN_TOKEN",
     "poll_interval": "POLL_INTERVAL",
     "torch_threads": "TORCH_THREADS",
@@ -71,6 +73,9 @@ class ServingSettings:
         max_k: Largest ``k`` a request may ask for.
         max_history: Most items in one history, and most items in one exclusion list.
         max_batch: Most histories in one batch request.
+        max_body_bytes: Largest request body, in bytes; a larger one gets 413 before it is
+            parsed (a body of ``max_batch`` histories of ``max_history`` ids each can exceed
+            the default: raise both together).
         admin_token: Bearer token for the admin routes; None disables them.
         poll_interval: Seconds between checks of the registry alias behind ``model_uri``
             (0 disables polling; only ``models:/NAME@ALIAS`` URIs are polled).
@@ -90,6 +95,7 @@ class ServingSettings:
     max_k: int = 1000
     max_history: int = 10_000
     max_batch: int = 1000
+    max_body_bytes: int = 16 * 1024 * 1024
     admin_token: str | None = None
     poll_interval: float = 0.0
     torch_threads: int = 1
@@ -113,6 +119,7 @@ class ServingSettings:
             "max_k",
             "max_history",
             "max_batch",
+            "max_body_bytes",
             "torch_threads",
             "micro_batch",
             "workers",
@@ -190,6 +197,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_k": int,
     "max_history": int,
     "max_batch": int,
+    "max_body_bytes": int,
     "torch_threads": int,
     "micro_batch": int,
     "port": int,

@@ -34,6 +34,7 @@ from serving.state import ModelSource, ModelState, ReloadError, is_alias_uri
 TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LIMITS = {"max_k": 50, "max_history": 30, "max_batch": 5, "default_k": 5}
+JSON_TYPE = {"content-type": "application/json"}
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -335,6 +336,133 @@ def test_unknown_route_and_method_are_json_4xx(client: TestClient) -> None:
     assert client.get("/v1/recommendations").status_code == 405
 
 
+@pytest.mark.parametrize(
+    ("path", "content", "loc"),
+    [
+        ("/v1/recommendations", '{"history": [1], "weights": [NaN]}', ["body", "weights", 0]),
+        ("/v1/recommendations", '{"history": [1], "k": Infinity}', ["body", "k"]),
+        ("/v1/recommendations", '{"history": [1], "k": 1e400}', ["body", "k"]),
+        ("/v1/recommendations", '{"history": [1], "seed": -Infinity}', ["body", "seed"]),
+        ("/v1/recommendations", '{"history": [NaN]}', ["body", "history", 0]),
+        ("/v1/recommendations", '{"history": ["\\ud800"]}', ["body", "history", 0]),
+        ("/v1/recommendations", '{"history": [1], "typo": NaN}', ["body", "typo"]),
+        ("/v1/recommendations/batch", '{"histories": [{"history": [1]}], "k": NaN}', ["body", "k"]),
+        ("/v1/anomaly", '{"items": [NaN]}', ["body", "items", 0]),
+    ],
+)
+def test_non_finite_numbers_and_lone_surrogates_get_422_not_500(
+    client: TestClient, path: str, content: str, loc: list[Any]
+) -> None:
+    # Python's json.dumps writes NaN by default; strict JSON cannot echo it (or a lone
+    # surrogate) back, which made FastAPI's own 422 handler fail with a 500.
+    response = client.post(path, content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert names_field(response, loc), response.json()
+
+
+def test_long_invalid_inputs_are_echoed_truncated(client: TestClient) -> None:
+    response = client.post("/v1/recommendations", json={"history": [1], "k": "x" * 100_000})
+    assert response.status_code == 422
+    echoed = response.json()["detail"][0]["input"]
+    assert echoed.endswith("... (truncated)") and len(echoed) < 1100
+
+
+@pytest.mark.parametrize(
+    ("content_type", "detail"),
+    [
+        ("text/plain", "Content-Type must be application/json, got 'text/plain'"),
+        ("application/x-www-form-urlencoded", "got 'application/x-www-form-urlencoded'"),
+        (None, "needs Content-Type: application/json (none given)"),
+    ],
+)
+def test_a_body_that_is_not_json_gets_415(
+    client: TestClient, content_type: str | None, detail: str
+) -> None:
+    headers = {} if content_type is None else {"content-type": content_type}
+    for path in ("/v1/recommendations", "/v1/recommendations/batch", "/v1/anomaly"):
+        response = client.post(path, content=b'{"history": [0]}', headers=headers)
+        assert response.status_code == 415, (path, response.text)
+        assert detail in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "Application/JSON", "application/x+json"]
+)
+def test_json_content_types_are_accepted(client: TestClient, content_type: str) -> None:
+    response = client.post(
+        "/v1/recommendations", content=b'{"history": [0]}', headers={"content-type": content_type}
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_parsed(tiny_bundle: Path) -> None:
+    settings = ServingSettings(bundle=str(tiny_bundle), max_body_bytes=64)
+    body = b'{"history": [' + b", ".join(b"0" for _ in range(40)) + b"]}"  # 124 bytes
+    assert len(body) > 64
+
+    def chunks() -> Iterator[bytes]:
+        yield body[:50]
+        yield body[50:]
+
+    with TestClient(create_app(settings)) as c:
+        declared = c.post("/v1/recommendations", content=body, headers=JSON_TYPE)
+        streamed = c.post("/v1/recommendations", content=chunks(), headers=JSON_TYPE)
+        for response in (declared, streamed):
+            assert response.status_code == 413, response.text
+            assert "exceeds 64 bytes" in response.json()["detail"]
+            assert "RECVAE_MAX_BODY_BYTES" in response.json()["detail"]
+        small = c.post("/v1/recommendations", json={"history": [0]})
+        assert small.status_code == 200
+        text = c.get("/metrics").text
+    # The declared size is refused before routing (route label "unmatched"), the streamed one
+    # once the route reads its body.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    refused = [
+        sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "recvae_http_requests_total" and sample.labels["status"] == "413"
+    ]
+    assert sum(sample.value for sample in refused) == 2
+
+
+def test_unknown_query_parameters_get_422_naming_them(client: TestClient) -> None:
+    typo = client.get("/v1/users/1/recommendations", params={"exlude_seen": "false", "k": 2})
+    assert typo.status_code == 422
+    assert names_field(typo, ["query", "exlude_seen"]), typo.json()
+    assert "exclude_seen" in typo.json()["detail"][0]["msg"]  # lists what the route takes
+    assert client.get("/v1/items/0/similar", params={"explore": "true"}).status_code == 422
+    on_body_route = client.post("/v1/recommendations", params={"k": 3}, json={"history": [0]})
+    assert on_body_route.status_code == 422
+    assert names_field(on_body_route, ["query", "k"])
+    assert client.get("/healthz", params={"x": "1"}).status_code == 422
+    assert client.get("/v1/users/1/recommendations", params={"k": 2}).status_code == 200
+
+
+def test_probes_answer_head(client: TestClient, tiny_bundle: Path) -> None:
+    for path in ("/healthz", "/readyz"):
+        response = client.head(path)
+        assert response.status_code == 200 and response.content == b""
+    with TestClient(create_app(ServingSettings())) as c:
+        assert c.head("/readyz").status_code == 503
+        assert c.head("/healthz").status_code == 200
+
+
+def test_a_trailing_slash_is_a_json_404_not_a_redirect(client: TestClient) -> None:
+    response = client.post("/v1/recommendations/", json={"history": [0]}, follow_redirects=False)
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not Found"}
+
+
+def test_invented_methods_share_one_metrics_label(fresh_client: TestClient) -> None:
+    for method in ("QABCDEFGHIJ", "QZZZ", "BREW"):
+        assert fresh_client.request(method, "/x").status_code in (404, 405)
+    text = fresh_client.get("/metrics").text
+    assert _sample(text, "recvae_http_requests_total", method="other") == 3
+    assert "QABCDEFGHIJ" not in text and "BREW" not in text
+
+
 # ---------------------------------------------------------------------------- batch
 def test_batch_equals_single_calls(client: TestClient, rec: Recommender) -> None:
     histories = [
@@ -616,6 +744,7 @@ def test_app_without_a_model_is_not_ready(tiny_bundle: Path) -> None:
         nothing = c.post("/v1/admin/reload", headers=AUTH)
         assert nothing.status_code == 422
         assert nothing.json()["model_version"] is None
+        assert nothing.json()["detail"].startswith("reload failed, no model is loaded: ")
         loaded = c.post("/v1/admin/reload", headers=AUTH, json={"bundle": str(tiny_bundle)})
         assert loaded.status_code == 200
         assert loaded.json()["previous_version"] is None
@@ -934,9 +1063,11 @@ def test_settings_from_env() -> None:
         "RECVAE_ADMIN_TOKEN": "t",
         "RECVAE_PORT": "9000",
         "RECVAE_WORKERS": "",
+        "RECVAE_MAX_BODY_BYTES": "1048576",
     }
     settings = ServingSettings.from_env(env)
     assert settings.bundle == "/models/b"
+    assert settings.max_body_bytes == 1_048_576
     assert (settings.max_k, settings.default_k, settings.port) == (200, 10, 9000)
     assert settings.poll_interval == 30.0
     assert settings.workers == 1
@@ -951,6 +1082,8 @@ def test_settings_from_env() -> None:
         ({"RECVAE_MAX_K": "0"}, "max_k"),
         ({"RECVAE_DEFAULT_K": "50", "RECVAE_MAX_K": "10"}, "default_k"),
         ({"RECVAE_PORT": "70000"}, "port"),
+        ({"RECVAE_MAX_BODY_BYTES": "0"}, "max_body_bytes"),
+        ({"RECVAE_MAX_BODY_BYTES": "16MB"}, "RECVAE_MAX_BODY_BYTES"),
         ({"RECVAE_POLL_INTERVAL": "0.1"}, "poll_interval"),
         ({"RECVAE_POLL_INTERVAL": "nan"}, "poll_interval"),
         ({"RECVAE_BUNDLE": "/a", "RECVAE_MODEL_URI": "models:/m@x"}, "not both"),

@@ -80,6 +80,8 @@ def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 str(port),
                 "--max-k",
                 "50",
+                "--max-body-bytes",
+                "100000",
                 "--no-access-log",
                 "--log-level",
                 "warning",
@@ -135,6 +137,86 @@ def test_real_server_answers_over_http(server: str, tiny_bundle: Path) -> None:
         assert bad.status_code == 422
         assert client.get("/openapi.json").json()["info"]["title"]
         assert "recvae_http_requests_total" in client.get("/metrics").text
+
+
+def test_bad_bodies_get_4xx_and_keep_the_connection(server: str) -> None:
+    # One keep-alive connection throughout: each refusal must leave it usable.
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    with httpx.Client(base_url=server, timeout=10, limits=limits) as client:
+        refusals = [
+            (b'{"history": [1], "weights": [NaN]}', "application/json", 422),
+            (b'{"history": ["\\ud800"]}', "application/json", 422),
+            (b'{"history": [1]}', "text/plain", 415),
+            (b'{"history": [' + b"1, " * 40_000 + b"1]}", "application/json", 413),
+        ]
+        for content, content_type, status in refusals:
+            response = client.post(
+                "/v1/recommendations", content=content, headers={"content-type": content_type}
+            )
+            assert response.status_code == status, response.text
+            assert "detail" in response.json()
+            assert client.post("/v1/recommendations", json={"history": [1]}).status_code == 200
+        assert client.head("/healthz").status_code == 200
+
+
+def _read_response(stream: Any) -> tuple[int, bytes]:
+    """Status and body of one HTTP/1.1 response with a Content-Length, read from ``stream``."""
+    status_line = stream.readline()
+    assert status_line, "the server closed the connection"
+    status = int(status_line.split()[1])
+    length = 0
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    return status, stream.read(length)
+
+
+def test_an_unexpected_error_is_a_json_500_and_keeps_the_connection(tiny_bundle: Path) -> None:
+    # uvicorn (in this process, so the model can be broken) behind the real app: Starlette's
+    # last-resort handler re-raised after answering, and uvicorn then dropped the connection,
+    # so the client's next request failed too.
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.settings import ServingSettings
+
+    app = create_app(ServingSettings(bundle=str(tiny_bundle)))
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        served = app.state.model_state.current
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("boom")
+
+        object.__setattr__(served, "recommend_histories", broken)
+        # A raw socket: an HTTP client library would quietly reconnect.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            stream = sock.makefile("rb")
+            for _ in range(2):
+                body = b'{"history": [0]}'
+                sock.sendall(
+                    b"POST /v1/recommendations HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                status, payload = _read_response(stream)
+                assert status == 500 and payload == b'{"detail":"internal server error"}'
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert _read_response(stream)[0] == 200  # same connection, still open
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def test_reload_under_concurrent_requests(server: str, hammer_bundles: tuple[Path, Path]) -> None:

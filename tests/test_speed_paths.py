@@ -470,9 +470,7 @@ def test_cpu_padded_output_writes_in_place_and_has_the_layers_gradients(bias: bo
         else:
             weight = F.pad(layer32.weight, (0, 0, 0, 11))  # zero rows
             b = layer32.bias if bias else torch.zeros(37)
-            out32 = F.linear(
-                x, weight, torch.cat([b, torch.full((11,), -math.inf)])
-            )
+            out32 = F.linear(x, weight, torch.cat([b, torch.full((11,), -math.inf)]))
         (out32[:, :37] * upstream[:, :37]).sum().backward()
         grads.append([x.grad] + [p.grad for p in layer32.parameters()])
     for fast, plain in zip(*grads, strict=True):

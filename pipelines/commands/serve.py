@@ -100,6 +100,11 @@ def register(subparsers: Any) -> None:
         help="most histories in one batch request [RECVAE_MAX_BATCH]",
     )
     limits.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        help="largest request body in bytes, 413 above it (default 16 MiB) [RECVAE_MAX_BODY_BYTES]",
+    )
+    limits.add_argument(
         "--poll-interval",
         type=_seconds,
         help="seconds between checks of the registry alias of --model, 0 = off "
@@ -135,6 +140,7 @@ def server_environment(args: argparse.Namespace) -> dict[str, str]:
         "RECVAE_MAX_K": args.max_k,
         "RECVAE_MAX_HISTORY": args.max_history,
         "RECVAE_MAX_BATCH": args.max_batch,
+        "RECVAE_MAX_BODY_BYTES": args.max_body_bytes,
         "RECVAE_POLL_INTERVAL": args.poll_interval,
     }
     env.update({name: str(value) for name, value in pairs.items() if value is not None})

@@ -1,0 +1,210 @@
+"""Request guards: body size and type, unknown query parameters, and JSON errors that never fail.
+
+- :class:`RequestGuard` (pure ASGI middleware) answers a request body larger than
+  ``max_body_bytes`` with 413 (from ``Content-Length`` before reading, or as soon as a streamed
+  body passes the limit), and a non-empty body that is not declared JSON with 415. It also turns
+  an unexpected error into a JSON 500 *without* re-raising it, so the server keeps the client's
+  keep-alive connection open (Starlette's last-resort handler re-raises after answering, and the
+  server then drops the connection, failing the client's next, valid request too).
+- :func:`validation_error` is the 422 handler: FastAPI's own format, with every echoed ``input``
+  made JSON-safe. JSON allows no ``NaN``, ``Infinity`` or lone UTF-16 surrogates, and FastAPI's
+  default handler fails (a 500) when it echoes them back.
+- :func:`reject_unknown_query` is a router dependency: a query parameter the route does not
+  declare is a 422 naming it, as an unknown field of a body is.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["RequestGuard", "BodyTooLarge", "validation_error", "reject_unknown_query"]
+
+logger = logging.getLogger(__name__)
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_ECHO_LIMIT = 1000  # characters of an invalid input echoed back in a 422
+
+
+class BodyTooLarge(HTTPException):
+    """A request body over the server's limit (413). An ``HTTPException``, so that FastAPI's
+    body reading passes it on instead of reporting a generic parse error."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            status_code=413,
+            detail=f"request body exceeds {limit:,} bytes (the server's RECVAE_MAX_BODY_BYTES)",
+        )
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+async def _send_json(send: Send, status: int, detail: str) -> None:
+    response = JSONResponse(status_code=status, content={"detail": detail})
+    await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+class RequestGuard:
+    """Pure ASGI middleware: body size (413) and type (415) checks, and a JSON 500 that keeps
+    the connection open.
+
+    Args:
+        app: The wrapped ASGI app.
+        max_body_bytes: Largest request body accepted.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] in _BODY_METHODS:
+            rejection = self._check_headers(Headers(scope=scope))
+            if rejection is not None:
+                await _send_json(send, *rejection)
+                return
+        limit = self.max_body_bytes
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except Exception as exc:
+            if started:  # too late to answer: let the server handle it
+                raise
+            logger.error(
+                "unhandled error on %s %s", scope["method"], scope.get("path"), exc_info=exc
+            )
+            await _send_json(send, 500, "internal server error")
+
+    def _check_headers(self, headers: Headers) -> tuple[int, str] | None:
+        """``(status, detail)`` when the declared body cannot be accepted, else None."""
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                size = int(length)
+            except ValueError:
+                return 400, f"invalid Content-Length header: {length[:40]!r}"
+            if size > self.max_body_bytes:
+                return 413, BodyTooLarge(self.max_body_bytes).detail
+            if size == 0:
+                return None  # no body: nothing to parse (e.g. a reload without one)
+        elif "chunked" not in headers.get("transfer-encoding", "").lower():
+            return None  # no body
+        content_type = headers.get("content-type")
+        if content_type is None:
+            return 415, "request body needs Content-Type: application/json (none given)"
+        if not _is_json(content_type):
+            return 415, f"Content-Type must be application/json, got {content_type[:100]!r}"
+        return None
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` (already through ``jsonable_encoder``) with non-finite floats as strings and
+    lone surrogates escaped, so that strict JSON can encode it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # 'nan', 'inf', '-inf'
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _short_input(value: Any) -> Any:
+    """An echoed input, or its start when its JSON is long (a 100,000-id list is not echoed)."""
+    text = repr(value)
+    if len(text) <= _ECHO_LIMIT:
+        return value
+    return text[:_ECHO_LIMIT] + "... (truncated)"
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 in FastAPI's format (``{"detail": [{"type", "loc", "msg", "input", ...}]}``), safe to
+    encode whatever the client sent."""
+    assert isinstance(exc, RequestValidationError)
+    errors = []
+    for error in exc.errors():
+        error = dict(error)
+        if "input" in error:
+            error["input"] = _short_input(error["input"])
+        errors.append(error)
+    content = _json_safe(jsonable_encoder(errors))
+    return JSONResponse(status_code=422, content={"detail": content})
+
+
+_DECLARED: dict[int, frozenset[str]] = {}  # id(route) -> its query parameter names
+
+
+def _query_names(dependant: Any) -> list[str]:
+    """The query parameters of a route's dependant and all its sub-dependencies."""
+    names = [param.alias for param in dependant.query_params]
+    for sub in dependant.dependencies:
+        names += _query_names(sub)
+    return names
+
+
+def reject_unknown_query(request: Request) -> None:
+    """Router dependency: a query parameter the matched route does not declare is a 422."""
+    if not request.query_params:
+        return
+    route: Any = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    declared = _DECLARED.get(id(route))
+    if declared is None:
+        declared = _DECLARED[id(route)] = frozenset(_query_names(dependant))
+    unknown = [name for name in request.query_params if name not in declared]
+    if unknown:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "extra_forbidden",
+                    "loc": ("query", name),
+                    "msg": "Unknown query parameter"
+                    + (f" (this route takes: {', '.join(sorted(declared))})" if declared else ""),
+                    "input": request.query_params.getlist(name)[0],
+                }
+                for name in dict.fromkeys(unknown)
+            ]
+        )
