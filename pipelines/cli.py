@@ -83,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"recvae: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # training diverged: not a usage error
+        print(f"recvae: error: {exc}", file=sys.stderr)
+        return 1
     except KeyError as exc:  # UnknownUserError and friends
         print(f"recvae: error: unknown id {exc}", file=sys.stderr)
         return 2

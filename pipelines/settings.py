@@ -11,6 +11,7 @@ A job is described by a TOML file (``pipelines/configs/*.toml``) and command-lin
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,10 @@ class DataSettings:
 
     def __post_init__(self) -> None:
         _check_types(self, "data")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ValueError(
+                f"[data] threshold (--threshold) must be a finite number, got {self.threshold}"
+            )
 
     @property
     def name(self) -> str:

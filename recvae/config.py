@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import os
 import types
 import typing
@@ -208,8 +209,8 @@ class ModelConfig:
             "batch_size",
             "must be an int >= 1",
         )
-        _check(self.learning_rate > 0, "learning_rate", "must be > 0")
-        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(0 < self.learning_rate < math.inf, "learning_rate", "must be finite and > 0")
+        _check(0 <= self.weight_decay < math.inf, "weight_decay", "must be finite and >= 0")
         _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         _check(
             self.patience is None or (isinstance(self.patience, int) and self.patience >= 1),

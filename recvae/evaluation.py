@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 
 __all__ = [
     "EvaluationResult",
+    "NaNScoresError",
     "Ranker",
     "catalog_coverage_at_k",
     "evaluate",
@@ -103,9 +104,13 @@ def _as_scores_tensor(scores: ScoresLike) -> torch.Tensor:
     return tensor.detach()
 
 
+class NaNScoresError(ValueError):
+    """Scores to rank contain NaN (from a model: usually one whose training diverged)."""
+
+
 def _check_no_nan(scores: torch.Tensor) -> None:
     if bool(torch.isnan(scores).any()):
-        raise ValueError("scores contain NaN; use -inf to exclude an item")
+        raise NaNScoresError("scores contain NaN; use -inf to exclude an item")
 
 
 def _csr_to_dense_bool(

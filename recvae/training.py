@@ -38,7 +38,7 @@ from recvae import cpu_runtime
 from recvae import distributed as dist_utils
 from recvae.config import ModelConfig, MultVAEConfig, RunOptions
 from recvae.data.interactions import Interactions
-from recvae.evaluation import evaluate
+from recvae.evaluation import NaNScoresError, evaluate
 from recvae.model import (
     SparseBatch,
     anneal_beta,
@@ -622,10 +622,23 @@ class Trainer:
                     f"training diverged at epoch {epoch} (loss={metrics['loss']}); "
                     "lower learning_rate"
                 )
+            # The loss is that of the weights before the epoch's last step: that step can
+            # still have made them non-finite (e.g. a huge learning rate).
+            if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+                raise FloatingPointError(
+                    f"training diverged at epoch {epoch} (weights are no longer finite); "
+                    "lower learning_rate"
+                )
             if self.validation is not None and (
                 epoch % self.options.validate_every == 0 or epoch == cfg.epochs
             ):
-                metrics.update(self.validate())
+                try:
+                    metrics.update(self.validate())
+                except NaNScoresError:
+                    raise FloatingPointError(
+                        f"training diverged at epoch {epoch} (the model's scores are NaN); "
+                        "lower learning_rate"
+                    ) from None
                 score = metrics[f"val_{cfg.select_metric}"]
                 if score > s.best_score:
                     s.best_score, s.best_epoch, s.bad_epochs = score, epoch, 0

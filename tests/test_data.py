@@ -283,6 +283,23 @@ def test_read_gzipped_csv(tmp_path: Path) -> None:
     assert frame.rows() == [(1, 2, 4.5), (3, 4, 2.0)]
 
 
+def test_corrupt_files_are_data_errors_naming_the_file(tmp_path: Path) -> None:
+    content = b"user_id,item_id,rating\n" + b"".join(b"%d,%d,4\n" % (i, i) for i in range(2000))
+    truncated = tmp_path / "truncated.csv.gz"
+    truncated.write_bytes(gzip.compress(content)[:300])
+    with pytest.raises(DataError, match="could not decompress .*truncated.csv.gz"):
+        read_frame(truncated)
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(os.urandom(5000))
+    with pytest.raises(DataError, match="could not read parquet data .*garbage.parquet"):
+        load_interactions(garbage)
+    half = tmp_path / "half.parquet"
+    pl.DataFrame({"user_id": range(100), "item_id": range(100)}).write_parquet(half)
+    half.write_bytes(half.read_bytes()[:200])
+    with pytest.raises(DataError, match="half.parquet"):
+        read_frame(half)
+
+
 def test_read_falls_back_when_ids_turn_to_strings_late(tmp_path: Path) -> None:
     path = tmp_path / "late.csv"
     rows = "".join(f"{i},{i}\n" for i in range(10_050)) + "x,1\n"

@@ -166,6 +166,12 @@ def test_model_configs_name_a_wrongly_typed_field(field: str, value: object, mes
         config_from_dict({"model": "multvae", field: value})
 
 
+@pytest.mark.parametrize("value", [math.inf, math.nan, 0.0, -1e-3])
+def test_learning_rate_must_be_finite_and_positive(value: float) -> None:
+    with pytest.raises(ValueError, match="learning_rate.*must be finite and > 0"):
+        MultVAEConfig(learning_rate=value)
+
+
 def test_config_lists_become_tuples_and_numbers_stay_numbers() -> None:
     cfg = MultVAEConfig(hidden_dims=[300, 100], learning_rate=1)  # type: ignore[arg-type]
     assert cfg.hidden_dims == (300, 100) and hash(cfg)

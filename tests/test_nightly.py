@@ -437,6 +437,20 @@ def test_cli_exit_codes(tiny_job: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "n_helduot" in capsys.readouterr().err
     assert main(["retrain", "--date", "2024-03-05"]) == 2
     assert "--config is required" in capsys.readouterr().err
+    # ... and so do a missing lake and a summary path that cannot be written, before the night
+    # runs (no new run folder).
+    runs_before = sorted((settings.state_dir / "runs").iterdir())
+    missing = tiny_job.parent / "no-such-lake"
+    assert main(["retrain", "--config", str(tiny_job), "--lake", str(missing)]) == 2
+    assert f"the data lake {missing} is not a folder" in capsys.readouterr().err
+    for target, message in (
+        (summary_file / "s.json", f"{summary_file} is not a folder"),
+        (tiny_job.parent, "is a folder; give a file path"),
+    ):
+        argv = ["retrain", "--config", str(tiny_job), "--date", "2024-03-06"]
+        assert main([*argv, "--summary", str(target)]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted((settings.state_dir / "runs").iterdir()) == runs_before
 
 
 @pytest.mark.skipif(

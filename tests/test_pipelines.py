@@ -141,6 +141,44 @@ def test_bad_config_tables_give_message_and_nonzero_exit(
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
+        (["--threshold", "4.9"], "--threshold only apply to an interaction file (--data)"),
+        (["--user-col", "u", "--separator", ";"], "--user-col, --separator only apply to"),
+        (["--data", "{csv}", "--threshold", "4"], "--threshold needs --rating-col"),
+        (["--data", "{csv}", "--dataset", "ml-100k"], "give either --dataset"),
+        (["--data-dir", "/no/such/folder"], "--data-dir /no/such/folder: no such folder"),
+        (["--data", "{csv}", "--rating-col", "r", "--threshold", "nan"], "must be a finite"),
+    ],
+)
+def test_data_flags_that_would_be_ignored_are_errors(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    csv = tmp_path / "ratings.csv"
+    csv.write_text(
+        "user_id,item_id,r\n" + "".join(f"{u},{i},5\n" for u in range(9) for i in range(9))
+    )
+    out = tmp_path / "run"
+    argv = ["train", "--epochs", "1", "--no-progress", "-o", str(out)]
+    code, _, err = _run([*argv, *(f.format(csv=csv) for f in flags)], capsys)
+    assert code == 2
+    assert message in err and err.startswith("recvae: error:")
+    assert not out.exists()
+
+
+def test_a_diverging_run_is_a_one_line_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # A learning rate this large makes the weights non-finite in the first epoch: the run stops
+    # there with the reason (it used to fail later, in evaluation, with "scores contain NaN").
+    argv = ["train", "--epochs", "3", "--learning-rate", "1e30", "--no-progress", "--no-track"]
+    code, _, err = _run([*argv, "-o", str(tmp_path / "run")], capsys)
+    assert code == 1
+    assert err.strip().startswith("recvae: error: training diverged at epoch 1")
+    assert "lower learning_rate" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
         (["--device", "gpu"], "device 'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
         (["--ks", "x,20"], "--ks must be positive integers, got 'x,20'"),
     ],

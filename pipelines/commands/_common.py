@@ -101,6 +101,45 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, output_help: str) -> N
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+# Flags that describe an interaction file (--data); a built-in dataset has its own.
+_FILE_FLAGS = {
+    "user_col": "--user-col",
+    "item_col": "--item-col",
+    "rating_col": "--rating-col",
+    "threshold": "--threshold",
+    "separator": "--separator",
+}
+
+
+def _check_data_flags(args: argparse.Namespace, job: JobSettings) -> None:
+    """Refuse data flags that would be ignored silently (they change which data is read).
+
+    Raises:
+        ValueError: both ``--dataset`` and ``--data``; a ``--data-dir`` that is not a folder;
+            file flags without a file; ``--threshold`` without a rating column.
+    """
+    if getattr(args, "dataset", None) and getattr(args, "data", None):
+        raise ValueError("give either --dataset (a built-in dataset) or --data (a file), not both")
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir and not Path(data_dir).is_dir():
+        raise ValueError(f"--data-dir {data_dir}: no such folder")
+    given = [flag for key, flag in _FILE_FLAGS.items() if getattr(args, key, None) is not None]
+    if not (getattr(args, "data", None) or job.data.path):
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} only apply to an interaction file (--data); built-in "
+                "datasets are read with their own columns and rating threshold "
+                "(see `recvae datasets`)"
+            )
+        return
+    rating_col = getattr(args, "rating_col", None) or job.data.rating_col
+    if getattr(args, "threshold", None) is not None and rating_col is None:
+        raise ValueError(
+            "--threshold needs --rating-col: without a rating column every row of --data is a "
+            "positive"
+        )
+
+
 def job_from_args(
     args: argparse.Namespace,
     *,
@@ -119,8 +158,7 @@ def job_from_args(
         "threshold": getattr(args, "threshold", None),
         "separator": getattr(args, "separator", None),
     }
-    if data["path"]:
-        data.setdefault("dataset", None)
+    _check_data_flags(args, job)
     protocol = {
         "n_heldout": getattr(args, "n_heldout", None),
         "holdout_fraction": getattr(args, "holdout_fraction", None),

@@ -145,10 +145,30 @@ def _settings(args: argparse.Namespace) -> Any:
     )
 
 
+def _check_writable_file(path: Path, flag: str) -> None:
+    """Refuse a file path that cannot be written, before the night runs (a failure to write it
+    afterwards would hide the night's outcome).
+
+    Raises:
+        ValueError: ``path`` is a folder, or a parent of it is a file.
+    """
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is not a folder")
+
+
 def retrain_command(args: argparse.Namespace) -> int:
     from pipelines.nightly.job import run_retrain
 
     settings = _settings(args)
+    if not Path(settings.lake).is_dir():
+        raise ValueError(f"the data lake {settings.lake} is not a folder ([nightly] lake, --lake)")
+    if args.summary is not None:
+        _check_writable_file(args.summary, "--summary")
     outcome = run_retrain(settings, args.date, force=args.force, summary_path=args.summary)
     summary = outcome.summary
     stream = sys.stdout if outcome.exit_code in (0, 3) else sys.stderr

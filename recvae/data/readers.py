@@ -13,6 +13,7 @@ import gzip
 import io
 import logging
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -351,13 +352,21 @@ def _infer_format(path: str, format: str | None) -> str:
 
 def _read_parquet(path: str, columns: Sequence[str | int | None]) -> pl.DataFrame:
     files = _parquet_files(path)
-    lazy = pl.scan_parquet(files)
-    available = lazy.collect_schema().names()
+    try:
+        lazy = pl.scan_parquet(files)
+        available = lazy.collect_schema().names()
+    except (pl.exceptions.PolarsError, OSError) as exc:  # not parquet, truncated, unreadable
+        raise DataError(f"could not read parquet data {path}: {_error_message(exc)}") from exc
     names = [_column_name(c, available, source=path) for c in columns if c is not None]
     try:
         return lazy.select(names).collect()
-    except pl.exceptions.PolarsError as exc:
-        raise DataError(f"could not read parquet data {path}: {exc}") from exc
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DataError(f"could not read parquet data {path}: {_error_message(exc)}") from exc
+
+
+def _error_message(exc: BaseException) -> str:
+    """An exception's message up to its first line break (polars appends long hints)."""
+    return str(exc).strip().split("\n", 1)[0]
 
 
 def _parquet_files(path: str) -> list[str]:
@@ -385,8 +394,11 @@ def _read_bytes(file: Path) -> bytes:
     with open(file, "rb") as handle:
         head = handle.read(2)
     if head == b"\x1f\x8b":
-        with gzip.open(file, "rb") as handle:
-            return handle.read()
+        try:
+            with gzip.open(file, "rb") as handle:
+                return handle.read()
+        except (EOFError, OSError, zlib.error) as exc:  # truncated or corrupt
+            raise DataError(f"could not decompress {file}: {exc}") from exc
     return file.read_bytes()
 
 
