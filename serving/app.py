@@ -23,7 +23,7 @@ from serving.routes import router
 from serving.settings import ServingSettings
 from serving.state import AliasResolver, Loader, ModelState, ReloadError
 
-__all__ = ["create_app", "app_from_env"]
+__all__ = ["create_app", "app_from_env", "StartupError"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ What only a variational model gives: every recommendation carries a posterior `c
 (null for Mult-DAE); `explore: true` ranks from a posterior sample (Thompson-style, with an
 optional `temperature` and `seed`); `POST /v1/anomaly` says how unusual a history is.
 """
+
+
+class StartupError(RuntimeError):
+    """The model named at start-up failed to load: the server stops with this one-line reason
+    (:class:`serving.guards.RequestGuard` leaves the traceback out of the start-up failure)."""
 
 
 def create_app(
@@ -80,7 +85,7 @@ def create_app(
             try:
                 await run_in_threadpool(state.reload)
             except ReloadError as exc:
-                raise RuntimeError(
+                raise StartupError(
                     f"cannot serve: the model from {state.source} failed to load: {exc}"
                 ) from exc
         state.start_polling()

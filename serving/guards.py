@@ -9,6 +9,8 @@
 - :func:`validation_error` is the 422 handler: FastAPI's own format, with every echoed ``input``
   made JSON-safe. JSON allows no ``NaN``, ``Infinity`` or lone UTF-16 surrogates, and FastAPI's
   default handler fails (a 500) when it echoes them back.
+- It also shortens a start-up that failed because the model did not load to its one-line
+  reason (no traceback).
 - :func:`reject_unknown_query` is a router dependency: a query parameter the route does not
   declare is a 422 naming it, as an unknown field of a body is.
 """
@@ -59,6 +61,29 @@ async def _send_json(send: Send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": response.body})
 
 
+_STARTUP_ERROR = "StartupError: "
+
+
+def _short_startup_failure(send: Send) -> Send:
+    """``send`` that reports a :class:`serving.app.StartupError` by its message alone.
+
+    Starlette reports a failed start-up with the whole traceback (both chained exceptions, 50
+    lines and more) and the server logs it; for a model that does not load, the reason is the
+    one line that matters, and the loader has logged it already. Any other start-up failure (a
+    bug) keeps its traceback.
+    """
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "lifespan.startup.failed":
+            text = str(message.get("message") or "").rstrip()
+            last = text.rsplit("\n", 1)[-1]
+            if _STARTUP_ERROR in last:
+                message = {**message, "message": last.split(_STARTUP_ERROR, 1)[1]}
+        await send(message)
+
+    return wrapped
+
+
 class RequestGuard:
     """Pure ASGI middleware: body size (413) and type (415) checks, and a JSON 500 that keeps
     the connection open.
@@ -73,6 +98,9 @@ class RequestGuard:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, _short_startup_failure(send))
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

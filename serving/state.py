@@ -172,11 +172,16 @@ class ModelState:
                 served = self._loader(target)
             except Exception as exc:
                 self.metrics.record_reload(None)
-                still = self._current.version if self._current is not None else None
                 self.last_error = f"{target}: {exc}"
-                logger.error(
-                    "loading model from %s failed (still serving %s): %s", target, still, exc
-                )
+                if self._current is not None:
+                    logger.error(
+                        "loading model from %s failed (still serving %s): %s",
+                        target,
+                        self._current.version,
+                        exc,
+                    )
+                else:
+                    logger.error("loading model from %s failed: %s", target, exc)
                 raise ReloadError(str(exc)) from exc
             previous = self._current
             self._current = served  # the atomic swap

@@ -314,6 +314,11 @@ def test_serve_command_fails_on_a_corrupted_bundle(tiny_bundle: Path, tmp_path: 
     assert result.returncode == 3
     assert "checksum of item_ids.json does not match" in result.stderr
     assert "the server did not start" in result.stderr
+    # The reason in a few lines, not two chained tracebacks; no "still serving None".
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "cannot serve: the model from" in result.stderr
+    assert "still serving" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 8, result.stderr
 
 
 def test_multi_worker_listener_keeps_tcp_nodelay(monkeypatch: pytest.MonkeyPatch) -> None:
