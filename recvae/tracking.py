@@ -31,6 +31,7 @@ from mlflow.types.schema import ParamSchema, ParamSpec
 __all__ = [
     "DEFAULT_TRACKING_URI",
     "configure_tracking",
+    "check_reachable",
     "get_or_create_experiment",
     "RecvaePyfuncModel",
     "log_bundle_model",
@@ -66,8 +67,36 @@ def configure_tracking(tracking_uri: str | None = None) -> str:
         The tracking URI in use.
     """
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith(("http://", "https://")):
+        check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def check_reachable(uri: str, *, timeout: float = 10.0) -> None:
+    """Fail fast when nothing answers at an HTTP tracking server's address.
+
+    MLflow's client retries a refused connection with exponential backoff for minutes before it
+    reports anything; one request with a short timeout says at once that no server is there.
+    Any HTTP answer (even an error status) counts as reachable: only the network is checked.
+
+    Raises:
+        ConnectionError: the connection is refused, times out, or the host does not resolve.
+    """
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return  # something answered
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConnectionError(
+            f"cannot reach the MLflow tracking server at {uri} ({reason}): start it, or track "
+            "to a local store (e.g. sqlite:///mlflow.db), or turn tracking off"
+        ) from None
 
 
 def get_or_create_experiment(name: str, *, artifact_location: str | None = None) -> str:

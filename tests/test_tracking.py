@@ -221,3 +221,40 @@ def test_runs_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "no MLflow store" in capsys.readouterr().err
     assert not (tmp_path / "none.db").exists()
     assert main(["runs", "--limit", "0"]) == 2
+
+
+def test_an_http_tracking_server_that_is_not_there_fails_fast() -> None:
+    # MLflow's own client would retry a refused connection with backoff for minutes.
+    import socket
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from recvae.tracking import check_reachable, configure_tracking
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    start = time.monotonic()
+    with pytest.raises(
+        ConnectionError, match=f"cannot reach the MLflow tracking server at http://127.0.0.1:{port}"
+    ):
+        configure_tracking(f"http://127.0.0.1:{port}")
+    assert time.monotonic() - start < 30
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        check_reachable(f"http://127.0.0.1:{server.server_address[1]}")  # an answer: reachable
+    finally:
+        server.shutdown()
+        thread.join()
