@@ -130,11 +130,15 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists() and not p.suffix and (CONFIG_DIR / f"{p}.toml").exists():
         p = CONFIG_DIR / f"{p}.toml"
+    if p.is_dir():
+        raise ValueError(f"config file {path} is a folder; give a .toml file")
     if not p.is_file():
         presets = ", ".join(sorted(f.stem for f in CONFIG_DIR.glob("*.toml")))
         raise FileNotFoundError(f"config file not found: {path} (presets: {presets})")
     try:
-        return tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {p} is not UTF-8 text: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"config file {p} is not valid TOML: {exc}") from exc
 

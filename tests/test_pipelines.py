@@ -164,6 +164,20 @@ def test_data_flags_that_would_be_ignored_are_errors(
     assert not out.exists()
 
 
+def test_config_files_that_cannot_be_read_name_the_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes("[model]\n# caf\xe9\nepochs = 1\n".encode("latin-1"))
+    for config, message in (
+        (latin, f"config file {latin} is not UTF-8 text"),
+        (tmp_path, f"config file {tmp_path} is a folder"),
+    ):
+        code, _, err = _run(["train", "--config", str(config), "-o", str(tmp_path / "r")], capsys)
+        assert code == 2
+        assert message in err and "Traceback" not in err
+
+
 def test_a_diverging_run_is_a_one_line_error(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
