@@ -858,6 +858,8 @@ class Recommender:
             meta = json.loads(meta_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleError(f"{meta_path} is not valid JSON: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise BundleError(f"{meta_path} is not a bundle's metadata (a JSON object)")
         fmt = meta.get("format_version")
         if fmt != BUNDLE_FORMAT_VERSION:
             raise BundleError(
@@ -889,10 +891,16 @@ class Recommender:
     @staticmethod
     def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         """The bundle's ``meta.json`` without loading the model."""
+        meta_path = Path(path) / "meta.json"
         try:
-            return dict(json.loads((Path(path) / "meta.json").read_text()))
+            meta = json.loads(meta_path.read_text())
         except FileNotFoundError:
             raise BundleError(f"{path} is not a recvae bundle: meta.json is missing") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{meta_path} is not valid JSON: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise BundleError(f"{meta_path} is not a bundle's metadata (a JSON object)")
+        return meta
 
 
 def _dedupe_max(

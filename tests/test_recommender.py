@@ -123,6 +123,18 @@ def test_incompatible_or_missing_bundle_is_refused(tiny_bundle: Path, tmp_path: 
         Recommender.load(gone)
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", '"meta"', "{not json"])
+def test_meta_json_that_is_not_an_object_is_a_bundle_error(
+    tiny_bundle: Path, tmp_path: Path, text: str
+) -> None:
+    odd = _copy(tiny_bundle, tmp_path / "odd")
+    (odd / "meta.json").write_text(text)
+    with pytest.raises(BundleError, match="meta.json is not"):
+        Recommender.load(odd)
+    with pytest.raises(BundleError, match="meta.json is not"):
+        Recommender.read_meta(odd)
+
+
 def test_save_refuses_to_overwrite_unless_asked(rec: Recommender, tmp_path: Path) -> None:
     path = rec.save(tmp_path / "b")
     with pytest.raises(FileExistsError):
