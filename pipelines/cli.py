@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 # Each module defines ``register(subparsers)``; the order is the order in --help.
 COMMAND_MODULES = (
@@ -33,6 +35,21 @@ class CLIError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def check_bundle_dir(path: Path) -> None:
+    """Refuse a run folder given where its bundle is expected, naming the bundle inside.
+
+    ``recvae train -o RUN`` writes the bundle to ``RUN/bundle``, so ``RUN`` itself is an easy
+    slip; other problems are left to ``Recommender.load``, whose messages name them.
+
+    Raises:
+        CLIError: ``path`` has no ``meta.json`` but ``path/bundle`` is a bundle.
+    """
+    if path.is_dir() and not (path / "meta.json").is_file():
+        inner = path / "bundle"
+        if (inner / "meta.json").is_file():
+            raise CLIError(f"{path} is a run folder, not a model bundle: did you mean {inner}?")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,10 +78,42 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+# What argparse itself takes for a negative number rather than an option (``-5``, ``-.5``).
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[command]
+            return found
+    raise AssertionError(f"no subcommand {command}")  # pragma: no cover
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that ``recommend`` takes options among its item ids.
+
+    argparse fills ``recommend``'s ``items`` (``nargs="*"``) with the first run of positional
+    tokens only, and ``parse_intermixed_args`` does not support subcommands; so the ids left
+    over after an option (``recommend B -k 5 1 2``, ``recommend B 1 --json 2``) are appended
+    here, in order. Tokens that look like options are still errors, with ``recommend``'s usage.
+    """
+    args, extras = parser.parse_known_args(argv)
+    if not extras:
+        return args
+    if args.command != "recommend":
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    unknown = [t for t in extras if t.startswith("-") and not _NEGATIVE_NUMBER.match(t)]
+    if unknown:
+        _subparser(parser, "recommend").error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.items = [*args.items, *extras]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.command is None:
         parser.print_help()
         return 2

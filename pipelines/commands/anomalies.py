@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipelines.commands._common import add_config_argument, add_data_arguments, job_from_args
+from pipelines.commands._common import add_config_argument, add_data_arguments
+from pipelines.commands.evaluate import add_allow_other_dataset_argument, bundle_job
 
 
 def register(subparsers: Any) -> None:
@@ -17,7 +18,8 @@ def register(subparsers: Any) -> None:
         description=(
             "Score every user of a dataset with the bundle's model: the negative ELBO of the "
             "history per history item (higher is more unusual) and its percentile among the "
-            "bundle's training users. Items the bundle does not know are dropped first."
+            "bundle's training users. The data is the dataset the bundle was trained on unless "
+            "flags say otherwise. Items the bundle does not know are dropped first."
         ),
     )
     parser.add_argument("bundle", type=Path, help="model bundle directory")
@@ -26,7 +28,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--min-user-count",
         type=int,
-        help="keep users with at least this many positives (default 5, as in training)",
+        help="keep users with at least this many positives (default: as in training)",
     )
     parser.add_argument("--top", type=int, default=20, help="users to list (default 20)")
     parser.add_argument(
@@ -43,6 +45,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    add_allow_other_dataset_argument(parser)
     parser.set_defaults(func=run_command)
 
 
@@ -58,12 +61,23 @@ def run_command(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from pipelines.cli import check_bundle_dir
     from pipelines.settings import load_data
     from recvae.recommender import Recommender
     from recvae.vae_tools import align_to_vocabulary
 
+    check_bundle_dir(args.bundle)
     rec = Recommender.load(args.bundle, device=args.device)
-    job = job_from_args(args)
+    try:
+        rec.anomaly_reference_source(args.reference)
+    except ValueError:
+        raise CLIError(
+            f"the bundle {args.bundle} has no held-out anomaly reference: no held-out users "
+            "were scored into it (the Python API Recommender.calibrate_anomalies does that; no "
+            "recvae command does); use --reference training or auto (here: training)"
+        ) from None
+    # The bundle's dataset and min_user_count unless flags say otherwise (no split is made).
+    job, _ = bundle_job(args, rec.meta, verb="score users with")
     min_count = args.min_user_count or job.protocol.min_user_count
     data, _ = load_data(job.data, min_user_count=min_count)
     matrix = align_to_vocabulary(data, rec)

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.commands._common import add_job_arguments, job_from_args
+
+if TYPE_CHECKING:
+    from pipelines.settings import JobSettings
+
+# Command-line flag of each data and protocol field (the rest are spelled like the field).
+_FLAGS = {"path": "--data", "data_dir": "--data-dir"}
 
 
 def register(subparsers: Any) -> None:
@@ -14,8 +22,11 @@ def register(subparsers: Any) -> None:
         "evaluate",
         help="evaluate a model bundle on the test (or validation) users of a dataset",
         description=(
-            "Re-create the seeded split of the data and score the bundle on its held-out users. "
-            "Held-out items the bundle does not know are dropped."
+            "Re-create the split the bundle was trained with (its dataset and protocol, recorded "
+            "in meta.json) and score the bundle on its held-out users, so that the test metrics "
+            "are those `recvae train` printed. Flags may change the split, but then the held-out "
+            "users may include users the model was trained on. Held-out items the bundle does "
+            "not know are dropped."
         ),
     )
     parser.add_argument("bundle", type=Path, help="model bundle directory")
@@ -23,11 +34,23 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--part", choices=["test", "validation"], default="test")
     parser.add_argument("--ks", default="20,50,100", help="cut-offs, comma separated")
     parser.add_argument("--device", default="cpu")
+    add_allow_other_dataset_argument(parser)
     parser.set_defaults(func=run_command)
 
 
+def add_allow_other_dataset_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-other-dataset",
+        action="store_true",
+        help="accept data other than the dataset the bundle was trained on (it must use the same "
+        "item ids; its other items are dropped)",
+    )
+
+
 def run_command(args: argparse.Namespace) -> int:
+    from pipelines.cli import check_bundle_dir
     from pipelines.eval_job import run_evaluate
+    from recvae.recommender import Recommender
 
     try:
         ks = tuple(int(k) for k in str(args.ks).split(",") if k.strip())
@@ -35,7 +58,116 @@ def run_command(args: argparse.Namespace) -> int:
         ks = ()
     if not ks or min(ks) < 1:
         raise ValueError(f"--ks must be positive integers, got {args.ks!r}")
-    job = job_from_args(args)
+    check_bundle_dir(args.bundle)
+    try:
+        meta = Recommender.read_meta(args.bundle)
+    except ValueError:  # not a bundle, or unreadable: run_evaluate's load says which
+        meta = {}
+    job, changed = bundle_job(args, meta, verb="evaluate")
+    if changed:
+        print(
+            f"warning: {', '.join(changed)}: the split differs from the one the bundle was "
+            f"trained with, so the {args.part} users may include users the model was trained "
+            "on (inflated metrics); omit these settings to re-create the training split",
+            file=sys.stderr,
+        )
     report = run_evaluate(args.bundle, job, part=args.part, ks=ks, device=args.device)
     print(report)
     return 0
+
+
+def bundle_job(
+    args: argparse.Namespace, meta: dict[str, Any], *, verb: str
+) -> tuple[JobSettings, list[str]]:
+    """The job of the flags and ``--config``, on top of the data and protocol the bundle recorded.
+
+    ``recvae train`` records its job in ``meta["job"]`` (older bundles: the split's settings
+    in ``meta["split"]``). Each data or protocol field that neither a flag nor the config sets
+    takes the recorded value, so that the split is the training split. A bundle without records
+    gets the plain job.
+
+    Args:
+        args: The parsed command line (data and, optionally, protocol flags).
+        meta: The bundle's ``meta.json``.
+        verb: What the command does with the bundle, for messages (``"evaluate"``).
+
+    Returns:
+        The job, and ``"<field> <value> (trained with <recorded>)"`` for each recorded split
+        setting that the flags or config changed (``data_dir`` aside: it moves the same data).
+
+    Raises:
+        CLIError: the bundle was trained on another dataset than the one asked for (unless
+            ``args.allow_other_dataset``).
+    """
+    from pipelines.cli import CLIError
+    from pipelines.settings import DataSettings, ProtocolSettings, read_toml, table
+
+    job = job_from_args(args)
+    raw = read_toml(args.config) if getattr(args, "config", None) else {}
+    arg_names = {"path": "data"}
+    explicit_data = set(table(raw, "data")) | {
+        f.name
+        for f in dataclasses.fields(DataSettings)
+        if getattr(args, arg_names.get(f.name, f.name), None) is not None
+    }
+    explicit_protocol = set(table(raw, "protocol")) | {
+        f.name
+        for f in dataclasses.fields(ProtocolSettings)
+        if getattr(args, f.name, None) is not None
+    }
+    recorded_job = _table(meta, "job")
+    recorded_data = _known_fields(recorded_job.get("data"), DataSettings)
+    recorded_protocol = _known_fields(recorded_job.get("protocol"), ProtocolSettings)
+    split = _table(meta, "split")
+    for name in ("seed", "holdout_fraction", "n_heldout"):
+        # The split summary holds the n_heldout the dataset's default resolved to.
+        if recorded_protocol.get(name) is None and split.get(name) is not None:
+            recorded_protocol[name] = split[name]
+
+    data = job.data
+    if recorded_data:
+        overrides = {name: getattr(job.data, name) for name in explicit_data}
+        if "dataset" in explicit_data and "path" not in explicit_data:
+            overrides["path"] = None  # a dataset asked for by name replaces a recorded file
+        data = dataclasses.replace(DataSettings(**recorded_data), **overrides)
+    recorded_name = meta.get("dataset")
+    other = isinstance(recorded_name, str) and data.name != recorded_name
+    if other and not getattr(args, "allow_other_dataset", False):
+        raise CLIError(
+            f"the bundle {args.bundle} was trained on {recorded_name}, not {data.name}: its item "
+            f"ids are those of {recorded_name}, so on other data they may name other items and "
+            f"the scores mean nothing; omit --dataset/--data to {verb} it on "
+            f"{recorded_name}, or add --allow-other-dataset if {data.name} uses the same item ids"
+        )
+    protocol = dataclasses.replace(
+        ProtocolSettings(**recorded_protocol),
+        **{name: getattr(job.protocol, name) for name in explicit_protocol},
+    )
+    changed = [
+        f"{_flag(name)} {getattr(protocol, name)} (trained with {recorded_protocol[name]})"
+        for name in sorted(explicit_protocol)
+        if name in recorded_protocol and getattr(protocol, name) != recorded_protocol[name]
+    ]
+    changed += [
+        f"{_flag(name)} {getattr(data, name)} (trained with {recorded_data[name]})"
+        for name in sorted(explicit_data - {"data_dir"})
+        if name in recorded_data and getattr(data, name) != recorded_data[name]
+    ]
+    return dataclasses.replace(job, data=data, protocol=protocol), changed
+
+
+def _table(meta: dict[str, Any], name: str) -> dict[str, Any]:
+    value = meta.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def _known_fields(section: Any, cls: type) -> dict[str, Any]:
+    """The entries of a recorded settings table that ``cls`` has (others are dropped)."""
+    if not isinstance(section, dict):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {key: value for key, value in section.items() if key in names}
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))

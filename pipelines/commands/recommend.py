@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+# The seeds a torch generator takes (it keeps 64 unsigned bits).
+MAX_SEED = 2**64 - 1
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -45,27 +48,43 @@ def _parse_id(value: str, kind_is_int: bool) -> Any:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from pipelines.cli import CLIError
+    from pipelines.cli import CLIError, check_bundle_dir
+    from recvae.data import UnknownUserError
     from recvae.recommender import Recommender
 
     if args.k < 1:
         raise CLIError(f"-k must be >= 1, got {args.k}")
     if not args.items and args.user is None:
         raise CLIError("give item ids of a history, or --user ID")
+    if args.items and args.user is not None:
+        raise CLIError(
+            f"give either --user {args.user} (the stored history of a training user) or item ids "
+            f"of a history ({' '.join(args.items)}), not both"
+        )
     if not args.explore and (args.temperature is not None or args.seed is not None):
         raise CLIError("--temperature and --seed apply only with --explore")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise CLIError(f"--seed must be in [0, {MAX_SEED}] (2**64 - 1), got {args.seed}")
     explore = {
         "explore": args.explore,
         "temperature": 1.0 if args.temperature is None else args.temperature,
         "seed": args.seed,
     }
+    check_bundle_dir(args.bundle)
     rec = Recommender.load(args.bundle)
     int_items = rec.item_ids.dtype != object
     if args.user is not None:
-        int_users = rec.user_ids.dtype != object
-        result = rec.recommend(
-            [_parse_id(args.user, int_users)], args.k, exclude_seen=not args.include_seen, **explore
-        )
+        user = _parse_id(args.user, rec.user_ids.dtype != object)
+        try:
+            rec.vocab.user_index(user)
+        except UnknownUserError:
+            raise CLIError(
+                f"user {args.user} is not a training user of the bundle {args.bundle} (--user "
+                f"works only for the {rec.vocab.n_users} users it was trained on; held-out and "
+                "new users are not stored): give that user's item ids as a history instead, "
+                f"`recvae recommend {args.bundle} ITEM_ID ...`"
+            ) from None
+        result = rec.recommend([user], args.k, exclude_seen=not args.include_seen, **explore)
         unknown: tuple[Any, ...] = ()
     else:
         history = [_parse_id(i, int_items) for i in args.items]
