@@ -78,6 +78,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
+
 # What argparse itself takes for a negative number rather than an option (``-5``, ``-.5``).
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
 
@@ -134,6 +136,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except FloatingPointError as exc:  # training diverged: not a usage error
         print(f"recvae: error: {exc}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as exc:
+        # torch reports a failed allocation (CPU or CUDA) as a RuntimeError; anything else
+        # raised as RuntimeError is a bug and keeps its traceback.
+        text = str(exc)
+        if not isinstance(exc, MemoryError) and not _OUT_OF_MEMORY.search(text):
+            raise
+        reason = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        print(
+            f"recvae: error: out of memory ({reason}); use a smaller model or batch "
+            "(--latent-dim, --batch-size), or a machine with more memory",
+            file=sys.stderr,
+        )
         return 1
     except KeyError as exc:  # UnknownUserError and friends
         print(f"recvae: error: unknown id {exc}", file=sys.stderr)

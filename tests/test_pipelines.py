@@ -178,6 +178,15 @@ def test_config_files_that_cannot_be_read_name_the_file(
         assert message in err and "Traceback" not in err
 
 
+def test_a_model_too_large_for_memory_is_a_one_line_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = ["train", "--epochs", "1", "--latent-dim", "1000000000", "--no-track", "--no-progress"]
+    code, _, err = _run([*argv, "-o", str(tmp_path / "run")], capsys)
+    assert code == 1
+    assert err.startswith("recvae: error: out of memory (") and "--latent-dim" in err
+
+
 def test_a_diverging_run_is_a_one_line_error(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
