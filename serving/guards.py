@@ -152,6 +152,9 @@ class RequestGuard:
                 return None  # no body: nothing to parse (e.g. a reload without one)
         elif "chunked" not in headers.get("transfer-encoding", "").lower():
             return None  # no body
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            return 415, f"Content-Encoding {encoding[:40]!r} is not supported: send the JSON as is"
         content_type = headers.get("content-type")
         if content_type is None:
             return 415, "request body needs Content-Type: application/json (none given)"

@@ -385,6 +385,18 @@ def test_a_body_that_is_not_json_gets_415(
         assert detail in response.json()["detail"]
 
 
+def test_a_compressed_body_gets_415_naming_the_encoding(client: TestClient) -> None:
+    import gzip
+
+    response = client.post(
+        "/v1/recommendations",
+        content=gzip.compress(b'{"history": [0]}'),
+        headers={**JSON_TYPE, "content-encoding": "gzip"},
+    )
+    assert response.status_code == 415
+    assert response.json()["detail"].startswith("Content-Encoding 'gzip' is not supported")
+
+
 @pytest.mark.parametrize(
     "content_type", ["application/json; charset=utf-8", "Application/JSON", "application/x+json"]
 )
