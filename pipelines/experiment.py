@@ -34,6 +34,8 @@ import dataclasses
 import json
 import logging
 import math
+import posixpath
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -83,6 +85,81 @@ _STRING_KEYS = {
     "tracking_uri": "[mlflow] tracking_uri",
     "registered_model": "[mlflow] registered_model",
 }
+# MLflow's rules for registry aliases (mlflow.utils.validation): word characters and dashes, at
+# most 255 characters, not "latest" and not a version alias such as "v3".
+_ALIAS_PATTERN = re.compile(r"^[\w\-]+$")
+_VERSION_ALIAS_PATTERN = re.compile(r"^[vV]\d+$")
+_MAX_ALIAS_LENGTH = 255
+
+
+def model_types() -> tuple[str, ...]:
+    """Every model type a ``[models.<label>]`` table, ``--models`` or ``--model`` accepts."""
+    from recvae.baselines import BASELINE_CONFIGS
+    from recvae.config import CONFIG_TYPES
+
+    known = AUTOENCODERS + BASELINES
+    return known + tuple(sorted((set(CONFIG_TYPES) | set(BASELINE_CONFIGS)) - set(known)))
+
+
+def check_registered_model_name(name: str) -> None:
+    """Apply MLflow's rules for a registered model name, so a bad one fails before training.
+
+    Raises:
+        ValueError: The name is blank, contains ``/`` or ``:``, or is not a plain path segment
+            (MLflow rejects ``.``, ``..``, leading ``/`` and names that normalize to others).
+    """
+    where = "[mlflow] registered_model (--registered-model)"
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{where} must be a non-empty name, got {name!r}")
+    if "/" in name or ":" in name:
+        raise ValueError(f"{where}: invalid name {name!r}: it cannot contain '/' or ':'")
+    normalized = posixpath.normpath(name)
+    if normalized != name or normalized == "." or normalized.startswith(".."):
+        raise ValueError(f"{where}: invalid name {name!r}: it would resolve to {normalized!r}")
+
+
+def check_alias(alias: str) -> None:
+    """Apply MLflow's rules for a registry alias, so a bad one fails before training.
+
+    Raises:
+        ValueError: Not only letters, digits, ``_`` and ``-``; longer than 255 characters;
+            ``latest``; or a version alias such as ``v3`` (both reserved by MLflow).
+    """
+    where = "[mlflow] alias (--alias)"
+    if not isinstance(alias, str) or not alias:
+        raise ValueError(f"{where} must be a non-empty name, got {alias!r}")
+    if not _ALIAS_PATTERN.match(alias):
+        raise ValueError(f"{where}: invalid alias {alias!r}: use only letters, digits, '_' and '-'")
+    if len(alias) > _MAX_ALIAS_LENGTH:
+        raise ValueError(f"{where}: at most {_MAX_ALIAS_LENGTH} characters, got {len(alias)}")
+    if alias.lower() == "latest" or _VERSION_ALIAS_PATTERN.match(alias):
+        raise ValueError(f"{where}: {alias!r} is reserved by MLflow; choose another alias")
+
+
+def output_dir_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a run directory (it or a parent is a file), or None when it can.
+
+    Checked before the data is loaded, so the mistake costs nothing.
+    """
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if candidate.is_dir():
+                return None
+            if candidate == path:
+                return f"{path} is an existing file, not a directory; pass a directory"
+            return f"{path}: {candidate} is a file, not a directory"
+    return None
+
+
+def check_output_dir(path: Path) -> None:
+    """Raise when ``path`` cannot be a run directory.
+
+    Raises:
+        NotADirectoryError: It or one of its parents is a file.
+    """
+    problem = output_dir_problem(path)
+    if problem is not None:
+        raise NotADirectoryError(f"output directory {problem}")
 
 
 # ------------------------------------------------------------------------------ settings
@@ -151,8 +228,7 @@ class ExperimentSettings:
             raise ValueError(
                 f"[experiment] fairness_k must be an int >= 1, got {self.fairness_k!r}"
             )
-        if not isinstance(self.alias, str) or not self.alias.strip():
-            raise ValueError("[mlflow] alias must be a non-empty string")
+        check_alias(self.alias)
         if not isinstance(self.plots, bool):
             raise ValueError(f"[experiment] plots must be true or false, got {self.plots!r}")
         for attr, key in _STRING_KEYS.items():
@@ -165,6 +241,8 @@ class ExperimentSettings:
             raise ValueError(
                 f"[experiment] device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
             )
+        if self.registered_model is not None:
+            check_registered_model_name(self.registered_model)
 
     @property
     def eval_ks(self) -> tuple[int, ...]:
@@ -183,13 +261,13 @@ class ExperimentSettings:
         for label in labels:
             if label in by_label:
                 chosen.append(by_label[label])
-            elif label in AUTOENCODERS + BASELINES:
+            elif label in model_types():
                 chosen.append(model_spec(label, {}))
             else:
                 raise ValueError(
                     f"unknown model {label!r}: not a [models.{label}] table of the config "
                     f"({', '.join(by_label) or 'none'}) nor a model type "
-                    f"({', '.join(AUTOENCODERS + BASELINES)})"
+                    f"({', '.join(model_types())})"
                 )
         return dataclasses.replace(self, models=tuple(chosen))
 
@@ -220,6 +298,10 @@ def model_spec(label: str, table: Mapping[str, Any]) -> ModelSpec:
     data = dict(table)
     model = str(data.pop("model", label))
     lambdas_raw = data.pop("lambdas", None)
+    if model not in model_types():
+        raise ValueError(
+            f"[models.{label}]: unknown model {model!r} (known: {', '.join(model_types())})"
+        )
     try:
         if model in BASELINE_CONFIGS:
             config: ModelConfig | BaselineConfig = baseline_config_from_dict(
@@ -535,6 +617,32 @@ def build_baseline(spec: ModelSpec, *, threads: int | None, device: str) -> Any:
     return cls(config, num_threads=n_threads, blas_threads=n_threads)
 
 
+def registration_problem(settings: ExperimentSettings) -> str | None:
+    """Why ``settings.registered_model`` would register nothing, or None when it would.
+
+    Only the ``[experiment] register`` model is registered, and only an autoencoder has a
+    bundle to register.
+    """
+    if settings.registered_model is None:
+        return None
+    labels = [spec.label for spec in settings.models]
+    spec = next((s for s in settings.models if s.label == settings.register), None)
+    if settings.register is None:
+        return "[experiment] register names no model whose bundle to register"
+    if spec is None:
+        return (
+            f"the registered model is the bundle of {settings.register!r} ([experiment] "
+            f"register), which is not among the models run ({', '.join(labels)}); add it to "
+            "--models"
+        )
+    if not spec.is_autoencoder:
+        return (
+            f"{spec.label!r} ([experiment] register) is a baseline ({spec.model}), which has no "
+            "bundle to register; register an autoencoder (multvae, multdae, recvae)"
+        )
+    return None
+
+
 def check_requirements(settings: ExperimentSettings) -> None:
     """Fail before any training when a configured model cannot run here.
 
@@ -794,6 +902,8 @@ def run_experiment(
     tracker = tracker or Tracker.disabled()
     say = report or (lambda message: logger.info("%s", message))
     check_requirements(settings)
+    if output_dir or settings.output_dir:
+        check_output_dir(Path(output_dir or settings.output_dir or ""))
     start = time.perf_counter()
     prepared = prepared or prepare(job)
     split = prepared.split

@@ -51,8 +51,10 @@ from pipelines.experiment import (
     ModelSpec,
     _evaluate,
     build_baseline,
+    check_output_dir,
     check_requirements,
     model_spec,
+    model_types,
     thread_limits,
 )
 from pipelines.settings import JobSettings, check_known_keys, is_int, table
@@ -228,16 +230,79 @@ class TuneSettings:
                 f"(fields: {', '.join(sorted(fields))})"
             )
 
-    def fingerprint(self, data_fingerprint: str) -> str:
-        """What a resumed study must match: the model, its fixed config, the space, the data."""
-        payload = {
+    def study_settings(
+        self, data_fingerprint: str, protocol: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """What a resumed study must match, as JSON-able values (kept in the study).
+
+        Args:
+            data_fingerprint: The interactions' fingerprint.
+            protocol: The split's settings (:func:`split_protocol`): a trial's score means
+                something only next to trials scored on the same validation users. None gives
+                the settings of a study made before the split was recorded.
+        """
+        settings = {
             "model": self.spec.config.to_dict(),
             "space": {p.name: p.to_dict() for p in self.space},
             "sampler": self.sampler,
             "seed": self.seed,
             "data": data_fingerprint,
         }
+        if protocol is not None:
+            settings["protocol"] = dict(protocol)
+            settings["metric"] = f"validation {SELECT_METRIC}"
+        return settings
+
+    def fingerprint(self, data_fingerprint: str, protocol: Mapping[str, Any] | None = None) -> str:
+        """A hash of :meth:`study_settings`: the model, its fixed config, the space, the sampler,
+        the data and (when given) the split protocol and the selection metric."""
+        payload = self.study_settings(data_fingerprint, protocol)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Split settings -> the flag that sets them, for the message of a refused resumption.
+_PROTOCOL_FLAGS = {
+    "seed": "--seed",
+    "n_heldout": "--n-heldout",
+    "holdout_fraction": "--holdout-fraction",
+    "min_user_count": "--min-user-count",
+}
+
+
+def split_protocol(job: JobSettings, prepared: PreparedData) -> dict[str, Any]:
+    """The settings of the split the trials are scored on (those of ``prepared``'s split)."""
+    split = prepared.split
+    return {
+        "seed": int(split.seed),
+        "n_heldout": int(split.n_heldout),
+        "holdout_fraction": float(split.holdout_fraction),
+        "min_user_count": int(job.protocol.min_user_count),
+    }
+
+
+def _settings_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Readable differences between a study's recorded settings and this run's."""
+    names = {
+        "model": "the model's fixed config",
+        "space": "the search space",
+        "sampler": "the sampler (--sampler)",
+        "seed": "the sampler seed (--sampler-seed)",
+        "data": "the data (its fingerprint)",
+        "metric": "the selection metric",
+    }
+    differences = []
+    for key, value in current.items():
+        if key not in stored or stored[key] == value:
+            continue
+        if key == "protocol" and isinstance(stored[key], Mapping):
+            for field_name, now in value.items():
+                before = stored[key].get(field_name)
+                if before != now:
+                    flag = _PROTOCOL_FLAGS.get(field_name, field_name)
+                    differences.append(f"split {field_name} ({flag}) {before} -> {now}")
+        else:
+            differences.append(names.get(key, key))
+    return differences
 
 
 def tune_from_dict(raw: Mapping[str, Any], *, model: str | None = None) -> TuneSettings:
@@ -259,7 +324,15 @@ def tune_from_dict(raw: Mapping[str, Any], *, model: str | None = None) -> TuneS
     if not isinstance(label, str):
         raise ValueError(f"[tune] model must be a model label (a string), got {label!r}")
     tables = raw.get("models", {})
-    fixed = tables.get(label, {}) if isinstance(tables, Mapping) else {}
+    if not isinstance(tables, Mapping):
+        tables = {}
+    if label not in tables and label not in model_types():
+        raise ValueError(
+            f"unknown model {label!r} to tune: not a [models.<label>] table of the config "
+            f"({', '.join(map(str, tables)) or 'none'}) nor a model type "
+            f"({', '.join(model_types())})"
+        )
+    fixed = tables.get(label, {})
     if not isinstance(fixed, Mapping):
         raise ValueError(f"[models.{label}] must be a table of config fields")
     spec = model_spec(str(label), fixed)
@@ -452,28 +525,13 @@ def run_tune(
     split = prepared.split
     label = settings.spec.label
     out = Path(output_dir or settings.output_dir or Path("runs") / f"tune-{prepared.name}-{label}")
+    check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     device = device or str(job.run.get("device") or "auto")
-    fingerprint = settings.fingerprint(prepared.fingerprint)
+    protocol = split_protocol(job, prepared)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{(out / 'optuna.db').resolve()}"
-    study = optuna.create_study(
-        study_name=STUDY_NAME,
-        storage=storage,
-        direction="maximize",
-        sampler=_sampler(settings),
-        load_if_exists=True,
-    )
-    stored = study.user_attrs.get("fingerprint")
-    if stored is None:
-        study.set_user_attr("fingerprint", fingerprint)
-        study.set_user_attr("model", settings.spec.config.to_dict())
-        study.set_user_attr("space", {p.name: p.to_dict() for p in settings.space})
-    elif stored != fingerprint:
-        raise ValueError(
-            f"{out} holds a study of other settings (model, space, sampler, seed or data differ: "
-            f"{stored} != {fingerprint}); use another --output to start a new search"
-        )
+    study = _open_study(out / "optuna.db", settings)
+    _check_study_settings(study, settings, prepared.fingerprint, protocol, out=out, say=say)
     recovered = _recover_interrupted(study)
     done = len(_finished(study))
     remaining = None if settings.n_trials is None else max(0, settings.n_trials - done)
@@ -595,6 +653,97 @@ def run_tune(
         result.seconds = time.perf_counter() - start
     result.tracking_errors = list(tracker.errors)
     return result
+
+
+def _open_study(path: Path, settings: TuneSettings) -> optuna.Study:
+    """Create or load the study in the sqlite file ``path``.
+
+    Raises:
+        ValueError: ``path`` is not a sqlite database, or not one of optuna's.
+    """
+    import sqlite3
+    from contextlib import closing
+
+    import optuna
+    import sqlalchemy.exc
+
+    if path.exists():
+        problem = None
+        try:
+            # Read-only: a file that is not a study must be left as it is.
+            with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+                rows = db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                tables = {str(row[0]) for row in rows}
+        except sqlite3.Error as exc:
+            problem = f"not a sqlite database ({exc})"
+        else:
+            if tables and not {"studies", "trials"} <= tables:
+                problem = "a sqlite database without optuna's tables"
+        if problem:
+            raise ValueError(
+                f"{path} is not an optuna study: {problem}; move it away, or pass another "
+                "--output to start a new search"
+            )
+    try:
+        return optuna.create_study(
+            study_name=STUDY_NAME,
+            storage=f"sqlite:///{path.resolve()}",
+            direction="maximize",
+            sampler=_sampler(settings),
+            load_if_exists=True,
+        )
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.OptunaError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot open the study {path}: {first}") from exc
+
+
+def _check_study_settings(
+    study: optuna.Study,
+    settings: TuneSettings,
+    data_fingerprint: str,
+    protocol: Mapping[str, Any],
+    *,
+    out: Path,
+    say: Callable[[str], None],
+) -> None:
+    """Record this run's settings in a new study; refuse to resume one made with others.
+
+    Raises:
+        ValueError: The study's model, space, sampler, data or split differ (each named).
+    """
+    fingerprint = settings.fingerprint(data_fingerprint, protocol)
+    current = settings.study_settings(data_fingerprint, protocol)
+    attrs = study.user_attrs
+    stored = attrs.get("fingerprint")
+    if stored is None:
+        study.set_user_attr("fingerprint", fingerprint)
+        study.set_user_attr("settings", current)
+        study.set_user_attr("model", settings.spec.config.to_dict())
+        study.set_user_attr("space", {p.name: p.to_dict() for p in settings.space})
+        return
+    if stored == fingerprint:
+        return
+    if "settings" not in attrs and stored == settings.fingerprint(data_fingerprint):
+        # A study from before the split was recorded: its model, space and data match, its
+        # split cannot be checked. Record this one so that later resumptions are checked.
+        say(
+            f"warning: {out / 'optuna.db'} does not record its split; assuming it is this one "
+            f"({', '.join(f'{k} {v}' for k, v in protocol.items())})"
+        )
+        study.set_user_attr("fingerprint", fingerprint)
+        study.set_user_attr("settings", current)
+        return
+    previous = attrs.get("settings")
+    differences = (
+        _settings_differences(previous, current)
+        if isinstance(previous, Mapping)
+        else ["model, space, sampler, seed or data"]
+    )
+    raise ValueError(
+        f"{out} holds a study of other settings ({'; '.join(differences) or 'fingerprint'} "
+        f"differ{'s' if len(differences) == 1 else ''}): its trials were scored under those; "
+        "rerun with the study's settings, or pass another --output to start a new search"
+    )
 
 
 def _as_experiment(settings: TuneSettings) -> Any:

@@ -52,7 +52,12 @@ def register(subparsers: Any) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from pipelines.cli import CLIError
-    from pipelines.experiment import experiment_from_dict, run_experiment
+    from pipelines.experiment import (
+        experiment_from_dict,
+        output_dir_problem,
+        registration_problem,
+        run_experiment,
+    )
     from pipelines.settings import read_toml
     from pipelines.tracking_hooks import make_tracker
 
@@ -60,10 +65,14 @@ def run_command(args: argparse.Namespace) -> int:
         raise CLIError(f"--epochs must be >= 1, got {args.epochs}")
     if args.threads is not None and args.threads < 1:
         raise CLIError(f"--threads must be >= 1, got {args.threads}")
+    if args.output is not None:
+        problem = output_dir_problem(args.output)
+        if problem:
+            raise CLIError(f"--output {problem}")
     raw = read_toml(args.config)
     job = job_from_args(args, run={"progress": False if args.no_progress else None})
     settings = experiment_from_dict(raw)
-    if args.models:
+    if args.models is not None:
         labels = [label.strip() for label in args.models.split(",") if label.strip()]
         if not labels:
             raise CLIError("--models needs at least one model label")
@@ -77,11 +86,29 @@ def run_command(args: argparse.Namespace) -> int:
         registered_model=args.registered_model,
         alias=args.alias,
     )
+    if args.alias is not None and settings.registered_model is None:
+        raise CLIError("--alias needs a registered model: pass --registered-model NAME")
+    # A name from the config may sit unused (tracking off, a subset of models); one asked for
+    # on the command line must be registered, so refuse now rather than after training.
+    asked = [
+        f"{flag} {value}"
+        for flag, value in (("--registered-model", args.registered_model), ("--alias", args.alias))
+        if value is not None
+    ]
+    if asked:
+        problem = registration_problem(settings)
+        if problem:
+            raise CLIError(f"{' '.join(asked)}: {problem}")
     tracker = make_tracker(
         track=args.track,
         tracking_uri=args.tracking_uri or settings.tracking_uri,
         experiment=args.experiment_name or settings.experiment_name or f"recvae-{job.data.name}",
     )
+    if asked and not tracker.enabled:
+        raise CLIError(
+            f"{' '.join(asked)}: registering needs MLflow tracking, which is off (--no-track "
+            "or $RECVAE_TRACKING): drop --no-track or pass --track"
+        )
     outcome = run_experiment(job, settings, tracker=tracker, output_dir=args.output, report=_report)
     print()
     print(f"{outcome.dataset}: test users, mean ± standard error ({outcome.seconds:.0f}s in all)")

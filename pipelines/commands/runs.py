@@ -17,6 +17,10 @@ _COLUMNS = (
     ("test_ndcg_at_100", "NDCG@100"),
     ("test_ndcg_at_100_se", "± se"),
 )
+# MLflow's largest page of search_runs (mlflow.store.tracking.SEARCH_MAX_RESULTS_THRESHOLD).
+MAX_LIMIT = 50_000
+# The tables every MLflow sqlite store has; a file without them is not a tracking store.
+_MLFLOW_TABLES = {"alembic_version", "experiments", "runs"}
 
 
 def register(subparsers: Any) -> None:
@@ -35,7 +39,9 @@ def register(subparsers: Any) -> None:
         action="append",
         help="only this MLflow experiment (repeatable; default all)",
     )
-    parser.add_argument("--limit", type=int, default=20, help="at most this many runs (20)")
+    parser.add_argument(
+        "--limit", type=int, default=20, help=f"at most this many runs (20; 1 to {MAX_LIMIT})"
+    )
     parser.add_argument(
         "--tracking-uri",
         help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
@@ -101,28 +107,103 @@ def format_runs(runs: list[Any]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def check_store(uri: str) -> None:
+    """Refuse a tracking URI that is not an existing store, before MLflow opens (and so creates
+    or migrates) it: a listing must leave the store as it found it.
+
+    A sqlite URI must name an existing MLflow database (opened read-only here); a bare path or
+    ``file:`` URI must be an existing folder (MLflow's file store); other URIs (a server, a
+    database server) are left to MLflow.
+
+    Raises:
+        CLIError: The store does not exist, is not an MLflow store, or the URI is not one.
+    """
+    from urllib.parse import urlparse
+
+    from pipelines.cli import CLIError
+
+    scheme = urlparse(uri).scheme
+    if scheme == "sqlite":
+        _check_sqlite_store(uri)
+        return
+    if scheme in ("", "file") or (len(scheme) == 1 and scheme.isalpha()):  # C:\... too
+        path = Path(urlparse(uri).path if scheme == "file" else uri)
+        if path.is_file():
+            raise CLIError(
+                f"--tracking-uri {uri}: {path} is a file, not a tracking URI; "
+                f"for a sqlite store pass sqlite:///{path}"
+            )
+        if not path.is_dir():
+            raise CLIError(
+                f"no MLflow store at {path}: pass --tracking-uri sqlite:///<file> "
+                "(e.g. sqlite:///mlflow.db)"
+            )
+
+
+def _check_sqlite_store(uri: str) -> None:
+    import sqlite3
+    from contextlib import closing
+
+    from pipelines.cli import CLIError
+
+    location = uri[len("sqlite://") :].split("?", 1)[0]
+    if location in ("", "/", "/:memory:"):
+        raise CLIError(f"--tracking-uri {uri}: an in-memory sqlite store holds no runs")
+    if not location.startswith("/"):
+        raise CLIError(
+            f"--tracking-uri {uri}: a sqlite URI needs three slashes and a file, "
+            "e.g. sqlite:///mlflow.db (relative) or sqlite:////abs/path/mlflow.db"
+        )
+    database = Path(location[1:])
+    if not database.is_file():
+        raise CLIError(
+            f"no MLflow store at {database}: run `recvae train` or `recvae experiment` "
+            "first, or pass --tracking-uri"
+        )
+    # mode=ro: reading the table names must not create, lock for writing or change the file.
+    read_only = f"{database.resolve().as_uri()}?mode=ro"
+    try:
+        with closing(sqlite3.connect(read_only, uri=True)) as connection:
+            rows = connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            tables = {str(row[0]) for row in rows}
+    except sqlite3.Error as exc:
+        raise CLIError(
+            f"{database} is not an MLflow store: not a sqlite database ({exc})"
+        ) from None
+    missing = _MLFLOW_TABLES - tables
+    if missing:
+        raise CLIError(
+            f"{database} is not an MLflow store (no {', '.join(sorted(missing))} table); "
+            "pass the database that `recvae train` or `recvae experiment` wrote"
+        )
+
+
 def run_command(args: argparse.Namespace) -> int:
     from pipelines.cli import CLIError
     from pipelines.tracking_hooks import tracking_available
 
-    if args.limit < 1:
-        raise CLIError(f"--limit must be >= 1, got {args.limit}")
+    if not 1 <= args.limit <= MAX_LIMIT:
+        raise CLIError(f"--limit must be between 1 and {MAX_LIMIT}, got {args.limit}")
     if not tracking_available():
         raise CLIError("recvae runs needs mlflow: pip install 'recvae[track]'")
+    from mlflow.exceptions import MlflowException
+
     from recvae.tracking import configure_tracking, recent_runs
 
     uri = configure_tracking(args.tracking_uri)
-    if uri.startswith("sqlite:///"):
-        database = Path(uri[len("sqlite:///") :])
-        if not database.is_file():
-            raise CLIError(
-                f"no MLflow store at {database}: run `recvae train` or `recvae experiment` "
-                "first, or pass --tracking-uri"
-            )
-    runs = recent_runs(experiment_names=args.experiment, limit=args.limit)
+    check_store(uri)
+    try:
+        runs = recent_runs(experiment_names=args.experiment, limit=args.limit)
+    except MlflowException as exc:
+        raise CLIError(f"cannot read the MLflow store {uri}: {_first_line(exc)}") from None
     if not runs:
         print(f"no runs in {uri}")
         return 0
     print(format_runs(runs))
     print(f"\n{len(runs)} run(s) from {uri}; details: mlflow ui --backend-store-uri {uri}")
     return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -55,13 +55,25 @@ def register(subparsers: Any) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from pipelines.cli import CLIError
-    from pipelines.experiment import mlflow_from_dict
+    from pipelines.experiment import (
+        check_alias,
+        check_registered_model_name,
+        mlflow_from_dict,
+        output_dir_problem,
+    )
     from pipelines.settings import read_toml
     from pipelines.tracking_hooks import make_tracker
     from pipelines.tune import result_summary, run_tune, trials_table, tune_from_dict
 
     if args.threads is not None and args.threads < 1:
         raise CLIError(f"--threads must be >= 1, got {args.threads}")
+    if args.output is not None:
+        problem = output_dir_problem(args.output)
+        if problem:
+            raise CLIError(f"--output {problem}")
+    if args.registered_model is not None:
+        check_registered_model_name(args.registered_model)
+    check_alias(args.alias)
     raw = read_toml(args.config)
     if "tune" not in raw and not args.model:
         raise CLIError(f"{args.config} has no [tune] section: add one (see `recvae tune --help`)")
@@ -74,6 +86,12 @@ def run_command(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         seed=args.tune_seed,
     )
+    if args.registered_model is not None and not settings.spec.is_autoencoder:
+        raise CLIError(
+            f"--registered-model {args.registered_model}: {settings.spec.label!r} is a "
+            f"baseline ({settings.spec.model}), which has no bundle to register; tune an "
+            "autoencoder (multvae, multdae, recvae) to register it"
+        )
     mlflow_section = mlflow_from_dict(raw)
     tracker = make_tracker(
         track=args.track,
@@ -81,6 +99,11 @@ def run_command(args: argparse.Namespace) -> int:
         experiment=args.experiment_name
         or f"{mlflow_section.get('experiment') or f'recvae-{job.data.name}'}-tune",
     )
+    if args.registered_model is not None and not tracker.enabled:
+        raise CLIError(
+            f"--registered-model {args.registered_model}: registering needs MLflow tracking, "
+            "which is off (--no-track or $RECVAE_TRACKING): drop --no-track or pass --track"
+        )
     result = run_tune(
         job,
         settings,
