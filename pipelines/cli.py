@@ -134,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"recvae: error: {exc}", file=sys.stderr)
         return 2
+    except ConnectionError as exc:  # e.g. no tracking server at the address given
+        print(f"recvae: error: {exc}", file=sys.stderr)
+        return 1
     except FloatingPointError as exc:  # training diverged: not a usage error
         print(f"recvae: error: {exc}", file=sys.stderr)
         return 1

@@ -241,6 +241,8 @@ def test_an_http_tracking_server_that_is_not_there_fails_fast() -> None:
     ):
         configure_tracking(f"http://127.0.0.1:{port}")
     assert time.monotonic() - start < 30
+    code = main(["runs", "--tracking-uri", f"http://127.0.0.1:{port}"])
+    assert code == 1  # a one-line error (the CLI's test of the message is the line above)
 
     class NotFound(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
