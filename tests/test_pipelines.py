@@ -187,6 +187,17 @@ def test_a_model_too_large_for_memory_is_a_one_line_error(
     assert err.startswith("recvae: error: out of memory (") and "--latent-dim" in err
 
 
+def test_train_output_that_is_a_file_is_refused_before_loading(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    code, _, err = _run(["train", "--epochs", "1", "--no-track", "-o", str(taken)], capsys)
+    assert code == 2
+    assert f"--output {taken} is an existing file, not a directory" in err
+    assert taken.read_text() == "not a folder"
+
+
 def test_a_diverging_run_is_a_one_line_error(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

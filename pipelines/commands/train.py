@@ -107,11 +107,13 @@ def run_command(args: argparse.Namespace) -> int:
         from pipelines.train_ddp import run_distributed
 
         return run_distributed(args)
-    from pipelines.experiment import tracked_train
+    from pipelines.experiment import output_dir_problem, tracked_train
     from pipelines.tracking_hooks import make_tracker
     from pipelines.train_job import metric_rows
 
     job = train_job_from_args(args)
+    if args.output is not None and (problem := output_dir_problem(Path(args.output))):
+        raise ValueError(f"--output {problem}")
     tracker = make_tracker(
         track=args.track,
         tracking_uri=args.tracking_uri,
