@@ -150,6 +150,15 @@ def write_csv(path: Path, header: str, rows: Iterable[Iterable[object]]) -> Path
     return path
 
 
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``recvae ARGV`` in this process: ``(exit code, stdout, stderr)``."""
+    from pipelines.cli import main
+
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def write_interactions_csv(data: Interactions, path: Path) -> Path:
     """``data`` as a ``user_id,item_id`` CSV of its (row, column) positions; returns ``path``."""
     coo = data.matrix.tocoo()

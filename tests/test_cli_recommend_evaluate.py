@@ -10,15 +10,10 @@ import pytest
 
 from pipelines.cli import main
 from tests.conftest import make_checkerboard, write_interactions_csv
+from tests.conftest import run_cli as _run
 
 # A split seed other than the default (98765), so that a command that forgets it re-splits.
 SEED = 5
-
-
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

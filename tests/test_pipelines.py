@@ -10,13 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import main
+from tests.conftest import run_cli as _run
 from tests.conftest import write_csv
-
-
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
