@@ -617,6 +617,17 @@ def build_baseline(spec: ModelSpec, *, threads: int | None, device: str) -> Any:
     return cls(config, num_threads=n_threads, blas_threads=n_threads)
 
 
+def _previous_labels(out: Path) -> set[str]:
+    """The model labels of the experiment whose ``results.json`` is in ``out`` (none: empty)."""
+    try:
+        previous = json.loads((out / "results.json").read_text())
+        return {str(m["label"]) for m in previous.get("models", [])} | set(
+            previous.get("failures", {})
+        )
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return set()
+
+
 def registration_problem(settings: ExperimentSettings) -> str | None:
     """Why ``settings.registered_model`` would register nothing, or None when it would.
 
@@ -909,6 +920,14 @@ def run_experiment(
     split = prepared.split
     out = Path(output_dir or settings.output_dir or default_experiment_dir(prepared.name))
     out.mkdir(parents=True, exist_ok=True)
+    leftover = _previous_labels(out) - {spec.label for spec in settings.models}
+    if leftover:
+        say(
+            f"warning: {out} holds results of an earlier experiment with "
+            f"{', '.join(sorted(leftover))}, which this one does not run: their folders are left "
+            "as they are, and comparison.md/.csv and results.json will list only this run's "
+            "models (use another --output to keep the two apart)"
+        )
     summary = split.summary()
     say(
         f"{prepared.name}: {summary['n_train_users']} training users, {summary['n_items']} items, "

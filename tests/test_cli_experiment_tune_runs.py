@@ -300,3 +300,24 @@ def test_tune_checks_registration_before_searching(
     monkeypatch.setattr(tune, "run_tune", refuse)
     assert main(["tune", "--model", "ease", "--no-track", *flags]) == 2
     assert message in _one_line_error(capsys)
+
+
+def test_experiment_rerun_with_fewer_models_warns_about_the_earlier_results(
+    tmp_path: Path,
+) -> None:
+    prepared = _prepared(split_seed=1)
+    said: list[str] = []
+    both = experiment.experiment_from_dict({}).with_models(["popularity", "itemknn"])
+    experiment.run_experiment(
+        _job(), both, output_dir=tmp_path, prepared=prepared, report=said.append
+    )
+    assert not any(line.startswith("warning:") for line in said)
+    said.clear()
+    one = experiment.experiment_from_dict({}).with_models(["popularity"])
+    result = experiment.run_experiment(
+        _job(), one, output_dir=tmp_path, prepared=prepared, report=said.append
+    )
+    warnings = [line for line in said if line.startswith("warning:")]
+    assert len(warnings) == 1 and "itemknn, which this one does not run" in warnings[0]
+    assert (tmp_path / "itemknn").is_dir()  # left as it was
+    assert [r.label for r in result.results] == ["popularity"]
