@@ -192,6 +192,17 @@ def test_evaluate_on_the_recorded_file_without_data_flags(
     assert _metric(out, "ndcg@100") == pytest.approx(trained["ndcg@100"], abs=1e-4)
 
 
+def test_file_flags_apply_to_the_file_a_bundle_was_trained_on(
+    csv_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --separator describes the recorded file: not refused as a flag without --data.
+    code, out, err = _run(["evaluate", str(csv_bundle), "--separator", ","], capsys)
+    assert code == 0, err
+    assert "on board test users" in out
+    code, _, err = _run(["evaluate", str(csv_bundle), "--threshold", "4"], capsys)
+    assert code == 2 and "--threshold needs --rating-col" in err  # the file has no ratings
+
+
 def test_evaluate_refuses_another_dataset(
     bundle: Path, csv_bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

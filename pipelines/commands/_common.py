@@ -111,7 +111,9 @@ _FILE_FLAGS = {
 }
 
 
-def _check_data_flags(args: argparse.Namespace, job: JobSettings) -> None:
+def _check_data_flags(
+    args: argparse.Namespace, job: JobSettings, *, recorded_file: bool = False
+) -> None:
     """Refuse data flags that would be ignored silently (they change which data is read).
 
     Raises:
@@ -124,7 +126,7 @@ def _check_data_flags(args: argparse.Namespace, job: JobSettings) -> None:
     if data_dir and not Path(data_dir).is_dir():
         raise ValueError(f"--data-dir {data_dir}: no such folder")
     given = [flag for key, flag in _FILE_FLAGS.items() if getattr(args, key, None) is not None]
-    if not (getattr(args, "data", None) or job.data.path):
+    if not (getattr(args, "data", None) or job.data.path or recorded_file):
         if given:
             raise ValueError(
                 f"{', '.join(given)} only apply to an interaction file (--data); built-in "
@@ -145,8 +147,13 @@ def job_from_args(
     *,
     model: dict[str, Any] | None = None,
     run: dict[str, Any] | None = None,
+    recorded_file: bool = False,
 ) -> JobSettings:
-    """Merge the TOML config (if any) with the command-line flags."""
+    """Merge the TOML config (if any) with the command-line flags.
+
+    ``recorded_file``: the data is an interaction file recorded elsewhere (a bundle's), so the
+    file flags (``--threshold``, ...) apply to it even without ``--data``.
+    """
     job = job_from_dict(read_toml(args.config)) if getattr(args, "config", None) else JobSettings()
     data = {
         "dataset": getattr(args, "dataset", None),
@@ -158,7 +165,7 @@ def job_from_args(
         "threshold": getattr(args, "threshold", None),
         "separator": getattr(args, "separator", None),
     }
-    _check_data_flags(args, job)
+    _check_data_flags(args, job, recorded_file=recorded_file)
     protocol = {
         "n_heldout": getattr(args, "n_heldout", None),
         "holdout_fraction": getattr(args, "holdout_fraction", None),

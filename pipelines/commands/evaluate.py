@@ -102,7 +102,11 @@ def bundle_job(
     from pipelines.cli import CLIError
     from pipelines.settings import DataSettings, ProtocolSettings, read_toml, table
 
-    job = job_from_args(args)
+    recorded_job = _table(meta, "job")
+    recorded_data = _known_fields(recorded_job.get("data"), DataSettings)
+    # A bundle trained on a file: --threshold and the other file flags apply to that file.
+    recorded_file = bool(recorded_data.get("path")) and not getattr(args, "dataset", None)
+    job = job_from_args(args, recorded_file=recorded_file)
     raw = read_toml(args.config) if getattr(args, "config", None) else {}
     arg_names = {"path": "data"}
     explicit_data = set(table(raw, "data")) | {
@@ -115,8 +119,6 @@ def bundle_job(
         for f in dataclasses.fields(ProtocolSettings)
         if getattr(args, f.name, None) is not None
     }
-    recorded_job = _table(meta, "job")
-    recorded_data = _known_fields(recorded_job.get("data"), DataSettings)
     recorded_protocol = _known_fields(recorded_job.get("protocol"), ProtocolSettings)
     split = _table(meta, "split")
     for name in ("seed", "holdout_fraction", "n_heldout"):
