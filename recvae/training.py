@@ -383,8 +383,15 @@ class Trainer:
         try:
             ckpt = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
         except Exception as exc:
+            # torch's message for a file it cannot unpickle safely is a page of advice (including
+            # loading with weights_only=False, which a checkpoint must never need): keep the
+            # first line of its reason.
+            reason = next((line for line in str(exc).splitlines() if line.strip()), repr(exc))
+            if "Weights only load failed" in reason:
+                reason = "not a recvae checkpoint: torch's safe loader refused it"
             raise CheckpointMismatchError(
-                f"checkpoint {self.checkpoint_path} is unreadable ({exc}); remove it to start over"
+                f"checkpoint {self.checkpoint_path} is unreadable ({reason}); remove it to start "
+                "over"
             ) from exc
         if ckpt.get("config") != self.config.to_json() or ckpt.get("fingerprint") != (
             self._fingerprint

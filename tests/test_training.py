@@ -167,6 +167,17 @@ def test_checkpoint_of_another_config_is_refused(tmp_path: Path) -> None:
         train(data, small_vae_config(epochs=2, latent_dim=4), options=opts)
 
 
+def test_a_garbage_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
+    data, _ = make_checkerboard()
+    opts = RunOptions(device="cpu", progress=False, checkpoint_dir=str(tmp_path))
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage\n")
+    with pytest.raises(CheckpointMismatchError) as info:
+        train(data, small_vae_config(epochs=1), options=opts)
+    message = str(info.value)
+    assert "not a recvae checkpoint" in message and "remove it to start over" in message
+    assert "weights_only" not in message and "\n" not in message
+
+
 def test_empty_data_and_bad_device_are_rejected() -> None:
     from recvae.data import Interactions
 
