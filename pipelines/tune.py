@@ -855,6 +855,15 @@ def _finish(
     )
     bundle_path: Path | None = None
     if spec.is_autoencoder:
+        # What `recvae train` records, so that `recvae evaluate` re-creates this split.
+        ranker.meta.update(
+            {
+                "dataset": prepared.name,
+                "data_fingerprint": prepared.fingerprint,
+                "split": split.summary(),
+                "job": job.to_dict(),
+            }
+        )
         bundle_path = ranker.save(out / "best" / "bundle", overwrite=True)
     record = {
         "trial": best.number,

@@ -294,6 +294,10 @@ def test_autoencoder_search_keeps_only_the_best_checkpoint(
     assert result.best_config["hidden_dims"] == result.best_params["hidden_dims"]
     meta = json.loads((tmp_path / "best" / "bundle" / "meta.json").read_text())
     assert meta["epochs_run"] == result.best_params["epochs"]
+    # What `recvae evaluate` needs to re-create the split, as `recvae train` records it.
+    assert meta["dataset"] == prepared.name and meta["data_fingerprint"] == prepared.fingerprint
+    assert meta["split"] == prepared.split.summary()
+    assert meta["job"] == _job().to_dict()
 
 
 def test_tune_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
