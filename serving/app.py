@@ -33,8 +33,10 @@ Top-K recommendations from a Mult-VAE / Mult-DAE model (Liang et al., WWW 2018).
 The encoder folds any history into a latent code without retraining, so new and changed users
 get recommendations at once. Unknown item ids are ignored and listed; a history with no known
 item gets the most popular training items (flagged `fallback: "popularity"`). Every response
-carries `model_version`. Errors are JSON: `{"detail": ...}`; invalid input gets a 422 naming
-the field. Responses may gain optional fields: clients should ignore fields they do not know.
+carries `model_version`. Errors are JSON: `{"detail": ...}`; invalid input (an unknown field or
+query parameter included) gets a 422 naming it, a body not sent as `application/json` a 415,
+one over the server's size limit a 413. Responses may gain optional fields: clients should
+ignore fields they do not know.
 
 What only a variational model gives: every recommendation carries a posterior `confidence`
 (null for Mult-DAE); `explore: true` ranks from a posterior sample (Thompson-style, with an
