@@ -120,6 +120,11 @@ class JobSettings:
         }
 
 
+def option_flag(field_name: str) -> str:
+    """The command-line flag of a ``[data]`` or ``[protocol]`` field (``path`` is ``--data``)."""
+    return "--data" if field_name == "path" else "--" + field_name.replace("_", "-")
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file; a bare preset name is looked up in ``pipelines/configs``.
 

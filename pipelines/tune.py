@@ -57,7 +57,7 @@ from pipelines.experiment import (
     model_types,
     thread_limits,
 )
-from pipelines.settings import JobSettings, check_known_keys, is_int, table
+from pipelines.settings import JobSettings, check_known_keys, is_int, option_flag, table
 from pipelines.tracking_hooks import Tracker, evaluation_metrics, run_tags
 from pipelines.train_job import PreparedData, prepare
 
@@ -260,15 +260,6 @@ class TuneSettings:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Split settings -> the flag that sets them, for the message of a refused resumption.
-_PROTOCOL_FLAGS = {
-    "seed": "--seed",
-    "n_heldout": "--n-heldout",
-    "holdout_fraction": "--holdout-fraction",
-    "min_user_count": "--min-user-count",
-}
-
-
 def split_protocol(job: JobSettings, prepared: PreparedData) -> dict[str, Any]:
     """The settings of the split the trials are scored on (those of ``prepared``'s split)."""
     split = prepared.split
@@ -298,7 +289,7 @@ def _settings_differences(stored: Mapping[str, Any], current: Mapping[str, Any])
             for field_name, now in value.items():
                 before = stored[key].get(field_name)
                 if before != now:
-                    flag = _PROTOCOL_FLAGS.get(field_name, field_name)
+                    flag = option_flag(field_name)
                     differences.append(f"split {field_name} ({flag}) {before} -> {now}")
         else:
             differences.append(names.get(key, key))

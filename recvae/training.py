@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -336,9 +337,9 @@ class Trainer:
             return 1  # the dense likelihood, or a model whose forward takes no item_multiple
         if self.options.item_multiple is not None:
             return self.options.item_multiple
-        if self.device.type == "cuda":
-            return ITEM_MULTIPLE
-        if self.device.type == "cpu" and torch.get_num_threads() > 1:
+        if self.device.type == "cuda" or (
+            self.device.type == "cpu" and torch.get_num_threads() > 1
+        ):
             return ITEM_MULTIPLE
         return 1
 
@@ -383,12 +384,12 @@ class Trainer:
         try:
             ckpt = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
         except Exception as exc:
-            # torch's message for a file it cannot unpickle safely is a page of advice (including
-            # loading with weights_only=False, which a checkpoint must never need): keep the
-            # first line of its reason.
-            reason = next((line for line in str(exc).splitlines() if line.strip()), repr(exc))
-            if "Weights only load failed" in reason:
+            # torch's message for a file its safe loader refuses is a page of advice (including
+            # loading with weights_only=False, which a checkpoint must never need).
+            if isinstance(exc, pickle.UnpicklingError):
                 reason = "not a recvae checkpoint: torch's safe loader refused it"
+            else:
+                reason = next((line for line in str(exc).splitlines() if line.strip()), repr(exc))
             raise CheckpointMismatchError(
                 f"checkpoint {self.checkpoint_path} is unreadable ({reason}); remove it to start "
                 "over"
@@ -631,7 +632,8 @@ class Trainer:
                 )
             # The loss is that of the weights before the epoch's last step: that step can
             # still have made them non-finite (e.g. a huge learning rate).
-            if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()])
+            if not bool(finite.all()):  # one device synchronization
                 raise FloatingPointError(
                     f"training diverged at epoch {epoch} (weights are no longer finite); "
                     "lower learning_rate"

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 
 from serving.batching import MicroBatcher
-from serving.guards import RequestGuard, validation_error
+from serving.guards import RequestGuard, StartupError, validation_error
 from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.routes import router
 from serving.settings import ServingSettings
@@ -42,11 +42,6 @@ What only a variational model gives: every recommendation carries a posterior `c
 (null for Mult-DAE); `explore: true` ranks from a posterior sample (Thompson-style, with an
 optional `temperature` and `seed`); `POST /v1/anomaly` says how unusual a history is.
 """
-
-
-class StartupError(RuntimeError):
-    """The model named at start-up failed to load: the server stops with this one-line reason
-    (:class:`serving.guards.RequestGuard` leaves the traceback out of the start-up failure)."""
 
 
 def create_app(

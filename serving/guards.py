@@ -29,7 +29,13 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["RequestGuard", "BodyTooLarge", "validation_error", "reject_unknown_query"]
+__all__ = [
+    "RequestGuard",
+    "BodyTooLarge",
+    "StartupError",
+    "validation_error",
+    "reject_unknown_query",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +67,16 @@ async def _send_json(send: Send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": response.body})
 
 
-_STARTUP_ERROR = "StartupError: "
+class StartupError(RuntimeError):
+    """The model named at start-up failed to load: the server stops with this one-line reason
+    (:class:`RequestGuard` leaves the traceback out of the start-up failure)."""
+
+
+_STARTUP_ERROR = f"{StartupError.__name__}: "  # how a traceback's last line names it
 
 
 def _short_startup_failure(send: Send) -> Send:
-    """``send`` that reports a :class:`serving.app.StartupError` by its message alone.
+    """``send`` that reports a :class:`StartupError` by its message alone.
 
     Starlette reports a failed start-up with the whole traceback (both chained exceptions, 50
     lines and more) and the server logs it; for a model that does not load, the reason is the

@@ -8,7 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipelines.settings import JobSettings, job_from_dict, read_toml, with_overrides
+from pipelines.settings import (
+    DataSettings,
+    JobSettings,
+    job_from_dict,
+    option_flag,
+    read_toml,
+    with_overrides,
+)
 
 _T = TypeVar("_T")
 
@@ -101,20 +108,30 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, output_help: str) -> N
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-# Flags that describe an interaction file (--data); a built-in dataset has its own.
-_FILE_FLAGS = {
-    "user_col": "--user-col",
-    "item_col": "--item-col",
-    "rating_col": "--rating-col",
-    "threshold": "--threshold",
-    "separator": "--separator",
+# [data] field -> the attribute of the parsed command line that sets it.
+DATA_ARGS = {
+    "dataset": "dataset",
+    "data_dir": "data_dir",
+    "path": "data",
+    "user_col": "user_col",
+    "item_col": "item_col",
+    "rating_col": "rating_col",
+    "threshold": "threshold",
+    "separator": "separator",
 }
+# The fields that describe an interaction file (--data); a built-in dataset has its own.
+_FILE_FIELDS = ("user_col", "item_col", "rating_col", "threshold", "separator")
 
 
 def _check_data_flags(
-    args: argparse.Namespace, job: JobSettings, *, recorded_file: bool = False
+    args: argparse.Namespace, job: JobSettings, *, recorded: DataSettings | None = None
 ) -> None:
     """Refuse data flags that would be ignored silently (they change which data is read).
+
+    Args:
+        args: The parsed command line.
+        job: The config's job (before the flags).
+        recorded: Data recorded elsewhere (a bundle's) that the flags apply to.
 
     Raises:
         ValueError: both ``--dataset`` and ``--data``; a ``--data-dir`` that is not a folder;
@@ -125,8 +142,8 @@ def _check_data_flags(
     data_dir = getattr(args, "data_dir", None)
     if data_dir and not Path(data_dir).is_dir():
         raise ValueError(f"--data-dir {data_dir}: no such folder")
-    given = [flag for key, flag in _FILE_FLAGS.items() if getattr(args, key, None) is not None]
-    if not (getattr(args, "data", None) or job.data.path or recorded_file):
+    given = [option_flag(f) for f in _FILE_FIELDS if getattr(args, f, None) is not None]
+    if not (getattr(args, "data", None) or job.data.path or (recorded and recorded.path)):
         if given:
             raise ValueError(
                 f"{', '.join(given)} only apply to an interaction file (--data); built-in "
@@ -134,7 +151,11 @@ def _check_data_flags(
                 "(see `recvae datasets`)"
             )
         return
-    rating_col = getattr(args, "rating_col", None) or job.data.rating_col
+    rating_col = (
+        getattr(args, "rating_col", None)
+        or job.data.rating_col
+        or (recorded.rating_col if recorded else None)
+    )
     if getattr(args, "threshold", None) is not None and rating_col is None:
         raise ValueError(
             "--threshold needs --rating-col: without a rating column every row of --data is a "
@@ -147,25 +168,16 @@ def job_from_args(
     *,
     model: dict[str, Any] | None = None,
     run: dict[str, Any] | None = None,
-    recorded_file: bool = False,
+    recorded: DataSettings | None = None,
 ) -> JobSettings:
     """Merge the TOML config (if any) with the command-line flags.
 
-    ``recorded_file``: the data is an interaction file recorded elsewhere (a bundle's), so the
-    file flags (``--threshold``, ...) apply to it even without ``--data``.
+    ``recorded``: data recorded elsewhere (a bundle's) that the flags apply to: with a file
+    there, the file flags (``--threshold``, ...) need no ``--data``.
     """
     job = job_from_dict(read_toml(args.config)) if getattr(args, "config", None) else JobSettings()
-    data = {
-        "dataset": getattr(args, "dataset", None),
-        "data_dir": getattr(args, "data_dir", None),
-        "path": getattr(args, "data", None),
-        "user_col": getattr(args, "user_col", None),
-        "item_col": getattr(args, "item_col", None),
-        "rating_col": getattr(args, "rating_col", None),
-        "threshold": getattr(args, "threshold", None),
-        "separator": getattr(args, "separator", None),
-    }
-    _check_data_flags(args, job, recorded_file=recorded_file)
+    data = {field_name: getattr(args, arg, None) for field_name, arg in DATA_ARGS.items()}
+    _check_data_flags(args, job, recorded=recorded)
     protocol = {
         "n_heldout": getattr(args, "n_heldout", None),
         "holdout_fraction": getattr(args, "holdout_fraction", None),

@@ -8,13 +8,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.commands._common import add_job_arguments, job_from_args
+from pipelines.commands._common import DATA_ARGS, add_job_arguments, job_from_args
 
 if TYPE_CHECKING:
     from pipelines.settings import JobSettings
-
-# Command-line flag of each data and protocol field (the rest are spelled like the field).
-_FLAGS = {"path": "--data", "data_dir": "--data-dir"}
 
 
 def register(subparsers: Any) -> None:
@@ -100,19 +97,20 @@ def bundle_job(
             ``args.allow_other_dataset``).
     """
     from pipelines.cli import CLIError
-    from pipelines.settings import DataSettings, ProtocolSettings, read_toml, table
+    from pipelines.settings import DataSettings, ProtocolSettings, option_flag, read_toml, table
 
     recorded_job = _table(meta, "job")
     recorded_data = _known_fields(recorded_job.get("data"), DataSettings)
     # A bundle trained on a file: --threshold and the other file flags apply to that file.
-    recorded_file = bool(recorded_data.get("path")) and not getattr(args, "dataset", None)
-    job = job_from_args(args, recorded_file=recorded_file)
+    recorded = (
+        DataSettings(**recorded_data)
+        if recorded_data and not getattr(args, "dataset", None)
+        else None
+    )
+    job = job_from_args(args, recorded=recorded)
     raw = read_toml(args.config) if getattr(args, "config", None) else {}
-    arg_names = {"path": "data"}
     explicit_data = set(table(raw, "data")) | {
-        f.name
-        for f in dataclasses.fields(DataSettings)
-        if getattr(args, arg_names.get(f.name, f.name), None) is not None
+        name for name, arg in DATA_ARGS.items() if getattr(args, arg, None) is not None
     }
     explicit_protocol = set(table(raw, "protocol")) | {
         f.name
@@ -146,12 +144,12 @@ def bundle_job(
         **{name: getattr(job.protocol, name) for name in explicit_protocol},
     )
     changed = [
-        f"{_flag(name)} {getattr(protocol, name)} (trained with {recorded_protocol[name]})"
+        f"{option_flag(name)} {getattr(protocol, name)} (trained with {recorded_protocol[name]})"
         for name in sorted(explicit_protocol)
         if name in recorded_protocol and getattr(protocol, name) != recorded_protocol[name]
     ]
     changed += [
-        f"{_flag(name)} {getattr(data, name)} (trained with {recorded_data[name]})"
+        f"{option_flag(name)} {getattr(data, name)} (trained with {recorded_data[name]})"
         for name in sorted(explicit_data - {"data_dir"})
         if name in recorded_data and getattr(data, name) != recorded_data[name]
     ]
@@ -169,7 +167,3 @@ def _known_fields(section: Any, cls: type) -> dict[str, Any]:
         return {}
     names = {f.name for f in dataclasses.fields(cls)}
     return {key: value for key, value in section.items() if key in names}
-
-
-def _flag(name: str) -> str:
-    return _FLAGS.get(name, "--" + name.replace("_", "-"))
