@@ -206,6 +206,19 @@ def test_unparsable_rating_names_column_and_example() -> None:
         interactions_from_frame(df, rating_col="stars")
 
 
+def test_unparsable_rating_in_a_file_names_the_files_column(tmp_path: Path) -> None:
+    # The reader renames the column to "rating"; the error must still name the user's column.
+    path = tmp_path / "bad.csv"
+    path.write_text("u,i,r\n1,2,abc\n1,3,4\n")
+    with pytest.raises(DataError, match=r"rating column 'r' has 1 value\(s\).*'abc'"):
+        load_interactions(path, user_col="u", item_col="i", rating_col="r")
+    with pytest.raises(DataError, match=r"rating column 2 has 1 value\(s\)"):
+        load_interactions(path, user_col=0, item_col=1, rating_col=2)
+    path.write_text("u,i,r\n1,2, 4.5\n1,3,4\n")
+    frame = read_frame(path, user_col="u", item_col="i", rating_col="r")
+    assert frame["rating"].to_list() == [4.5, 4.0]
+
+
 def test_nan_and_null_ratings_are_errors() -> None:
     # polars orders NaN above every number, so NaN would silently pass "rating > 3.5".
     df = pl.DataFrame({"user_id": [1, 2], "item_id": [1, 1], "rating": [4.0, float("nan")]})

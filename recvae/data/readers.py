@@ -184,7 +184,7 @@ def _id_expr(df: pl.DataFrame, column: str) -> pl.Expr:
     raise DataError(f"id column {column!r} has type {dtype}; ids must be integers or strings")
 
 
-def _numeric_ratings(series: pl.Series, column: str) -> pl.Series:
+def _numeric_ratings(series: pl.Series, column: str | int) -> pl.Series:
     """Ratings as Float64; strings are parsed. Nulls, NaN and unparsable values are errors."""
     n_null = series.null_count()
     if n_null:
@@ -468,10 +468,12 @@ def _standardize(
     ]
     if rating_col is not None:
         name = _column_name(rating_col, available, source=source)
-        rating = pl.col(name)
         if raw[name].dtype.is_numeric():
-            rating = rating.cast(pl.Float64)
-        selected.append(rating.alias("rating"))
+            selected.append(pl.col(name).cast(pl.Float64).alias("rating"))
+        else:
+            # Parsed here, while the user's column name is still known for the error message.
+            label = rating_col if isinstance(rating_col, int) else name
+            selected.append(pl.lit(_numeric_ratings(raw[name], label)).alias("rating"))
     if timestamp_col is not None:
         selected.append(
             pl.col(_column_name(timestamp_col, available, source=source)).alias("timestamp")
