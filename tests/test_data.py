@@ -467,6 +467,8 @@ def test_registry_matches_protocol_table() -> None:
         "ml-latest-small": 100,
         "ml-100k": 100,
         "ml-1m": 1000,
+        "ml-20m": 10_000,
+        "ml-25m": 10_000,
         "lastfm": 200,
         "gowalla": 3000,
     }
@@ -475,9 +477,29 @@ def test_registry_matches_protocol_table() -> None:
     assert isinstance(get_dataset_spec("ml-1m"), DatasetSpec)
 
 
+@pytest.mark.parametrize("name", ["ml-20m", "ml-25m"])
+def test_large_movielens_load_from_folder_parent_or_zip(tmp_path: Path, name: str) -> None:
+    text = "userId,movieId,rating,timestamp\n" + "".join(
+        f"{u},{i},{4.0 if i % 3 else 2.5},{1000 + i}\n" for u in (1, 2) for i in range(1, 10)
+    )
+    folder = tmp_path / "data" / name
+    folder.mkdir(parents=True)
+    (folder / "ratings.csv").write_text(text)
+    for data_dir in (folder, folder.parent):
+        interactions = load_dataset(name, data_dir)
+        assert (interactions.n_users, interactions.n_items, interactions.nnz) == (2, 6, 12)
+    zipped = tmp_path / "zipped"
+    zipped.mkdir()
+    with zipfile.ZipFile(zipped / f"{name}.zip", "w") as zf:
+        zf.writestr(f"{name}/ratings.csv", text)
+    assert load_dataset(name, zipped).nnz == 12
+    with pytest.raises(DataFileNotFound, match=f"GroupLens' license forbids redistributing {name}"):
+        load_dataset(name, tmp_path / "empty")
+
+
 def test_unknown_dataset_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match=r"'ml-20m'.*ml-latest-small, ml-100k, ml-1m"):
-        get_dataset_spec("ml-20m")
+    with pytest.raises(ValueError, match=r"'ml-10m'.*ml-latest-small, ml-100k, ml-1m, ml-20m"):
+        get_dataset_spec("ml-10m")
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("nope")
 

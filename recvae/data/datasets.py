@@ -160,6 +160,21 @@ _SPECS: dict[str, DatasetSpec] = {
             default_path="ml-1m",
         ),
         DatasetSpec(
+            "ml-20m",
+            "MovieLens 20M (the paper's dataset): 138,493 users, 27,278 movies, "
+            "20,000,263 ratings 0.5-5",
+            n_heldout=10_000,
+            implicit=False,
+            default_path="ml-20m",
+        ),
+        DatasetSpec(
+            "ml-25m",
+            "MovieLens 25M: 162,541 users, 59,047 movies, 25,000,095 ratings 0.5-5",
+            n_heldout=10_000,
+            implicit=False,
+            default_path="ml-25m",
+        ),
+        DatasetSpec(
             "lastfm",
             "Last.fm HetRec 2011: 1,892 users, 17,632 artists, 92,834 listened pairs (implicit)",
             n_heldout=200,
@@ -194,6 +209,18 @@ _SOURCES: dict[str, _Source] = {
         aliases=(),
         reader=read_ml1m,
         why_not_bundled=_GROUPLENS_TERMS.format(name="ml-1m"),
+    ),
+    "ml-20m": _Source(
+        markers=("ratings.csv", "ml-20m.zip"),
+        aliases=(),
+        reader=read_movielens_csv,
+        why_not_bundled=_GROUPLENS_TERMS.format(name="ml-20m"),
+    ),
+    "ml-25m": _Source(
+        markers=("ratings.csv", "ml-25m.zip"),
+        aliases=(),
+        reader=read_movielens_csv,
+        why_not_bundled=_GROUPLENS_TERMS.format(name="ml-25m"),
     ),
     "lastfm": _Source(
         markers=("user_artists.dat",),
