@@ -589,6 +589,12 @@ def _corrupt(column: str, value: Any, every: int = 5) -> Any:
             "duplicates",
             "450 of 900 rows (50.00%) repeat an earlier",
         ),
+        (
+            lambda: _day_frame(date(2024, 5, 9)),  # yesterday's file delivered again
+            "repeats",
+            "450 of 450 rows (100.00%) repeat a (user, item, timestamp) row of an earlier "
+            "partition (date=2024-05-06, date=2024-05-07, date=2024-05-08, date=2024-05-09)",
+        ),
         (lambda: _day_frame(date(2024, 5, 10)).head(40), "volume", "volume drop"),
         (
             lambda: _day_frame(date(2024, 5, 10), per_user=12),
@@ -609,6 +615,7 @@ def _corrupt(column: str, value: Any, every: int = 5) -> Any:
         "bad-ratings",
         "out-of-range",
         "duplicates",
+        "yesterday-again",
         "volume-drop",
         "volume-spike",
         "empty",
@@ -635,6 +642,7 @@ def test_validation_passes_clean_data_and_skips_volume_without_history(tmp_path:
         "nulls",
         "unparsable",
         "duplicates",
+        "repeats",
         "timestamps",
         "volume",
     }
@@ -643,6 +651,20 @@ def test_validation_passes_clean_data_and_skips_volume_without_history(tmp_path:
     first = validate_partitions(every[:1], every, lake, ValidationSettings())
     volume = next(r for r in first if r.check == "volume")
     assert volume.ok and volume.skipped and "skipped" in volume.message
+
+
+def test_a_broken_file_in_an_earlier_partition_fails_the_volume_check_by_name(
+    tmp_path: Path,
+) -> None:
+    lake = tmp_path / "lake"
+    _tiny_lake(lake, days=4)
+    (lake / "date=2024-03-02" / "part-late.parquet").write_bytes(b"PAR1 truncated")
+    _write_partition(lake, date(2024, 3, 5), _day_frame(date(2024, 3, 5), seed=4))
+    every = list_partitions(lake, LakeSettings())
+    results = validate_partitions(every[-1:], every, LakeSettings(), ValidationSettings())
+    failed = failed_checks(results)
+    assert [r.check for r in failed] == ["volume"]
+    assert "cannot count the rows of the earlier partition date=2024-03-02" in failed[0].message
 
 
 def test_partition_without_data_files_is_rejected(tmp_path: Path) -> None:
@@ -1125,3 +1147,191 @@ def test_simulation_with_bad_options_writes_nothing(
     assert main(argv) == 2
     assert "tolerance" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------- recovery
+def _always_promote(config: Path) -> NightlySettings:
+    """The tiny job's settings with a gate every challenger passes."""
+    from pipelines.nightly.settings import GateSettings
+
+    return load_settings(config).replace(gate=GateSettings(tolerance=0.99, min_coverage_ratio=0.0))
+
+
+def test_an_interrupted_promotion_is_finished_without_losing_the_rollback_chain(
+    sim: SimulationResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    import recvae.tracking
+    from pipelines.nightly import notify
+    from pipelines.nightly.registry import current_champion
+
+    days = _tiny_lake(tmp_path / "lake", days=4)
+    settings = _always_promote(_tiny_config(tmp_path, sim, registered_model="recvae-interrupt"))
+    assert run_retrain(settings, days[2]).summary["registry"]["new_version"] == "1"
+
+    def interrupt(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    # 1. Interrupted after registering the version, before the alias moved.
+    with monkeypatch.context() as mp:
+        mp.setattr(recvae.tracking, "set_alias", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_retrain(settings, days[3])
+    assert current_champion(settings.mlflow).version == "1"
+    # 2. Interrupted after the alias moved, before the night was recorded as done.
+    with monkeypatch.context() as mp:
+        mp.setattr(notify, "notify_reload", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_retrain(settings, days[3])
+    assert current_champion(settings.mlflow).version == "2"
+    # 3. The rerun compares with version 1 (not with itself) and finishes the night.
+    outcome = run_retrain(settings, days[3])
+    registry = outcome.summary["registry"]
+    assert outcome.status == "promoted", outcome.reason
+    assert registry["champion_version"] == "1" and registry["new_version"] == "2"
+    assert registry["interrupted_promotion"] == "2"
+    versions = mlflow.MlflowClient().search_model_versions("name = 'recvae-interrupt'")
+    assert sorted(str(v.version) for v in versions) == ["1", "2"]  # registered once
+    tags = current_champion(settings.mlflow).tags
+    assert tags["nightly_previous_champion"] == "1" and tags["nightly_date"] == "2024-03-04"
+    assert run_rollback(settings)["to_version"] == "1"
+    # Every split and gate setting is a param of the run.
+    params = mlflow.get_run(outcome.summary["mlflow"]["run_id"]).data.params
+    assert params["split.eval_salt"] == "recvae-nightly" and params["gate.tolerance"] == "0.99"
+    assert {"split.seed", "gate.min_ndcg", "gate.min_coverage_ratio"} <= set(params)
+
+
+def test_an_mlflow_store_failing_at_the_end_still_leaves_the_nights_record(
+    sim: SimulationResult,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    days = _tiny_lake(tmp_path / "lake", days=3)
+    settings = _always_promote(_tiny_config(tmp_path, sim, registered_model="recvae-storefail"))
+
+    def unavailable(*args: Any, **kwargs: Any) -> None:
+        raise MlflowException("(sqlite3.OperationalError) unable to open database file\n[SQL: ...]")
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", unavailable)
+    scheduler_copy = tmp_path / "last.json"
+    outcome = run_retrain(settings, days[-1], summary_path=scheduler_copy)
+    assert outcome.status == "promoted"  # the alias moved before the store failed
+    assert outcome.summary["mlflow_error"].startswith("MlflowException: (sqlite3.Operational")
+    assert "[SQL" not in outcome.summary["mlflow_error"]
+    for path in (
+        scheduler_copy,
+        settings.state_dir / "last_run.json",
+        settings.state_dir / "runs/2024-03-03/summary.json",
+    ):
+        assert json.loads(path.read_text())["status"] == "promoted"
+    assert "Traceback" not in caplog.text
+
+
+def test_a_late_file_in_a_validated_partition_is_validated_again(
+    sim: SimulationResult, tmp_path: Path
+) -> None:
+    import polars as pl
+
+    days = _tiny_lake(tmp_path / "lake", days=4)
+    settings = _always_promote(_tiny_config(tmp_path, sim, registered_model="recvae-late"))
+    assert run_retrain(settings, days[2]).status == "promoted"
+    late = _day_frame(days[0], seed=7).with_columns(pl.lit(None, dtype=pl.Int64).alias("item_id"))
+    _write_partition(tmp_path / "lake", days[0], late, name="part-late.parquet")
+    outcome = run_retrain(settings, days[3])
+    assert outcome.status == "rejected" and outcome.exit_code == 4
+    assert outcome.summary["window"]["changed_partitions"] == ["2024-03-01"]
+    assert "partition date=2024-03-01" in outcome.reason and "null value" in outcome.reason
+    # Quarantined, the bad day is left out and the night goes on.
+    (tmp_path / "lake/date=2024-03-01/_QUARANTINE").touch()
+    assert run_retrain(settings, days[3]).status == "promoted"
+
+
+def test_a_quarantined_night_completes_with_the_champion_kept(
+    sim: SimulationResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    days = _tiny_lake(tmp_path / "lake", days=4)
+    config = _tiny_config(tmp_path, sim, registered_model="recvae-quarantine")
+    assert main(["retrain", "--config", str(config), "--date", "2024-03-03"]) == 0
+    (tmp_path / "lake/date=2024-03-04/_QUARANTINE").touch()
+    assert main(["retrain", "--config", str(config), "--date", "2024-03-04"]) == ExitCode.KEPT
+    assert "date=2024-03-04 is quarantined" in capsys.readouterr().out
+    # Done: a rerun does nothing and prints what that night did, not a current champion.
+    assert main(["retrain", "--config", str(config), "--date", "2024-03-03"]) == 0
+    out = capsys.readouterr().out
+    assert "(already done)" in out and "that night made version 1 the champion" in out
+    assert days[-1] == date(2024, 3, 4)
+
+
+def test_a_discarded_checkpoint_starts_a_new_mlflow_run(
+    sim: SimulationResult, tmp_path: Path
+) -> None:
+    import mlflow
+
+    days = _tiny_lake(tmp_path / "lake", days=3)
+    settings = _always_promote(_tiny_config(tmp_path, sim, registered_model="recvae-discard"))
+
+    def killed(epoch: int, metrics: dict[str, float]) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_retrain(settings, days[-1], on_epoch=killed)
+    state = StateDir(settings.state_dir)
+    first = state.read_json(state.attempt_path(days[-1]))["run_id"]
+    # As after kill -9: the run is still RUNNING in the store, the checkpoint on disk.
+    mlflow.MlflowClient().update_run(first, status="RUNNING")
+    assert (state.checkpoint_dir(days[-1]) / "checkpoint.pt").is_file()
+    # More data for the night: the checkpoint no longer matches and is discarded.
+    _write_partition(
+        tmp_path / "lake", days[-1], _day_frame(days[-1], seed=11), name="part-1.parquet"
+    )
+    outcome = run_retrain(settings, days[-1])
+    assert outcome.status == "promoted"
+    assert outcome.summary["training"]["checkpoint_discarded"] is True
+    run_id = outcome.summary["mlflow"]["run_id"]
+    assert run_id != first and outcome.summary["mlflow"]["resumed_run"] is False
+    old = mlflow.get_run(first)
+    assert old.info.status == "FAILED" and "discarded" in old.data.tags["nightly.superseded"]
+    history = mlflow.MlflowClient().get_metric_history(run_id, "train.loss")
+    assert sorted(m.step for m in history) == [1, 2]  # one training's curve
+    assert mlflow.get_run(run_id).data.params["date"] == "2024-03-03"
+
+
+def test_cli_state_dir_and_summary_problems(
+    sim: SimulationResult,
+    tiny_job: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pipelines.commands.retrain as retrain_command
+
+    argv = ["retrain", "--config", str(tiny_job), "--date", "2024-03-06"]
+    not_a_folder = tmp_path / "state-file"
+    not_a_folder.write_text("x")
+    assert main([*argv, "--state-dir", str(not_a_folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"the state directory {not_a_folder} is not a folder ([nightly] state_dir" in err
+    assert main([*argv, "--state-dir", str(not_a_folder / "below")]) == 2
+    assert "[nightly] state_dir, --state-dir): " in capsys.readouterr().err
+
+    def read_only(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(30, "Read-only file system")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(retrain_command.tempfile, "NamedTemporaryFile", read_only)
+        assert main([*argv, "--summary", str(tmp_path / "s.json")]) == 2
+        assert "cannot write in" in capsys.readouterr().err
+    # A night refused before it runs still leaves the scheduler a summary of this date.
+    summary = tmp_path / "refused.json"
+    summary.write_text('{"status": "promoted"}')  # the previous night's
+    backlog = (date.fromisoformat(sim.rows[0].date) - timedelta(days=1)).isoformat()
+    argv = ["retrain", "--config", str(sim.config), "--date", backlog, "--summary", str(summary)]
+    assert main(argv) == 2
+    record = json.loads(summary.read_text())
+    assert record["status"] == "error" and record["exit_code"] == 2
+    assert record["date"] == backlog and "older than the last completed" in record["reason"]

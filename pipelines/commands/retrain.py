@@ -14,7 +14,10 @@ Exit codes: 0 promoted, 3 champion kept, 4 data rejected, 5 another run holds th
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tempfile
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -150,26 +153,78 @@ def _check_writable_file(path: Path, flag: str) -> None:
     afterwards would hide the night's outcome).
 
     Raises:
-        ValueError: ``path`` is a folder, or a parent of it is a file.
+        ValueError: ``path`` is a folder, a parent of it is a file, or its folder (the nearest
+            one that exists) does not take new files.
     """
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder; give a file path")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{flag} {path}: {parent} is not a folder")
+    _check_writable_folder(path.parent, f"{flag} {path}")
+
+
+def _check_writable_folder(folder: Path, what: str) -> None:
+    """Raise ValueError unless ``folder`` is (or can be created as) a folder that takes files.
+
+    Writes and removes a probe file in the nearest existing folder: permission bits say
+    nothing about a read-only mount or a full disk.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what}: {existing} is not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".recvae-probe-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot write in {existing} ({exc.strerror or exc})") from None
+
+
+def _write_refusal(path: Path, day: date | None, exc: BaseException) -> None:
+    """The scheduler's summary for a night that never ran (bad input, interruption), so that
+    it never shows the previous night's outcome instead."""
+    from pipelines.nightly.job import default_date
+
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    usage = isinstance(exc, ValueError | FileNotFoundError | NotADirectoryError)
+    record = {
+        "date": (day or default_date()).isoformat(),
+        "status": "interrupted" if interrupted else "error",
+        "exit_code": 130 if interrupted else (2 if usage else 1),
+        "reason": str(exc) or type(exc).__name__,
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the error itself is what the user sees; the probe above refused bad paths
 
 
 def retrain_command(args: argparse.Namespace) -> int:
     from pipelines.nightly.job import run_retrain
 
-    settings = _settings(args)
-    if not Path(settings.lake).is_dir():
-        raise ValueError(f"the data lake {settings.lake} is not a folder ([nightly] lake, --lake)")
     if args.summary is not None:
         _check_writable_file(args.summary, "--summary")
-    outcome = run_retrain(settings, args.date, force=args.force, summary_path=args.summary)
+    try:
+        settings = _settings(args)
+        if not Path(settings.lake).is_dir():
+            raise ValueError(
+                f"the data lake {settings.lake} is not a folder ([nightly] lake, --lake)"
+            )
+        if Path(settings.state_dir).exists() and not Path(settings.state_dir).is_dir():
+            raise ValueError(
+                f"the state directory {settings.state_dir} is not a folder "
+                "([nightly] state_dir, --state-dir)"
+            )
+        _check_writable_folder(
+            Path(settings.state_dir), "the state directory ([nightly] state_dir, --state-dir)"
+        )
+        outcome = run_retrain(settings, args.date, force=args.force, summary_path=args.summary)
+    except BaseException as exc:
+        if args.summary is not None:
+            _write_refusal(args.summary, args.date, exc)
+        raise
     summary = outcome.summary
     stream = sys.stdout if outcome.exit_code in (0, 3) else sys.stderr
     label = f"{outcome.status} (already done)" if outcome.already_done else outcome.status
@@ -177,7 +232,13 @@ def retrain_command(args: argparse.Namespace) -> int:
     registry = summary.get("registry") or {}
     if registry.get("new_version"):
         name = f"{registry['model']}@{registry['alias']}"
-        print(f"champion: {name} -> version {registry['new_version']}")
+        if outcome.already_done:  # the alias may have moved since (later nights, rollbacks)
+            print(
+                f"that night made version {registry['new_version']} the champion "
+                f"({name} may have moved since)"
+            )
+        else:
+            print(f"champion: {name} -> version {registry['new_version']}")
     notify = summary.get("notify") or {}
     if notify.get("ok") is False:
         print(f"warning: serving layer not notified: {notify.get('error')}", file=sys.stderr)

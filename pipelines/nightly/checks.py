@@ -9,6 +9,8 @@ partition, the problem and the limit:
 ``nulls``        share of rows with a null user, item, timestamp (or rating)
 ``unparsable``   share of rows whose id, timestamp (or rating) is present but does not parse
 ``duplicates``   share of exact repeats of (user, item, timestamp)
+``repeats``      share of rows that repeat a (user, item, timestamp) of an earlier partition
+                 whose time range overlaps (a day delivered twice under two dates)
 ``timestamps``   share of timestamps outside ``[date - late_days, date + 1 day)``
 ``volume``       row count within ``[median / ratio, median * ratio]`` of recent partitions
 
@@ -20,8 +22,8 @@ from __future__ import annotations
 import logging
 import statistics
 from dataclasses import asdict, dataclass
-from datetime import date
-from typing import Any
+from datetime import date, timedelta
+from typing import TYPE_CHECKING, Any
 
 from pipelines.nightly.lake import (
     ITEM,
@@ -35,6 +37,9 @@ from pipelines.nightly.lake import (
     partition_rows,
 )
 from pipelines.nightly.settings import LakeSettings, ValidationSettings
+
+if TYPE_CHECKING:
+    import polars as pl
 
 __all__ = ["CheckResult", "failed_checks", "validate_partitions"]
 
@@ -162,7 +167,16 @@ def _volume_check(
         )
     for p in history:
         if p.day not in counts:
-            counts[p.day] = partition_rows(p)
+            try:
+                counts[p.day] = partition_rows(p)
+            except Exception as exc:  # a late, broken file in an old partition
+                return CheckResult(
+                    "volume",
+                    day,
+                    False,
+                    f"partition {partition.name}: cannot count the rows of the earlier "
+                    f"partition {p.name} for the volume reference: {exc}",
+                )
     median = statistics.median(counts[p.day] for p in history)
     ratio = validation.volume_ratio
     low, high = median / ratio, median * ratio
@@ -179,6 +193,53 @@ def _volume_check(
         f"(ratio {ratio:g}): {verdict}"
     )
     return CheckResult("volume", day, ok, message, float(n_rows), float(median))
+
+
+def _events(partition: Partition, lake: LakeSettings) -> pl.LazyFrame:
+    import polars as pl
+
+    frames = [canonical_frame(f, lake).select(USER, ITEM, TS) for f in partition.files]
+    return pl.concat(frames, how="vertical").drop_nulls()
+
+
+def _repeats_check(
+    partition: Partition,
+    n_rows: int,
+    earlier: list[Partition],
+    lake: LakeSettings,
+    validation: ValidationSettings,
+) -> CheckResult:
+    """Rows of ``partition`` that already occur in an earlier partition whose events can fall
+    in the same time range (``2 * late_days + 1`` days back)."""
+    import polars as pl
+
+    first = partition.day - timedelta(days=2 * validation.late_days + 1)
+    overlapping = [p for p in earlier if p.day >= first and p.files]
+    sources = []
+    for p in overlapping:
+        try:
+            sources.append(_events(p, lake).collect())
+        except Exception as exc:  # validated (or reported) on its own
+            logger.warning("repeats check: skipping unreadable %s: %s", p.name, exc)
+    repeats = 0
+    if sources:
+        seen = pl.concat(sources).unique()
+        repeats = int(
+            _events(partition, lake)
+            .join(seen.lazy(), on=[USER, ITEM, TS], how="semi")
+            .select(pl.len())
+            .collect()
+            .item()
+        )
+    names = ", ".join(p.name for p in overlapping) or "none"
+    return _fraction_check(
+        "repeats",
+        partition,
+        repeats,
+        n_rows,
+        validation.max_duplicate_fraction,
+        f"repeat a (user, item, timestamp) row of an earlier partition ({names})",
+    )
 
 
 def validate_partitions(
@@ -286,6 +347,7 @@ def validate_partitions(
             )
         )
         earlier = [p for p in every if p.day < partition.day]
+        results.append(_repeats_check(partition, n_rows, earlier, lake, validation))
         results.append(_volume_check(partition, n_rows, earlier, validation, counts))
     for result in results:
         (logger.info if result.ok else logger.error)("check %s: %s", result.check, result.message)

@@ -21,6 +21,7 @@ holds the lock, 1 failure, 2 usage or configuration error.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -226,6 +227,8 @@ def _metric_name(name: str) -> str:
 
 
 def _flat_params(settings: NightlySettings, day: date, window: dict[str, Any]) -> dict[str, str]:
+    """The run's params: date and window, then every split, gate, training and validation
+    setting (``split.seed``, ``gate.min_ndcg``, ...) and the model config (``model.*``)."""
     params: dict[str, Any] = {
         "date": day.isoformat(),
         "window_days": settings.window_days,
@@ -233,13 +236,10 @@ def _flat_params(settings: NightlySettings, day: date, window: dict[str, Any]) -
         "window_end": window.get("end"),
         "recent_days": settings.recent_days,
         "lake": str(settings.lake),
-        "gate_tolerance": settings.gate.tolerance,
-        "warm_start": settings.training.warm_start,
-        "train_user_fraction": settings.training.train_user_fraction,
-        "eval_user_fraction": settings.split.eval_user_fraction,
-        "n_heldout": settings.split.n_heldout,
-        "n_validation": settings.split.n_validation,
     }
+    for section in ("split", "gate", "training", "validation"):
+        for key, value in dataclasses.asdict(getattr(settings, section)).items():
+            params[f"{section}.{key}"] = value
     for key, value in settings.model_config().to_dict().items():
         params[f"model.{key}"] = value
     return {k: str(v) for k, v in params.items()}
@@ -254,6 +254,7 @@ class _MlflowRun:
         self.experiment_id = experiment_id
         self.run_id: str | None = None
         self.resumed = False
+        self.params: dict[str, str] = {}
 
     def start(self) -> str:
         import mlflow
@@ -268,9 +269,9 @@ class _MlflowRun:
                 status = None
             if status == "RUNNING":
                 mlflow.start_run(run_id=previous)
-                self.run_id, self.resumed = previous, True
+                self.run_id, self.resumed = str(previous), True
                 mlflow.set_tag("nightly.resumed", "true")
-                return previous
+                return self.run_id
         run = mlflow.start_run(
             experiment_id=self.experiment_id, run_name=f"retrain-{self.day.isoformat()}"
         )
@@ -283,22 +284,33 @@ class _MlflowRun:
     def log_params(self, params: dict[str, str]) -> None:
         import mlflow
 
+        self.params = params
         existing = mlflow.get_run(self.run_id).data.params if self.run_id else {}
         changed = {k: v for k, v in params.items() if k in existing and existing[k] != v}
         if changed:
             # The interrupted attempt ran with other settings: it cannot be continued.
-            mlflow.set_tag("nightly.superseded", "settings changed before the rerun")
-            mlflow.end_run("FAILED")
-            self.resumed = False
-            run = mlflow.start_run(
-                experiment_id=self.experiment_id, run_name=f"retrain-{self.day.isoformat()}"
-            )
-            self.run_id = run.info.run_id
-            _write_json(
-                self.state.attempt_path(self.day), {"run_id": self.run_id, "started_at": _now()}
-            )
+            self.restart("settings changed before the rerun")
             existing = {}
         mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+
+    def restart(self, why: str) -> str:
+        """End the continued run (``FAILED``, tagged ``nightly.superseded``) and start a new one
+        with the same params, so that one run never holds the curves of two trainings."""
+        import mlflow
+
+        mlflow.set_tag("nightly.superseded", why)
+        mlflow.end_run("FAILED")
+        self.resumed = False
+        run = mlflow.start_run(
+            experiment_id=self.experiment_id, run_name=f"retrain-{self.day.isoformat()}"
+        )
+        self.run_id = run.info.run_id
+        _write_json(
+            self.state.attempt_path(self.day), {"run_id": self.run_id, "started_at": _now()}
+        )
+        if self.params:
+            mlflow.log_params(self.params)
+        return self.run_id
 
     def finish(self, summary: dict[str, Any], status: str) -> None:
         import mlflow
@@ -340,11 +352,25 @@ class _MlflowRun:
 
 
 def _end_active_run(status: str = "FAILED") -> None:
-    """Close a run left open by an error, so that the next run in this process starts clean."""
+    """Close a run left open by an error, so that the next run in this process starts clean.
+
+    Never raises: when the store cannot record the end (it is what failed), the run stays
+    RUNNING in the store (a rerun continues it) and only this process forgets it.
+    """
     import mlflow
 
-    if mlflow.active_run() is not None:
-        mlflow.end_run(status)
+    if mlflow.active_run() is None:
+        return
+    try:
+        mlflow.end_run(status)  # forgets the run locally first, then tells the store
+    except Exception as exc:
+        logger.warning("could not mark the MLflow run %s: %s", status, _one_line(exc))
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (MLflow errors carry whole SQL statements)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -398,7 +424,10 @@ def run_retrain(
     finally:
         lock.release()
     if summary_path is not None:
-        _write_json(summary_path, outcome.summary)
+        try:
+            _write_json(summary_path, outcome.summary)
+        except OSError as exc:  # the night is done; its record is in the state directory
+            logger.error("could not write the summary copy %s: %s", summary_path, exc)
     return outcome
 
 
@@ -467,7 +496,7 @@ class _Night:
             return self._steps()
         except Exception as exc:
             logger.exception("nightly run for %s failed during %s", self.day, self.stage)
-            return self._finish("failed", f"{self.stage} failed: {type(exc).__name__}: {exc}")
+            return self._finish("failed", f"{self.stage} failed: {_one_line(exc)}")
 
     def _already_done(self) -> RetrainOutcome | None:
         previous = self.state.summary(self.day)
@@ -503,8 +532,8 @@ class _Night:
             try:
                 self.mlflow_run.finish(self.summary, status)
             except Exception as exc:
-                logger.exception("could not record the MLflow run")
-                self.summary["mlflow_error"] = f"{type(exc).__name__}: {exc}"
+                logger.error("could not record the MLflow run: %s", _one_line(exc))
+                self.summary["mlflow_error"] = _one_line(exc)
                 if status != "promoted":  # a moved alias stays moved; anything else failed
                     status = "failed"
                     self.summary["status"] = status
@@ -525,7 +554,7 @@ class _Night:
     def _steps(self) -> RetrainOutcome:
         from pipelines.nightly.checks import failed_checks, validate_partitions
         from pipelines.nightly.dataset import DataRejectedError, build_nightly_data
-        from pipelines.nightly.lake import list_partitions, window_partitions
+        from pipelines.nightly.lake import QUARANTINE_MARKER, list_partitions, window_partitions
 
         settings, day = self.settings, self.day
         # 1. Validate the partitions that arrived since the last completed run.
@@ -535,16 +564,44 @@ class _Night:
         completed = [d for d in self.state.completed() if d < day]
         since = max(completed) if completed else None
         new = [p for p in window if since is None or p.day > since]
+        # Partitions validated by an earlier night whose files changed since (a late file in
+        # an old day) are validated again.
+        validated = (self.state.summary(since) or {}) if since else {}
+        recorded = validated.get("partition_fingerprints") or {}
+        prints = {p.day.isoformat(): p.fingerprint() for p in window}
+        changed = [
+            p
+            for p in window
+            if p not in new
+            and recorded.get(p.day.isoformat()) not in (None, prints[p.day.isoformat()])
+        ]
+        self.summary["partition_fingerprints"] = prints
         self.summary["window"] = {
             "start": window[0].day.isoformat() if window else None,
             "end": day.isoformat(),
             "days": settings.window_days,
             "partitions": len(window),
             "new_partitions": [p.day.isoformat() for p in new],
+            "changed_partitions": [p.day.isoformat() for p in changed],
             "last_completed": since.isoformat() if since else None,
         }
+        if changed:
+            logger.warning(
+                "validating again partition(s) whose files changed since %s: %s",
+                since,
+                ", ".join(p.name for p in changed),
+            )
         assert self.mlflow_run is not None
         self.mlflow_run.log_params(_flat_params(settings, day, self.summary["window"]))
+        own = settings.lake / f"date={day.isoformat()}"
+        if (own / QUARANTINE_MARKER).exists():
+            # Quarantined by an operator after a rejection: the night has nothing new to
+            # learn from, so it completes with the champion unchanged (later nights go on).
+            return self._finish(
+                "kept",
+                f"partition {own.name} is quarantined ({own / QUARANTINE_MARKER}): nothing new "
+                "to train on; the champion stays",
+            )
         if not any(p.day == day for p in window):
             latest = partitions[-1].name if partitions else "none"
             message = (
@@ -559,7 +616,10 @@ class _Night:
                 }
             ]
             return self._finish("rejected", message)
-        checks = validate_partitions(new, partitions, settings.lake_format, settings.validation)
+        to_check = sorted([*new, *changed], key=lambda p: p.day)
+        checks = validate_partitions(
+            to_check, partitions, settings.lake_format, settings.validation
+        )
         self.summary["checks"] = [c.to_dict() for c in checks]
         rows = [c for c in checks if c.check == "rows" and c.partition == day.isoformat()]
         if rows and rows[0].value is not None:
@@ -594,6 +654,7 @@ class _Night:
         decision = self._evaluate(data, challenger, champion)
         self.summary["gate"] = decision.to_dict()
         if not decision.promote:
+            self._undo_interrupted_promotion()
             return self._finish("kept", decision.reason)
 
         # 6. Promote, then notify.
@@ -604,16 +665,39 @@ class _Night:
         return self._finish("promoted", decision.reason)
 
     def _load_champion(self) -> Recommender | None:
-        from pipelines.nightly.registry import current_champion, download_champion
+        from pipelines.nightly.registry import (
+            TAG_DATE,
+            TAG_PREVIOUS,
+            current_champion,
+            download_champion,
+            get_version,
+        )
         from recvae.recommender import Recommender
 
         ref = current_champion(self.settings.mlflow)
+        interrupted_promotion = None
+        if ref is not None and not self.force and ref.tags.get(TAG_DATE) == self.day.isoformat():
+            # The night is not done, yet its challenger is champion: an earlier attempt moved
+            # the alias and was interrupted before it finished. The champion to beat is the one
+            # it replaced (comparing the challenger with itself would erase the previous
+            # champion that rollback follows).
+            interrupted_promotion = ref.version
+            previous = ref.tags.get(TAG_PREVIOUS) or None
+            logger.warning(
+                "an interrupted attempt of this night already made version %s the champion; "
+                "comparing with the version it replaced (%s)",
+                ref.version,
+                previous or "none",
+            )
+            ref = None if previous is None else get_version(self.settings.mlflow, previous)
         self.summary["registry"] = {
             "model": self.settings.mlflow.registered_model,
             "alias": self.settings.mlflow.alias,
             "champion_version": None if ref is None else ref.version,
             "champion_date": None if ref is None else ref.tags.get("nightly_date"),
         }
+        if interrupted_promotion is not None:
+            self.summary["registry"]["interrupted_promotion"] = interrupted_promotion
         if ref is None:
             logger.info("no champion yet: the first challenger that passes the sanity checks wins")
             return None
@@ -687,6 +771,11 @@ class _Night:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
             discarded = True
             epochs.clear()
+            assert self.mlflow_run is not None
+            if self.mlflow_run.resumed:
+                # The continued run holds the discarded attempt's curves: start a fresh one.
+                run_id = self.mlflow_run.restart("its checkpoint was discarded (the data changed)")
+                self.summary["mlflow"].update(run_id=run_id, resumed_run=False)
             challenger = fit()
         epochs_run = int(challenger.meta.get("epochs_run", 0))
         resumed_from = epochs[0] - 1 if epochs else epochs_run
@@ -750,6 +839,16 @@ class _Night:
         registry["new_version"] = version
         registry["previous_version"] = registry.get("champion_version")
         registry["model_uri"] = f"models:/{registry['model']}@{registry['alias']}"
+
+    def _undo_interrupted_promotion(self) -> None:
+        """The challenger lost this time: the alias an interrupted attempt moved goes back."""
+        registry = self.summary["registry"]
+        if registry.get("interrupted_promotion") is None:
+            return
+        from pipelines.nightly.registry import restore_alias
+
+        restore_alias(self.settings.mlflow, registry.get("champion_version"))
+        registry["alias_restored"] = True
 
     def _notify(self) -> None:
         from pipelines.nightly.notify import notify_reload

@@ -13,6 +13,7 @@ has left a ``_SUCCESS`` file.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -70,6 +71,15 @@ class Partition:
     @property
     def name(self) -> str:
         return f"date={self.day.isoformat()}"
+
+    def fingerprint(self) -> str:
+        """A digest of the data files' names, sizes and modification times: it changes when
+        a file is added, removed, rewritten or touched (a late delivery into an old day)."""
+        digest = hashlib.sha256()
+        for file in self.files:
+            info = file.stat()
+            digest.update(f"{file.name}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+        return digest.hexdigest()[:16]
 
 
 def list_partitions(root: Path, lake: LakeSettings) -> list[Partition]:

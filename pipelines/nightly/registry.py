@@ -27,8 +27,10 @@ __all__ = [
     "current_champion",
     "download_champion",
     "find_version",
+    "get_version",
     "open_tracking",
     "promote",
+    "restore_alias",
     "rollback",
 ]
 
@@ -106,6 +108,12 @@ def current_champion(settings: MlflowSettings) -> ChampionRef | None:
     return ChampionRef(settings.registered_model, settings.alias, str(version), dict(mv.tags))
 
 
+def get_version(settings: MlflowSettings, version: str) -> ChampionRef:
+    """A registered version as a :class:`ChampionRef` (whether or not the alias points at it)."""
+    mv = _client().get_model_version(settings.registered_model, version)
+    return ChampionRef(settings.registered_model, settings.alias, str(version), dict(mv.tags))
+
+
 def download_champion(ref: ChampionRef, dst: Path) -> Path:
     """Download the champion's bundle into ``dst`` (replaced) and return the bundle directory.
 
@@ -153,25 +161,48 @@ def promote(
     Returns:
         The new champion version.
     """
+    import mlflow
+
     from recvae.tracking import log_bundle_model, set_alias
 
     client = _client()
-    version = find_version(settings, day=day, bundle_version=bundle_version)
-    if version is None:
-        info = log_bundle_model(bundle, registered_model_name=settings.registered_model)
-        version = str(info.registered_model_version)
     tags = {
         TAG_DATE: day,
         TAG_RUN: run_id,
         TAG_BUNDLE: bundle_version,
         TAG_NDCG: f"{ndcg:.6f}",
-        TAG_PREVIOUS: previous if previous is not None and previous != version else "",
+        TAG_PREVIOUS: previous or "",
     }
-    for key, value in tags.items():
-        client.set_model_version_tag(settings.registered_model, version, key, value)
+    version = find_version(settings, day=day, bundle_version=bundle_version)
+    if version is None:
+        info = log_bundle_model(bundle)
+        # Registered with its tags in one call: a crash can never leave an untagged version
+        # that find_version would miss (and a rerun register twice).
+        mv = mlflow.register_model(info.model_uri, settings.registered_model, tags=tags)
+        version = str(mv.version)
+    else:
+        recorded = client.get_model_version(settings.registered_model, version).tags
+        if previous == version:
+            # A rerun after this version became champion: keep the previous champion it
+            # recorded, so that rollback can still follow it.
+            tags[TAG_PREVIOUS] = recorded.get(TAG_PREVIOUS, "")
+        for key, value in tags.items():
+            if recorded.get(key) != value:
+                client.set_model_version_tag(settings.registered_model, version, key, value)
     set_alias(settings.registered_model, settings.alias, version)
     logger.info("%s@%s -> version %s", settings.registered_model, settings.alias, version)
     return version
+
+
+def restore_alias(settings: MlflowSettings, version: str | None) -> None:
+    """Point the alias at ``version`` again, or remove it when there was none."""
+    from recvae.tracking import set_alias
+
+    if version is None:
+        _client().delete_registered_model_alias(settings.registered_model, settings.alias)
+    else:
+        set_alias(settings.registered_model, settings.alias, version)
+    logger.warning("%s@%s restored to %s", settings.registered_model, settings.alias, version)
 
 
 def rollback(settings: MlflowSettings, *, to_version: str | None = None) -> RollbackResult:
