@@ -215,22 +215,15 @@ def _repeats_check(
 
     first = partition.day - timedelta(days=2 * validation.late_days + 1)
     overlapping = [p for p in earlier if p.day >= first and p.files]
-    sources = []
-    for p in overlapping:
+    rows = _events(partition, lake).with_row_index("row")
+    found: list[pl.Series] = []
+    for p in overlapping:  # one earlier partition in memory at a time (the join's hash table)
         try:
-            sources.append(_events(p, lake).collect())
+            join = rows.join(_events(p, lake), on=[USER, ITEM, TS], how="semi")
+            found.append(join.select("row").collect()["row"])
         except Exception as exc:  # validated (or reported) on its own
             logger.warning("repeats check: skipping unreadable %s: %s", p.name, exc)
-    repeats = 0
-    if sources:
-        seen = pl.concat(sources).unique()
-        repeats = int(
-            _events(partition, lake)
-            .join(seen.lazy(), on=[USER, ITEM, TS], how="semi")
-            .select(pl.len())
-            .collect()
-            .item()
-        )
+    repeats = pl.concat(found).n_unique() if found else 0
     names = ", ".join(p.name for p in overlapping) or "none"
     return _fraction_check(
         "repeats",
