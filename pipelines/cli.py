@@ -10,9 +10,13 @@ import argparse
 import importlib
 import logging
 import re
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 # Each module defines ``register(subparsers)``; the order is the order in --help.
 COMMAND_MODULES = (
@@ -27,6 +31,16 @@ COMMAND_MODULES = (
     "pipelines.commands.retrain",
     "pipelines.commands.anomalies",
 )
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's stop, ``torchrun`` stopping its workers), raised in
+    the main thread like Ctrl-C, so that runs close (MLflow ``KILLED``, locks released,
+    checkpoints kept) instead of dying in the middle."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
 
 
 class CLIError(Exception):
@@ -121,8 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    previous = _on_sigterm(_raise_terminated)
     try:
         return int(args.func(args) or 0)
+    except Terminated:
+        print("recvae: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("recvae: interrupted", file=sys.stderr)
         return 130
@@ -156,6 +174,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyError as exc:  # UnknownUserError and friends
         print(f"recvae: error: unknown id {exc}", file=sys.stderr)
         return 2
+    finally:
+        _on_sigterm(previous)
+
+
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+def _on_sigterm(handler: _Handler) -> _Handler:
+    """Install ``handler`` for SIGTERM and return the previous one (main thread only: signal
+    handlers cannot be set elsewhere; uvicorn installs its own while ``serve`` runs)."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

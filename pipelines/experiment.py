@@ -212,6 +212,7 @@ class ExperimentSettings:
     tracking_uri: str | None = None
     registered_model: str | None = None
     alias: str = "staging"
+    artifact_location: str | None = None
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -373,6 +374,7 @@ def experiment_from_dict(raw: Mapping[str, Any]) -> ExperimentSettings:
         plots=section.get("plots", True),
         experiment_name=mlflow_section.get("experiment"),
         tracking_uri=mlflow_section.get("tracking_uri"),
+        artifact_location=mlflow_section.get("artifact_location"),
         registered_model=mlflow_section.get("registered_model"),
         alias=mlflow_section.get("alias", ExperimentSettings.alias),
     )
@@ -821,6 +823,7 @@ def tracked_train(
     output_dir: Path | None = None,
     registered_model: str | None = None,
     alias: str | None = None,
+    prepared: PreparedData | None = None,
 ) -> TrainOutcome:
     """``recvae train`` with MLflow: one run logged exactly like an experiment's child run.
 
@@ -832,12 +835,13 @@ def tracked_train(
         output_dir: The run directory (default ``runs/<dataset>-<model>-<time>``).
         registered_model: Register the bundle under this name.
         alias: Move this alias to the new version.
+        prepared: The job's data and split, when already prepared.
 
     Returns:
         The :class:`pipelines.train_job.TrainOutcome`.
     """
     tracker = tracker or Tracker.disabled()
-    prepared = prepare(job)
+    prepared = prepared or prepare(job)
     config = job.model_config()
     out = output_dir or default_output_dir(job, config.model)
     spec = ModelSpec(label=config.model, config=config)
@@ -872,6 +876,7 @@ def tracked_train(
         bundle_path=result.bundle_path,
         train_seconds=result.train_seconds,
         dataset=prepared.name,
+        registered=result.logged_model if (result.logged_model or {}).get("version") else None,
     )
 
 

@@ -125,6 +125,8 @@ class Tracker:
         enabled: Log to MLflow.
         tracking_uri: The store; None means ``$MLFLOW_TRACKING_URI``, else ``./mlflow.db``.
         experiment: The MLflow experiment's name (created when new).
+        artifact_location: Where a new experiment keeps its artifacts (``[mlflow]
+            artifact_location``); an existing experiment keeps its own.
 
     Raises:
         ValueError: ``enabled`` but mlflow is not installed, or the store cannot be opened.
@@ -136,6 +138,7 @@ class Tracker:
         enabled: bool,
         tracking_uri: str | None = None,
         experiment: str = "recvae",
+        artifact_location: str | None = None,
     ) -> None:
         self.enabled = enabled
         self.experiment = experiment
@@ -153,7 +156,9 @@ class Tracker:
 
         try:
             self.tracking_uri = configure_tracking(tracking_uri)
-            self.experiment_id = get_or_create_experiment(experiment)
+            self.experiment_id = get_or_create_experiment(
+                experiment, artifact_location=artifact_location
+            )
         except Exception as exc:
             raise ValueError(
                 f"cannot open the MLflow store {tracking_uri or '(default)'}: {exc}"
@@ -351,6 +356,7 @@ def make_tracker(
     track: bool | None,
     tracking_uri: str | None,
     experiment: str,
+    artifact_location: str | None = None,
 ) -> Tracker:
     """The tracker a command asked for: ``track`` None means the default (:func:`tracking_default`).
 
@@ -361,4 +367,9 @@ def make_tracker(
     """
     if track is None:
         track = True if tracking_uri else tracking_default()
-    return Tracker(enabled=track, tracking_uri=tracking_uri, experiment=experiment)
+    return Tracker(
+        enabled=track,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        artifact_location=artifact_location,
+    )

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,19 +49,17 @@ def run_distributed(args: argparse.Namespace) -> int:
     Raises:
         ValueError: not started by torchrun, bad settings, or a model without DDP support.
     """
-    from pipelines.commands.train import train_job_from_args
-    from pipelines.train_job import (
-        default_output_dir,
-        evaluate_held_out,
-        metric_rows,
-        prepare,
-        record_run,
-    )
+    from pipelines.commands.train import print_tracking, train_job_from_args, train_tracking
+    from pipelines.experiment import tracked_train
+    from pipelines.train_job import default_output_dir, metric_rows, prepare
     from recvae import distributed as dist_utils
     from recvae.training import train
 
     job = train_job_from_args(args, distributed=True)
     config = job.model_config()  # fail on bad settings before joining the group
+    # Rank 0 logs to MLflow; it opens the store before the group forms, so that a store it
+    # cannot open stops the launch instead of leaving the other ranks waiting.
+    tracking = train_tracking(args, job) if os.environ.get("RANK", "0") == "0" else None
     context = dist_utils.init_from_env(device=str(job.run.get("device", "auto")))
     try:
         prepared = prepare(job)
@@ -69,36 +67,37 @@ def run_distributed(args: argparse.Namespace) -> int:
         # Every rank must use rank 0's directory (a default name holds a timestamp).
         proposed = str(args.output or default_output_dir(job, config.model))
         out = Path(str(dist_utils.broadcast_object(proposed)))
-        options = job.run_options(checkpoint_dir=str(out / "checkpoints"))
-        start = time.perf_counter()
-        recommender = train(split.train, config, validation=split.validation, options=options)
-        seconds = time.perf_counter() - start
         if context.is_main:
-            results = evaluate_held_out(recommender, split)
-            bundle = record_run(
-                recommender,
+            assert tracking is not None
+            # The same call as `recvae train`: the training below joins the other ranks'.
+            outcome = tracked_train(
                 job,
-                prepared,
-                results,
-                train_seconds=seconds,
+                tracker=tracking.tracker,
                 output_dir=out,
-                extra={"world_size": context.world_size},
+                registered_model=tracking.registered_model,
+                alias=tracking.alias,
+                prepared=prepared,
             )
+            rec = outcome.recommender
             counts = split.summary()
             print(
                 f"dataset      {prepared.name}: {counts['n_train_users']} train users, "
                 f"{counts['n_items']} items; {counts['n_test_users_with_targets']} test users"
             )
             print(
-                f"model        {config.model}, best epoch {recommender.meta.get('best_epoch')} "
-                f"of {recommender.meta.get('epochs_run')}, {seconds:.1f}s on "
-                f"{context.world_size} x {recommender.meta.get('device')} ({context.backend})"
+                f"model        {config.model}, best epoch {rec.meta.get('best_epoch')} "
+                f"of {rec.meta.get('epochs_run')}, {outcome.train_seconds:.1f}s on "
+                f"{context.world_size} x {rec.meta.get('device')} ({context.backend})"
             )
             print("test metrics (mean ± standard error over test users):")
-            for line in metric_rows(results["test"]):
+            for line in metric_rows(outcome.test):
                 print(f"  {line}")
-            print(f"bundle       {bundle}")
+            print(f"bundle       {outcome.bundle_path}")
+            print_tracking(tracking, outcome.registered)
             sys.stdout.flush()
+        else:
+            options = job.run_options(checkpoint_dir=str(out / "checkpoints"))
+            train(split.train, config, validation=split.validation, options=options)
         dist_utils.barrier()
     finally:
         dist_utils.destroy()

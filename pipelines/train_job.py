@@ -39,6 +39,7 @@ class TrainOutcome:
     bundle_path: Path | None
     train_seconds: float
     dataset: str
+    registered: dict[str, str] | None = None  # registry name and version, when registered
 
 
 def prepare(job: JobSettings) -> PreparedData:
@@ -132,6 +133,15 @@ def evaluate_held_out(
     }
 
 
+def _world_size() -> dict[str, int]:
+    """``{"world_size": N}`` while a DDP process group is up (a ``torchrun`` run), else {}."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return {"world_size": dist.get_world_size()}
+    return {}
+
+
 def record_run(
     recommender: Recommender,
     job: JobSettings,
@@ -150,7 +160,7 @@ def record_run(
     Returns:
         The saved bundle's path, or None without ``output_dir``.
     """
-    extra = extra or {}
+    extra = {**_world_size(), **(extra or {})}
     recommender.meta.update(
         {
             "dataset": prepared.name,

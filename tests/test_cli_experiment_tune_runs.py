@@ -321,3 +321,15 @@ def test_experiment_rerun_with_fewer_models_warns_about_the_earlier_results(
     assert len(warnings) == 1 and "itemknn, which this one does not run" in warnings[0]
     assert (tmp_path / "itemknn").is_dir()  # left as it was
     assert [r.label for r in result.results] == ["popularity"]
+
+
+def test_runs_points_at_the_servers_own_ui_for_a_tracking_server() -> None:
+    from pipelines.commands.runs import details_hint
+
+    assert (
+        details_hint("http://mlflow.internal:5000")
+        == "open http://mlflow.internal:5000 in a browser"
+    )
+    assert (
+        details_hint("sqlite:///mlflow.db") == "mlflow ui --backend-store-uri sqlite:///mlflow.db"
+    )

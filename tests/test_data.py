@@ -733,3 +733,15 @@ def test_planted_rejects_bad_arguments() -> None:
         planted_interactions(p_in=1.5)
     with pytest.raises(ValueError, match="n_clusters"):
         planted_interactions(n_items=2, n_clusters=3)
+
+
+def test_not_found_from_a_relative_data_dir_says_where_it_looked_and_why_the_env_is_unused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RECVAE_DATA_DIR", str(tmp_path / "elsewhere"))
+    with pytest.raises(DataFileNotFound) as caught:
+        load_dataset("ml-1m", "../shared/data")
+    message = str(caught.value)
+    assert f"read from the working directory ({tmp_path})" in message
+    assert "RECVAE_DATA_DIR is set but not read: a data directory was given" in message

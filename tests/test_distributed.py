@@ -152,20 +152,32 @@ def test_torchrun_entry_point_trains_and_saves_a_bundle(tmp_path: Path) -> None:
     csv.write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RECVAE_TRACKING": "off"}
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
         "-m", "pipelines.train_ddp",
         "--data", str(csv), "--n-heldout", "30", "--epochs", "3", "--batch-size", "33",
         "--latent-dim", "8", "--device", "cpu", "--threads", "1", "--output", str(out),
+        "--tracking-uri", store, "--registered-model", "ddp-model",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "test metrics" in done.stdout and done.stdout.count("bundle ") == 1
+    assert "registered   models:/ddp-model@staging (version 1)" in done.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and 0 < metrics["test"]["ndcg@100"] <= 1
     rec = Recommender.load(out / "bundle")
     assert rec.meta["epochs_run"] == 3
+    # Rank 0 logged one run, like `recvae train`: per-epoch curves and the final metrics.
+    import mlflow
+
+    mlflow.set_tracking_uri(store)
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FINISHED"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert abs(run.data.metrics["test_ndcg_at_100"] - metrics["test"]["ndcg@100"]) < 1e-9
     # Not under torchrun: a clear error and a non-zero exit.
     bare = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
     done = subprocess.run(

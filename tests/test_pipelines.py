@@ -303,3 +303,93 @@ def test_console_script_help_and_config_preset(tmp_path: Path) -> None:
         [str(exe), "train", "--epochs", "-3", "-o", str(tmp_path)], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "epochs" in bad.stderr
+
+
+def test_sigterm_stops_a_command_like_ctrl_c(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import signal
+
+    import pipelines.commands.datasets as datasets_command
+
+    closed: list[str] = []
+
+    def terminated_while_running(args: object) -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at the next bytecode
+            return 0
+        finally:
+            closed.append("cleanup ran")  # finally blocks (MLflow runs, locks) still run
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(datasets_command, "run_command", terminated_while_running)
+    code, _, err = _run(["datasets"], capsys)
+    assert code == 143 and err.strip() == "recvae: terminated (SIGTERM)"
+    assert closed == ["cleanup ran"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+
+
+@pytest.mark.slow
+def test_sigterm_during_training_ends_the_mlflow_run_killed(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    argv = [sys.executable, "-c", "from pipelines.cli import main; raise SystemExit(main())"]
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    process = subprocess.Popen(
+        [*argv, "train", "--epochs", "300", "--tracking-uri", store, "-o", str(tmp_path / "r")],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = tmp_path / "r" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not any(checkpoints.glob("*.pt")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err[-2000:]
+    assert "recvae: terminated (SIGTERM)" in err
+    import mlflow
+
+    mlflow.set_tracking_uri(store)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
+def test_train_logs_and_registers_where_the_config_says(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'custom.db'}"
+    artifacts = (tmp_path / "custom-artifacts").as_uri()
+    config = tmp_path / "c.toml"
+    config.write_text(
+        "[model]\nepochs = 1\nlatent_dim = 8\nhidden_dims = [16]\n"
+        f'[mlflow]\ntracking_uri = "{store}"\nexperiment = "custom-exp"\n'
+        f'artifact_location = "{artifacts}"\nregistered_model = "custom-model"\n'
+    )
+    argv = ["train", "--config", str(config), "--no-progress", "-o", str(tmp_path / "run")]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    assert f"mlflow       {store}, experiment 'custom-exp'" in out
+    assert "registered   models:/custom-model@staging (version 1)" in out
+    mlflow.set_tracking_uri(store)
+    experiment = mlflow.get_experiment_by_name("custom-exp")
+    assert experiment.artifact_location == artifacts
+    version = mlflow.MlflowClient().get_model_version_by_alias("custom-model", "staging")
+    assert version.version in (1, "1")
+    # Flags win over the config; registering asked for with tracking off is refused up front.
+    code, out, err = _run([*argv, "--alias", "candidate"], capsys)
+    assert code == 0, err
+    assert "registered   models:/custom-model@candidate (version 2)" in out
+    code, _, err = _run(["train", "--alias", "prod", "--no-track"], capsys)
+    assert code == 2 and "--alias needs a registered model" in err
+    code, _, err = _run(["train", "--registered-model", "m", "--no-track"], capsys)
+    assert code == 2 and "registering needs MLflow tracking, which is off" in err

@@ -103,6 +103,7 @@ def run_command(args: argparse.Namespace) -> int:
         track=args.track,
         tracking_uri=args.tracking_uri or settings.tracking_uri,
         experiment=args.experiment_name or settings.experiment_name or f"recvae-{job.data.name}",
+        artifact_location=settings.artifact_location,
     )
     if asked and not tracker.enabled:
         raise CLIError(

@@ -200,8 +200,16 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"no runs in {uri}")
         return 0
     print(format_runs(runs))
-    print(f"\n{len(runs)} run(s) from {uri}; details: mlflow ui --backend-store-uri {uri}")
+    print(f"\n{len(runs)} run(s) from {uri}; details: {details_hint(uri)}")
     return 0
+
+
+def details_hint(uri: str) -> str:
+    """Where to see the runs: a tracking server shows its own UI; a local store needs
+    ``mlflow ui`` started on it (which refuses a server URI)."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ from pipelines.tracking_hooks import add_tracking_arguments
 
 if TYPE_CHECKING:
     from pipelines.settings import JobSettings
+    from pipelines.tracking_hooks import Tracker
 
 
 def register(subparsers: Any) -> None:
@@ -63,6 +65,15 @@ def register(subparsers: Any) -> None:
         help="DDP over the processes torchrun started (torchrun ... -m pipelines.train_ddp)",
     )
     add_tracking_arguments(parser)
+    parser.add_argument(
+        "--registered-model",
+        help="register the bundle in the MLflow model registry under this name "
+        "(default: [mlflow] registered_model of the config; none)",
+    )
+    parser.add_argument(
+        "--alias",
+        help="registry alias moved to the new version (default: [mlflow] alias, else staging)",
+    )
     parser.set_defaults(func=run_command)
 
 
@@ -102,24 +113,73 @@ def train_job_from_args(args: argparse.Namespace, *, distributed: bool = False) 
     return job
 
 
+@dataclass(frozen=True)
+class TrainTracking:
+    """Where ``recvae train`` logs and registers: the flags first, then the config's
+    ``[mlflow]`` table (``tracking_uri``, ``experiment``, ``artifact_location``,
+    ``registered_model``, ``alias``)."""
+
+    tracker: Tracker
+    registered_model: str | None
+    alias: str | None
+
+
+def train_tracking(args: argparse.Namespace, job: JobSettings) -> TrainTracking:
+    """The tracking of a ``recvae train`` run (opens the store when tracking is on).
+
+    Raises:
+        ValueError: a bad name or alias, an alias without a registered model, registering
+            asked for on the command line with tracking off, or a store that cannot be opened.
+    """
+    from pipelines.experiment import check_alias, check_registered_model_name, mlflow_from_dict
+    from pipelines.settings import read_toml
+    from pipelines.tracking_hooks import make_tracker
+
+    section = mlflow_from_dict(read_toml(args.config)) if args.config else {}
+    registered = args.registered_model or section.get("registered_model")
+    alias = args.alias or section.get("alias")
+    if alias is not None and registered is None:
+        raise ValueError("--alias needs a registered model: pass --registered-model NAME")
+    if registered is not None:
+        check_registered_model_name(registered)
+        alias = alias or "staging"
+        check_alias(alias)
+    tracker = make_tracker(
+        track=args.track,
+        tracking_uri=args.tracking_uri or section.get("tracking_uri"),
+        experiment=args.experiment_name or section.get("experiment") or f"recvae-{job.data.name}",
+        artifact_location=section.get("artifact_location"),
+    )
+    if not tracker.enabled:
+        if args.registered_model is not None:
+            raise ValueError(
+                f"--registered-model {args.registered_model}: registering needs MLflow "
+                "tracking, which is off (--no-track or $RECVAE_TRACKING): drop --no-track"
+            )
+        registered = alias = None  # a name from the config sits unused, as in `experiment`
+    return TrainTracking(tracker, registered, alias)
+
+
 def run_command(args: argparse.Namespace) -> int:
     if args.distributed:
         from pipelines.train_ddp import run_distributed
 
         return run_distributed(args)
     from pipelines.experiment import output_dir_problem, tracked_train
-    from pipelines.tracking_hooks import make_tracker
     from pipelines.train_job import metric_rows
 
     job = train_job_from_args(args)
     if args.output is not None and (problem := output_dir_problem(Path(args.output))):
         raise ValueError(f"--output {problem}")
-    tracker = make_tracker(
-        track=args.track,
-        tracking_uri=args.tracking_uri,
-        experiment=args.experiment_name or f"recvae-{job.data.name}",
+    tracking = train_tracking(args, job)
+    tracker = tracking.tracker
+    outcome = tracked_train(
+        job,
+        tracker=tracker,
+        output_dir=args.output,
+        registered_model=tracking.registered_model,
+        alias=tracking.alias,
     )
-    outcome = tracked_train(job, tracker=tracker, output_dir=args.output)
     rec = outcome.recommender
     split = outcome.split.summary()
     print(
@@ -134,7 +194,18 @@ def run_command(args: argparse.Namespace) -> int:
     for line in metric_rows(outcome.test):
         print(f"  {line}")
     print(f"bundle       {outcome.bundle_path}")
-    if tracker.enabled:
-        print(f"mlflow       {tracker.tracking_uri}, experiment {tracker.experiment!r}")
+    print_tracking(tracking, outcome.registered)
     sys.stdout.flush()
     return 0
+
+
+def print_tracking(tracking: TrainTracking, registered: dict[str, str] | None) -> None:
+    """The ``mlflow`` and ``registered`` lines of the summary."""
+    tracker = tracking.tracker
+    if tracker.enabled:
+        print(f"mlflow       {tracker.tracking_uri}, experiment {tracker.experiment!r}")
+    if registered and registered.get("version"):
+        print(
+            f"registered   models:/{registered['registered_model']}@{tracking.alias} "
+            f"(version {registered['version']})"
+        )

@@ -385,7 +385,15 @@ def _locate(spec: DatasetSpec, source: _Source, data_dir: str | Path | None) -> 
         for folder in _candidate_folders(base, spec, source)
         for marker in source.markers
     ]
+    notes = ""
+    if not base.is_absolute():
+        notes += f" A relative data directory is read from the working directory ({Path.cwd()})."
+    if data_dir is not None and os.environ.get(DATA_DIR_ENV):
+        notes += (
+            f" {DATA_DIR_ENV} is set but not read: a data directory was given (--data-dir, or "
+            "data_dir in the config's [data])."
+        )
     raise DataFileNotFound(
-        f"dataset {spec.name!r} not found from {origin}; tried: {', '.join(tried)}. "
+        f"dataset {spec.name!r} not found from {origin}; tried: {', '.join(tried)}.{notes} "
         f"{source.why_not_bundled}"
     )
