@@ -333,3 +333,29 @@ def test_runs_points_at_the_servers_own_ui_for_a_tracking_server() -> None:
     assert (
         details_hint("sqlite:///mlflow.db") == "mlflow ui --backend-store-uri sqlite:///mlflow.db"
     )
+
+
+def test_runs_table_names_the_parent_of_a_child_listed_without_it() -> None:
+    from pipelines.commands.runs import format_runs
+    from recvae.tracking import RunSummary
+
+    def run(run_id: str, name: str, parent: str | None, start: int) -> RunSummary:
+        return RunSummary(
+            run_id=run_id,
+            experiment="e",
+            name=name,
+            status="FINISHED",
+            start_time=start,
+            end_time=start + 1000,
+            parent_run_id=parent,
+            metrics={},
+            params={},
+            tags={},
+        )
+
+    parent = run("p" * 32, "experiment", None, 0)
+    first, second = run("a" * 32, "multvae", "p" * 32, 1), run("b" * 32, "ease", "p" * 32, 2)
+    table = format_runs([second, first, parent])
+    assert "└ multvae" in table and "(child of" not in table
+    cut = format_runs([second, first])  # --limit left the parent out
+    assert "ease (child of pppppppp)" in cut and "multvae (child of pppppppp)" in cut

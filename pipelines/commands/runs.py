@@ -87,6 +87,8 @@ def format_runs(runs: list[Any]) -> str:
     for run, depth in ordered:
         model = run.params.get("label") or run.params.get("model") or run.tags.get("model", "")
         name = ("  " * depth + ("└ " if depth else "")) + (run.name or run.run_id[:8])
+        if depth == 0 and run.parent_run_id:  # its parent is beyond --limit
+            name += f" (child of {run.parent_run_id[:8]})"
         cells = [
             _time(run.start_time),
             run.experiment,
