@@ -333,8 +333,13 @@ class Tracker:
         self.log_metrics(metrics)
 
 
-def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--track/--no-track``, ``--tracking-uri`` and ``--experiment-name`` to a command."""
+def add_tracking_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    default_experiment: str = "[mlflow] experiment of the config, else recvae-<dataset>",
+) -> None:
+    """Add ``--track/--no-track``, ``--tracking-uri`` and ``--experiment-name`` to a command
+    (``default_experiment`` says, in the help, which experiment it logs to without the flag)."""
     group = parser.add_argument_group("MLflow tracking")
     group.add_argument(
         "--track",
@@ -348,7 +353,9 @@ def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
         "--tracking-uri",
         help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
     )
-    group.add_argument("--experiment-name", help="MLflow experiment (default recvae-<dataset>)")
+    group.add_argument(
+        "--experiment-name", help=f"MLflow experiment (default: {default_experiment})"
+    )
 
 
 def make_tracker(

@@ -6,7 +6,7 @@ model come from its ``[models.<label>]`` table (or the type's defaults)::
     [tune]
     model = "multvae"          # a [models.<label>] label or a model type
     sampler = "tpe"            # "tpe" or "random"
-    n_trials = 20              # budget in trials (finished ones count across resumptions) ...
+    n_trials = 20              # budget in completed trials (across resumptions) ...
     timeout_minutes = 60       # ... and/or in minutes per invocation
     seed = 0
 
@@ -25,11 +25,14 @@ model come from its ``[models.<label>]`` table (or the type's defaults)::
 A range with integer bounds is an integer parameter. Each trial trains on the training users and
 is scored on the validation users only; it is logged as a child MLflow run of the tuning run.
 When the budget is spent, the best trial's model (its checkpoint when it is an autoencoder) is
-scored once on the test users and saved (``best.json``, ``best/bundle``).
+scored once on the test users and saved (``best.json``, ``best/bundle``); the tuning run gets
+its params as ``best.<name>`` tags (tags, unlike params, follow a new best after a resumption).
 
 The study lives in ``<output>/optuna.db`` (sqlite): rerunning the same command resumes it,
-retrying a trial an interruption cut short (from its checkpoint), and counting finished trials
-against ``n_trials``. A study may not be resumed with other settings.
+retrying once a trial an interruption (Ctrl-C, a killed process) cut short (from its
+checkpoint), and counting completed trials against ``n_trials`` (a failed trial does not count).
+A resumed study's sampler draws new parameters: its seed derives from ``seed`` and the number of
+trials so far. A study may not be resumed with other settings.
 """
 
 from __future__ import annotations
@@ -393,36 +396,90 @@ def _trial_dir(out: Path, config: Mapping[str, Any]) -> Path:
     return out / "trials" / key
 
 
-def _sampler(settings: TuneSettings) -> optuna.samplers.BaseSampler:
+def _sampler_seed(seed: int, n_existing: int) -> int:
+    """The sampler's seed for a run that finds ``n_existing`` trials in the study.
+
+    A new study uses ``seed`` itself. A resumed one must not: a sampler seeded afresh restarts
+    its random stream and would draw the parameter sets of the first run again. Its seed is
+    derived from ``seed`` and the number of trials already there, so that the draws are new
+    and the same sequence of runs still draws the same parameters.
+    """
+    if n_existing == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{n_existing}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _sampler(settings: TuneSettings, n_existing: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler, seeded for a study holding ``n_existing`` trials."""
     import optuna
 
+    seed = _sampler_seed(settings.seed, n_existing)
     if settings.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=settings.seed)
-    return optuna.samplers.TPESampler(seed=settings.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def _recover_interrupted(study: optuna.Study) -> int:
-    """Mark trials left RUNNING by an interrupted run as failed and queue their params again."""
+    """Queue again, once, the params of every trial an interruption cut short.
+
+    Such a trial is RUNNING (the process was killed; it is marked failed here) or FAIL with the
+    ``interrupted`` attribute (Ctrl-C: the objective marked it before optuna failed it). Its
+    retry carries ``retry_of``, so that a later resumption does not queue it a second time.
+
+    Returns:
+        The number of trials queued again.
+    """
     from optuna.trial import TrialState
 
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in stale:
-        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        study.enqueue_trial(dict(trial.params), skip_if_exists=False)
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    queued = 0
+    for trial in trials:
+        if trial.state == TrialState.RUNNING:
+            study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        elif not (trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted")):
+            continue
+        if trial.number in retried or _requeued_before(trial, trials):
+            continue
+        study.enqueue_trial(
+            dict(trial.params), user_attrs={"retry_of": trial.number}, skip_if_exists=False
+        )
         logger.warning("trial %d was interrupted; it will run again", trial.number)
-    return len(stale)
+        queued += 1
+    return queued
 
 
-def _requeue_last_failure(study: optuna.Study, n_before: int) -> None:
-    """After Ctrl-C: optuna marked the running trial failed; retry it on the next resume."""
+def _requeued_before(trial: Any, trials: Sequence[Any]) -> bool:
+    """Whether a later trial was queued with ``trial``'s params without a ``retry_of`` mark,
+    as studies of earlier versions retried a killed trial."""
+    return any(
+        later.number > trial.number
+        and "retry_of" not in later.user_attrs
+        and later.system_attrs.get("fixed_params") == trial.params
+        for later in trials
+    )
+
+
+def _complete(study: optuna.Study) -> int:
+    """The trials that count against ``n_trials``: those that completed."""
     from optuna.trial import TrialState
 
-    for trial in study.get_trials(deepcopy=False)[n_before:]:
-        if trial.state == TrialState.FAIL and "validation" not in trial.user_attrs:
-            if not trial.user_attrs.get("interrupted"):
-                study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-                study.enqueue_trial(dict(trial.params), skip_if_exists=False)
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+class _QuietInterruptedTrials(logging.Filter):
+    """Drops optuna's "Trial N failed" records (a traceback among them) for trials that Ctrl-C
+    cut short: the command reports the interruption itself and exits like the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numbers: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(f"Trial {n} failed") for n in self.numbers)
 
 
 def _finished(study: optuna.Study) -> list[Any]:
@@ -524,10 +581,13 @@ def run_tune(
     study = _open_study(out / "optuna.db", settings)
     _check_study_settings(study, settings, prepared.fingerprint, protocol, out=out, say=say)
     recovered = _recover_interrupted(study)
-    done = len(_finished(study))
+    study.sampler = _sampler(settings, n_existing=len(study.trials))
+    done = _complete(study)
+    finished_before = len(_finished(study))
     remaining = None if settings.n_trials is None else max(0, settings.n_trials - done)
     say(
-        f"study {out / 'optuna.db'}: {done} trial(s) finished"
+        f"study {out / 'optuna.db'}: {done} trial(s) complete"
+        + (f" ({finished_before - done} failed)" if finished_before > done else "")
         + (f", {recovered} interrupted one(s) queued again" if recovered else "")
         + (f"; {remaining} to run" if remaining is not None else "")
         + (f", at most {settings.timeout_minutes:g} min" if settings.timeout_minutes else "")
@@ -542,7 +602,6 @@ def run_tune(
     parent_id = study.user_attrs.get("mlflow_run_id")
     if parent_id and not tracker.run_exists(parent_id):
         parent_id = None  # another store (or tracking off then): start a new parent run
-    n_before = len(study.trials)
     popularity = split.train.item_counts()
     with (
         thread_limits(threads),
@@ -569,8 +628,20 @@ def run_tune(
                 }
             )
         best_so_far = _best_value(study)
+        quiet = _QuietInterruptedTrials()
 
         def objective(trial: optuna.Trial) -> float:
+            try:
+                return run_trial(trial)
+            except KeyboardInterrupt:
+                # optuna fails the trial next, and a finished trial cannot be changed: mark it
+                # now, so that the next run retries its params (see _recover_interrupted).
+                trial.set_user_attr("interrupted", True)
+                quiet.numbers.add(trial.number)
+                say(f"trial {trial.number}: interrupted; rerunning the command retries it")
+                raise
+
+        def run_trial(trial: optuna.Trial) -> float:
             nonlocal best_so_far
             params = {p.name: p.suggest(trial) for p in settings.space}
             config = settings.spec.config.replace(**params)
@@ -612,6 +683,10 @@ def run_tune(
             return value
 
         if remaining is None or remaining > 0:
+            from optuna.study import _optimize
+
+            optuna_log = logging.getLogger(_optimize.__name__)  # where optuna logs failures
+            optuna_log.addFilter(quiet)
             try:
                 study.optimize(
                     objective,
@@ -622,10 +697,9 @@ def run_tune(
                     catch=(ValueError, FloatingPointError, RuntimeError),
                     gc_after_trial=True,
                 )
-            except KeyboardInterrupt:
-                _requeue_last_failure(study, n_before)
-                raise
-        n_new = len(_finished(study)) - done
+            finally:
+                optuna_log.removeFilter(quiet)
+        n_new = len(_finished(study)) - finished_before
         result = _finish(
             study,
             settings,
@@ -796,6 +870,7 @@ def _finish(
     if not complete:
         raise ValueError(f"no trial finished in {out}: see the log for the failures")
     best = study.best_trial
+    assert best.value is not None  # a COMPLETE trial has its value
     trials = [
         {
             "number": t.number,
@@ -867,7 +942,8 @@ def _finish(
     tmp = best_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(best_file)
-    tracker.log_params({f"best.{k}": v for k, v in record["params"].items()})
+    # Tags, not params: MLflow params cannot change, and a resumed study may find a new best.
+    tracker.set_tags({f"best.{name}": _tag_value(v) for name, v in record["params"].items()})
     tracker.log_metrics(
         {"best_trial": float(best.number), f"best_validation_{SELECT_METRIC}": float(best.value)}
     )
@@ -887,6 +963,11 @@ def _finish(
         seconds=0.0,
         bundle_path=bundle_path,
     )
+
+
+def _tag_value(value: Any) -> str:
+    """A best param as a tag's text (lists as JSON, as params are logged)."""
+    return json.dumps(_plain(value)) if isinstance(value, list | tuple) else str(value)
 
 
 def _decode(settings: TuneSettings, params: Mapping[str, Any]) -> dict[str, Any]:

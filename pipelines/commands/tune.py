@@ -37,7 +37,9 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--model", help="the model label or type to tune (overrides [tune] model)")
     budget = parser.add_argument_group("budget and search (override [tune])")
-    budget.add_argument("--n-trials", type=int, help="finished trials to reach, across resumptions")
+    budget.add_argument(
+        "--n-trials", type=int, help="completed trials to reach, across resumptions"
+    )
     budget.add_argument("--timeout-minutes", type=float, help="stop starting trials after this")
     budget.add_argument("--sampler", choices=["tpe", "random"])
     budget.add_argument("--sampler-seed", dest="tune_seed", type=int, help="sampler seed")
@@ -47,7 +49,11 @@ def register(subparsers: Any) -> None:
         parser,
         output_help="study directory (default runs/tune-<dataset>-<model>; the same one resumes)",
     )
-    add_tracking_arguments(parser)
+    add_tracking_arguments(
+        parser,
+        default_experiment="<[mlflow] experiment of the config, else recvae-<dataset>>-tune, "
+        "e.g. recvae-ml-1m-tune",
+    )
     parser.add_argument("--registered-model", help="register the best bundle under this name")
     parser.add_argument("--alias", default="staging", help="registry alias (default staging)")
     parser.set_defaults(func=run_command)
