@@ -8,11 +8,14 @@ store in the working directory with an explicit artifact location; any ``MLFLOW_
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import math
 import os
 import re
+import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,6 +26,8 @@ from typing import Any
 
 import mlflow
 import mlflow.pyfunc
+import numpy as np
+from mlflow.entities import RunStatus
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import DataType
@@ -73,6 +78,69 @@ def configure_tracking(tracking_uri: str | None = None) -> str:
     return uri
 
 
+# Absolute paths of the sqlite databases this process has opened through _open_store.
+_OPENED_STORES: set[Path] = set()
+
+
+def _sqlite_database(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` URI (absolute), None for anything else."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path).resolve()
+
+
+def _open_store() -> None:
+    """Create (or migrate) the current sqlite store once per process, one process at a time.
+
+    MLflow builds a sqlite store's schema on first use by running its migrations, with no lock:
+    several processes opening the same fresh database at once (three ``recvae train`` started
+    together in an empty folder) collide half-way ("duplicate column name: step"). An exclusive
+    ``flock`` on a sidecar file ``<database>.lock`` serializes that first initialization; once
+    the schema is there, later openers only read the version and pass the lock at once. Other
+    stores (a server, another database) are left to MLflow.
+    """
+    uri = mlflow.get_tracking_uri()
+    database = _sqlite_database(uri)
+    if database is None or database in _OPENED_STORES:
+        return
+    with _exclusive_lock(database.with_name(database.name + ".lock")):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # builds the tracking store: its tables
+        client.search_registered_models(max_results=1)  # and the registry's
+    _OPENED_STORES.add(database)
+
+
+@contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block.
+
+    Where the lock cannot be taken (Windows, a folder the user may not write) the block runs
+    unlocked: MLflow then fails as it would have, with its own message.
+    """
+    if sys.platform == "win32":
+        yield
+        return
+    import fcntl
+
+    try:
+        handle = path.open("a")
+    except OSError as exc:
+        logger.debug("no lock file %s (%s): opening the store unlocked", path, exc)
+        handle = None
+    if handle is None:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def check_reachable(uri: str, *, timeout: float = 10.0) -> None:
     """Fail fast when nothing answers at an HTTP tracking server's address.
 
@@ -106,6 +174,7 @@ def get_or_create_experiment(name: str, *, artifact_location: str | None = None)
     default ``sqlite:///mlflow.db``, ``./mlartifacts/``, as ``mlflow server`` does), as an
     absolute ``file:`` URI.
     """
+    _open_store()
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -115,16 +184,23 @@ def get_or_create_experiment(name: str, *, artifact_location: str | None = None)
         database = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else Path()
         root = database.parent if database.name else Path()
         artifact_location = (root / DEFAULT_ARTIFACT_ROOT).resolve().as_uri()
-    return str(client.create_experiment(name, artifact_location=artifact_location))
+    try:
+        return str(client.create_experiment(name, artifact_location=artifact_location))
+    except mlflow.exceptions.MlflowException as exc:
+        # Another process created it since the lookup above (parallel runs of a new experiment).
+        experiment = client.get_experiment_by_name(name)
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS" or experiment is None:
+            raise
+        return str(experiment.experiment_id)
 
 
 class RecvaePyfuncModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
     """``mlflow.pyfunc`` wrapper of a bundle.
 
-    ``predict`` takes histories (a list of item-id lists, a dict with ``histories``, or a
-    DataFrame with a ``history`` column of lists) and returns one record per history with the
-    ranked ``item_ids`` and ``scores``. ``params`` may set ``k`` (default 20) and
-    ``exclude_seen`` (default true).
+    ``predict`` takes histories (a list of item-id lists, a dict with ``histories``, a
+    DataFrame with a ``history`` column of lists, or the numpy arrays that MLflow's scoring
+    server makes of these) and returns one record per history with the ranked ``item_ids`` and
+    ``scores``. ``params`` may set ``k`` (default 20) and ``exclude_seen`` (default true).
     """
 
     # predict accepts several input shapes and checks them itself; MLflow's type-hint based
@@ -148,20 +224,78 @@ class RecvaePyfuncModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-de
         ]
 
 
+_INPUT_FORMS = (
+    "a list of item-id lists, one list of item ids, a 2-D array of item ids, a 1-D object array "
+    "of item-id lists, {'histories': ...} holding any of these, or a DataFrame with a 'history' "
+    "column"
+)
+
+
 def _histories_from_input(model_input: Any) -> list[list[Any]]:
-    if isinstance(model_input, dict):
-        model_input = model_input.get("histories", model_input.get("history"))
+    """The histories in a pyfunc input, in every form that MLflow may hand to ``predict``.
+
+    In-process callers pass lists, dicts and DataFrames; MLflow's scoring server parses the JSON
+    ``inputs``/``instances`` into numpy arrays first (``[[1, 2, 3]]`` becomes a 2-D int array,
+    ``{"histories": [[1, 2, 3]]}`` a dict holding one), so both kinds are accepted. Item ids come
+    back as Python scalars.
+
+    Raises:
+        ValueError: any other input, named with its type.
+    """
+    if isinstance(model_input, Mapping):
+        key = next((name for name in ("histories", "history") if name in model_input), None)
+        if key is None:
+            raise ValueError(
+                f"predict got a dict without a 'histories' key (keys: "
+                f"{', '.join(map(repr, model_input)) or 'none'}); it expects {_INPUT_FORMS}"
+            )
+        model_input = model_input[key]
     if hasattr(model_input, "columns"):  # a pandas DataFrame
         column = "history" if "history" in model_input.columns else model_input.columns[0]
-        return [list(v) for v in model_input[column].tolist()]
+        return [_history(value) for value in model_input[column].tolist()]
+    if isinstance(model_input, np.ndarray):
+        if model_input.ndim == 2:
+            return [_history(row) for row in model_input.tolist()]
+        if model_input.ndim == 1:
+            return _histories_from_sequence(list(model_input))
+        raise ValueError(f"predict got a {model_input.ndim}-D array; it expects {_INPUT_FORMS}")
     if isinstance(model_input, list | tuple):
-        if model_input and not isinstance(model_input[0], list | tuple):
-            return [list(model_input)]
-        return [list(h) for h in model_input]
+        return _histories_from_sequence(model_input)
+    raise ValueError(f"predict got {type(model_input).__name__}; it expects {_INPUT_FORMS}")
+
+
+def _is_history(value: Any) -> bool:
+    return isinstance(value, list | tuple | np.ndarray)
+
+
+def _histories_from_sequence(values: Sequence[Any]) -> list[list[Any]]:
+    """A sequence of histories, or the items of one history (never a mix of the two)."""
+    nested = [_is_history(value) for value in values]
+    if all(nested):
+        return [_history(value) for value in values]
+    if not any(nested):
+        return [_history(values)]
     raise ValueError(
-        "predict expects histories: a list of item-id lists, {'histories': [...]}, or a "
-        "DataFrame with a 'history' column"
+        "predict got a sequence that mixes item-id lists and single item ids; it expects "
+        + _INPUT_FORMS
     )
+
+
+def _history(value: Any) -> list[Any]:
+    """One history as a list of Python item ids."""
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1:
+            raise ValueError(
+                f"a history must be a 1-D list of item ids, got a {value.ndim}-D array"
+            )
+        value = value.tolist()
+    elif not isinstance(value, list | tuple):
+        raise ValueError(
+            f"a history must be a list of item ids, got {type(value).__name__}: {value!r:.80}"
+        )
+    if any(_is_history(item) or isinstance(item, Mapping) for item in value):
+        raise ValueError(f"a history must be a flat list of item ids, got {value!r:.80}")
+    return [item.item() if isinstance(item, np.generic) else item for item in value]
 
 
 PREDICT_PARAMS: dict[str, Any] = {"k": 20, "exclude_seen": True}
@@ -204,6 +338,11 @@ def log_bundle_model(
     The model's signature declares the params ``k`` (int, default 20) and ``exclude_seen``
     (bool, default true), so ``model.predict(histories, params={"k": 5})`` is honored.
 
+    The model is self-contained: it carries the ``recvae`` package's code, which MLflow puts on
+    ``sys.path`` when it loads the model (this package is not published on PyPI), and pins what
+    loading a bundle and predicting import (torch, numpy, scipy) to the versions installed here,
+    so ``mlflow models serve`` can build its own environment.
+
     Args:
         bundle_path: A bundle directory written by ``Recommender.save``.
         name: The model's name within the run.
@@ -221,6 +360,7 @@ def log_bundle_model(
     with tempfile.TemporaryDirectory() as tmp:
         code = Path(tmp) / "recvae_pyfunc.py"
         code.write_text(_PYFUNC_CODE)
+        package = _copy_package_code(Path(tmp) / "code")
         # MLflow resets its warning filters inside log_model, so its advice is recorded here
         # and only the warnings that are not noise for this model are passed on.
         with warnings.catch_warnings(record=True) as caught, _no_progress_bars():
@@ -231,7 +371,8 @@ def log_bundle_model(
                 artifacts={BUNDLE_ARTIFACT: str(bundle)},
                 signature=_pyfunc_signature(),
                 registered_model_name=registered_model_name,
-                pip_requirements=["recvae", "torch", "numpy", "scipy"],
+                code_paths=[str(package)],
+                pip_requirements=_pinned_requirements(),
             )
     for warning in caught:
         if not _NOISE.search(str(warning.message)):
@@ -239,6 +380,41 @@ def log_bundle_model(
                 warning.message, warning.category, warning.filename, warning.lineno
             )
     return info
+
+
+# What loading a bundle and predicting import besides mlflow (which MLflow pins itself); polars
+# is not among them: it stops at Interactions.from_polars.
+_MODEL_REQUIREMENTS = ("torch", "numpy", "scipy")
+
+
+def _pinned_requirements() -> list[str]:
+    """``name==version`` of each model requirement as installed here.
+
+    A local version label (torch's ``2.13.0+cpu``) is dropped: no index but the vendor's own
+    serves it, and the plain release is the same code.
+    """
+    return [
+        f"{name}=={importlib.metadata.version(name).split('+', 1)[0]}"
+        for name in _MODEL_REQUIREMENTS
+    ]
+
+
+def _copy_package_code(folder: Path) -> Path:
+    """Copy the ``recvae`` package's Python files into ``folder``; returns the copy's path."""
+    package = Path(__file__).resolve().parent
+    target = folder / package.name
+    shutil.copytree(package, target, ignore=_not_code)
+    return target
+
+
+def _not_code(folder: str, names: list[str]) -> set[str]:
+    # Bytecode and data files (the bundled sample dataset) have no place in a model's code.
+    return {
+        name
+        for name in names
+        if name == "__pycache__"
+        or (not name.endswith((".py", ".typed")) and Path(folder, name).is_file())
+    }
 
 
 # The model takes free-form histories, so MLflow's advice on type hints and input examples does
@@ -263,12 +439,14 @@ def _no_progress_bars() -> Iterator[None]:
 
 def register_model(model_uri: str, name: str) -> str:
     """Register ``model_uri`` under ``name``; returns the new version number."""
+    _open_store()
     version = mlflow.register_model(model_uri, name)
     return str(version.version)
 
 
 def set_alias(name: str, alias: str, version: str | int) -> None:
     """Point ``name@alias`` at ``version`` (an atomic move of the alias)."""
+    _open_store()
     MlflowClient().set_registered_model_alias(name, alias, str(version))
 
 
@@ -279,6 +457,7 @@ def resolve_bundle(model_uri: str, dst: str | Path | None = None) -> Path:
         ValueError: the URI does not resolve to a recvae model.
     """
     try:
+        _open_store()
         with _no_progress_bars():
             local = Path(
                 mlflow.artifacts.download_artifacts(
@@ -310,6 +489,7 @@ def alias_model_version(name: str, alias: str) -> str | None:
         ValueError: The registry cannot be reached.
     """
     try:
+        _open_store()
         return str(MlflowClient().get_model_version_by_alias(name, alias).version)
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
@@ -342,7 +522,8 @@ def start_run(
 ) -> Iterator[str]:
     """Start (or resume, with ``run_id``) a run; a nested run becomes a child of the active one.
 
-    The run ends when the block ends: FINISHED, or FAILED (KILLED on Ctrl-C) when it raises.
+    The run ends when the block ends: FINISHED, or KILLED when the block raises
+    ``KeyboardInterrupt`` (Ctrl-C), or FAILED when it raises anything else.
 
     Args:
         experiment_id: The experiment (from :func:`get_or_create_experiment`).
@@ -354,6 +535,7 @@ def start_run(
     Yields:
         The run id.
     """
+    _open_store()
     with mlflow.start_run(
         experiment_id=experiment_id,
         run_name=run_name,
@@ -361,7 +543,13 @@ def start_run(
         nested=nested,
         tags=dict(tags) if tags else None,
     ) as run:
-        yield str(run.info.run_id)
+        try:
+            yield str(run.info.run_id)
+        except KeyboardInterrupt:
+            # MLflow's own context manager ends every raising block FAILED; ending the run here
+            # first leaves it nothing to end.
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise
 
 
 def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -385,6 +573,7 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 def run_exists(run_id: str) -> bool:
     """Whether the store holds a run with this id."""
+    _open_store()
     try:
         MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException:
@@ -516,7 +705,7 @@ def recent_runs(
     """
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    client = MlflowClient()
+    client = MlflowClient()  # an existing store only (recvae runs checks): no _open_store
     if experiment_names:
         experiments = []
         for name in experiment_names:

@@ -3,7 +3,11 @@ the bundle as a registered pyfunc model with its alias, and the command-line int
 
 from __future__ import annotations
 
+import os
+import re
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -88,6 +92,35 @@ def test_failed_block_marks_the_run_failed(mlflow_uri: str) -> None:
     assert tracking.run_exists(run_id) and not tracking.run_exists("0" * 32)
 
 
+def test_interrupted_block_marks_the_run_killed(mlflow_uri: str) -> None:
+    # Ctrl-C (KeyboardInterrupt, or a subclass of it) ends the run KILLED, not FAILED; so do the
+    # enclosing runs it passes through.
+    class Interrupted(KeyboardInterrupt):
+        pass
+
+    tracking.configure_tracking(mlflow_uri)
+    experiment_id = tracking.get_or_create_experiment("interrupted")
+    client = MlflowClient()
+    with (
+        pytest.raises(KeyboardInterrupt),
+        tracking.start_run(experiment_id=experiment_id) as run_id,
+    ):
+        raise KeyboardInterrupt
+    assert client.get_run(run_id).info.status == "KILLED"
+    with (
+        pytest.raises(Interrupted),
+        tracking.start_run(experiment_id=experiment_id) as parent_id,
+        tracking.start_run(experiment_id=experiment_id, nested=True) as child_id,
+    ):
+        raise Interrupted
+    assert client.get_run(child_id).info.status == "KILLED"
+    assert client.get_run(parent_id).info.status == "KILLED"
+    assert mlflow.active_run() is None
+    with tracking.start_run(experiment_id=experiment_id) as finished_id:
+        pass
+    assert client.get_run(finished_id).info.status == "FINISHED"
+
+
 def test_bundle_registry_alias_and_pyfunc_predict_with_params(
     mlflow_uri: str, tiny_bundle: Path
 ) -> None:
@@ -128,6 +161,242 @@ def test_bundle_registry_alias_and_pyfunc_predict_with_params(
     # The registry alias resolves back to the bundle that serving loads.
     bundle = tracking.resolve_bundle("models:/recvae-unit@staging")
     assert Recommender.load(bundle).version == recommender.version
+
+
+def _log_registered_model(mlflow_uri: str, bundle: Path, name: str) -> Any:
+    tracking.configure_tracking(mlflow_uri)
+    experiment_id = tracking.get_or_create_experiment("pyfunc")
+    with tracking.start_run(experiment_id=experiment_id):
+        info = tracking.log_bundle_model(bundle, registered_model_name=name)
+    tracking.set_alias(name, "staging", str(info.registered_model_version))
+    return info
+
+
+def _repo_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process that imports the recvae under test (this checkout)."""
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PYTHONPATH"] = str(Path(tracking.__file__).resolve().parents[1])
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env.update(extra)
+    return env
+
+
+def test_pyfunc_predict_accepts_the_numpy_inputs_of_mlflows_scoring_server(
+    mlflow_uri: str, tiny_bundle: Path
+) -> None:
+    # `mlflow models serve` parses JSON "inputs" into numpy arrays before predict sees them:
+    # {"inputs": [[1, 2, 3]]} is a 2-D int array, {"inputs": {"histories": ...}} a dict of them.
+    _log_registered_model(mlflow_uri, tiny_bundle, "recvae-numpy")
+    model = mlflow.pyfunc.load_model("models:/recvae-numpy@staging")
+    recommender = Recommender.load(tiny_bundle)
+    first = [int(i) for i in recommender.item_ids[:3]]
+    second = [int(recommender.item_ids[5])]
+
+    def ranked(histories: list[list[int]]) -> list[list[int]]:
+        rows = recommender.recommend_histories(histories, 3).to_lists()
+        return [[item for item, _ in row] for row in rows]
+
+    def predicted(model_input: object) -> list[list[int]]:
+        return [row["item_ids"] for row in model.predict(model_input, params={"k": 3})]
+
+    ragged = np.empty(2, dtype=object)
+    ragged[:] = [np.array(first), np.array(second)]
+    cases: list[tuple[object, list[list[int]]]] = [
+        (np.array([first]), [first]),  # 2-D array of ids
+        (np.array(first), [first]),  # one history
+        (np.array([first, second], dtype=object), [first, second]),  # object array of lists
+        (ragged, [first, second]),  # object array of arrays
+        ({"histories": np.array([first, first])}, [first, first]),
+        ({"histories": ragged}, [first, second]),
+        ([np.array(first)], [first]),
+    ]
+    for model_input, histories in cases:
+        assert predicted(model_input) == ranked(histories), model_input
+    out = model.predict(np.array([first]), params={"k": 3})
+    assert all(type(item) is int for item in out[0]["item_ids"])  # JSON-ready, not numpy ints
+    for bad, message in [
+        (np.zeros((1, 2, 3), dtype=np.int64), "3-D array"),
+        ({"items": [first]}, "without a 'histories' key"),
+        ("1,2,3", "predict got str"),
+        ([first, second[0]], "mixes item-id lists and single item ids"),
+        ([[first]], "flat list of item ids"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model.predict(bad)
+
+
+@pytest.mark.slow
+def test_scoring_server_answers_inputs_lists_and_dicts(
+    mlflow_uri: str, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    import json
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    _log_registered_model(mlflow_uri, tiny_bundle, "recvae-served")
+    recommender = Recommender.load(tiny_bundle)
+    history = [int(i) for i in recommender.item_ids[:3]]
+    expected = [i for i, _ in recommender.recommend_histories([history], 3).to_lists()[0]]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "mlflow", "models", "serve"]
+    command += ["-m", "models:/recvae-served@staging", "--env-manager", "local"]
+    command += ["-h", "127.0.0.1", "-p", str(port)]
+    with log.open("w") as output:
+        server = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=_repo_env(MLFLOW_TRACKING_URI=mlflow_uri),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # the server and its uvicorn child end together
+        )
+    base = f"http://127.0.0.1:{port}"
+
+    def post(body: dict[str, Any]) -> tuple[int, Any]:
+        request = urllib.request.Request(
+            f"{base}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, f"the server exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no answer on {base}/ping:\n{log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=5):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        status, answer = post({"inputs": [history], "params": {"k": 3}})
+        assert status == 200, answer
+        assert answer["predictions"][0]["item_ids"] == expected
+        status, answer = post({"inputs": {"histories": [history, history]}, "params": {"k": 3}})
+        assert status == 200, answer
+        assert [row["item_ids"] for row in answer["predictions"]] == [expected, expected]
+        status, answer = post({"dataframe_records": [{"history": history}], "params": {"k": 3}})
+        assert status == 200 and answer["predictions"][0]["item_ids"] == expected
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_logged_model_carries_its_code_and_pinned_requirements(
+    mlflow_uri: str, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    import importlib.metadata
+
+    info = _log_registered_model(mlflow_uri, tiny_bundle, "recvae-code")
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path)))
+    code = local / "code" / "recvae"
+    for module in ("__init__.py", "tracking.py", "recommender.py", "data/__init__.py"):
+        assert (code / module).is_file(), module
+    assert not list(code.rglob("__pycache__")) and not list(code.rglob("*.zip"))
+    requirements = (local / "requirements.txt").read_text().split()
+    names = {re.split(r"[=<>~!\[ ]", line, maxsplit=1)[0].lower() for line in requirements}
+    assert "recvae" not in names and "polars" not in names
+    for name in ("torch", "numpy", "scipy"):
+        installed = importlib.metadata.version(name).split("+")[0]
+        assert f"{name}=={installed}" in requirements, (name, requirements)
+
+
+@pytest.mark.slow
+def test_logged_model_predicts_where_recvae_is_not_installed(
+    mlflow_uri: str, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    # A fresh interpreter that sees site-packages without processing its .pth files, so the
+    # editable install of this checkout is not importable: only the model's own code can be.
+    import json
+    import subprocess
+    import sysconfig
+
+    info = _log_registered_model(mlflow_uri, tiny_bundle, "recvae-isolated")
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path)))
+    recommender = Recommender.load(tiny_bundle)
+    history = [int(i) for i in recommender.item_ids[:3]]
+    expected = [i for i, _ in recommender.recommend_histories([history], 3).to_lists()[0]]
+    script = f"""
+import importlib.util, json, sys
+sys.path.append({sysconfig.get_paths()["purelib"]!r})
+assert importlib.util.find_spec("recvae") is None, "recvae is importable without the model"
+import mlflow.pyfunc
+model = mlflow.pyfunc.load_model({str(local)!r})
+import recvae
+print(json.dumps({{"file": recvae.__file__, "out": model.predict({history!r}, params={{"k": 3}})}}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(result["file"]).resolve().is_relative_to(local.resolve())
+    assert result["out"][0]["item_ids"] == expected
+
+
+_OPEN_DEFAULT_STORE = """
+import sys, time
+from pathlib import Path
+from recvae import tracking
+ready = Path(f"ready-{sys.argv[1]}")
+ready.touch()
+while len(list(Path().glob("ready-*"))) < int(sys.argv[2]):  # start together
+    time.sleep(0.01)
+uri = tracking.configure_tracking()
+tracking.get_or_create_experiment("parallel")
+print(uri)
+"""
+
+
+@pytest.mark.slow
+def test_parallel_first_use_of_a_fresh_default_store_succeeds(tmp_path: Path) -> None:
+    # MLflow migrates a new sqlite schema without a lock; processes that open a fresh store
+    # together used to collide ("duplicate column name: step").
+    import subprocess
+
+    n_processes = 4
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_DEFAULT_STORE, str(i), str(n_processes)],
+            cwd=tmp_path,
+            env=_repo_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n_processes)
+    ]
+    results = [process.communicate(timeout=300) for process in processes]
+    for process, (stdout, stderr) in zip(processes, results, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+        assert stdout.strip() == tracking.DEFAULT_TRACKING_URI
+    tracking.configure_tracking(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [e.name for e in MlflowClient().search_experiments()].count("parallel") == 1
 
 
 def test_disabled_tracker_is_a_no_op(tmp_path: Path) -> None:
