@@ -289,8 +289,12 @@ def test_scoring_server_answers_inputs_lists_and_dicts(
         status, answer = post({"inputs": {"histories": [history, history]}, "params": {"k": 3}})
         assert status == 200, answer
         assert [row["item_ids"] for row in answer["predictions"]] == [expected, expected]
-        status, answer = post({"dataframe_records": [{"history": history}], "params": {"k": 3}})
-        assert status == 200 and answer["predictions"][0]["item_ids"] == expected
+        # Histories of different lengths: as dataframe records (the README's advice).
+        records = [{"history": history}, {"history": history[:1]}]
+        status, answer = post({"dataframe_records": records, "params": {"k": 3}})
+        assert status == 200, answer
+        assert answer["predictions"][0]["item_ids"] == expected
+        assert len(answer["predictions"]) == 2 and len(answer["predictions"][1]["item_ids"]) == 3
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
