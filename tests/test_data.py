@@ -745,3 +745,118 @@ def test_not_found_from_a_relative_data_dir_says_where_it_looked_and_why_the_env
     message = str(caught.value)
     assert f"read from the working directory ({tmp_path})" in message
     assert "RECVAE_DATA_DIR is set but not read: a data directory was given" in message
+
+
+# ====================================================================== messy files (audit)
+def _load_text(tmp_path: Path, text: str, name: str = "log.csv", **kwargs: object) -> Interactions:
+    path = tmp_path / name
+    path.write_text(text)
+    return load_interactions(path, user_col="user", item_col="item", threshold=None, **kwargs)
+
+
+@pytest.mark.parametrize("token", ["NA", "null", "\\N", "NULL", "None", "N/A", "nan", '""'])
+def test_null_markers_in_an_id_column_are_missing_ids_not_ids(tmp_path: Path, token: str) -> None:
+    with pytest.raises(DataError, match=r"id column 'user' has 1 missing value\(s\)"):
+        _load_text(tmp_path, f"user,item\n1,10\n{token},20\n3,30\n")
+
+
+def test_ids_are_stripped_and_typed_by_one_rule(tmp_path: Path) -> None:
+    spaced = _load_text(tmp_path, "user,item\n  12 ,10\n12,10\n12,20\n")
+    assert spaced.user_ids.tolist() == [12] and spaced.nnz == 2
+    # Leading zeros are not integer notation: every id stays text, whatever else is in the file.
+    zeros = _load_text(tmp_path, "user,item\n007,1\n7,2\n")
+    assert zeros.user_ids.tolist() == ["007", "7"]
+    # pandas writes the integer ids of a column with gaps as "12.0": exact, even beyond 2**53.
+    floats = _load_text(tmp_path, "user,item\n12345678901234567.0,1\n12345678901234568.0,2\n")
+    assert floats.user_ids.tolist() == [12345678901234567, 12345678901234568]
+    exponents = _load_text(tmp_path, "user,item\n1e3,1\n1E3,2\n1000,3\n")
+    assert sorted(exponents.user_ids.tolist()) == ["1000", "1E3", "1e3"]
+    huge = _load_text(tmp_path, "user,item\n18446744073709551616,1\n9223372036854775808,1\n1,1\n")
+    assert huge.n_users == 3 and set(huge.user_ids.tolist()) >= {"18446744073709551616"}
+
+
+def test_structural_mistakes_in_a_file_are_named(tmp_path: Path) -> None:
+    with pytest.raises(
+        DataError, match=r"repeat the header \('user', 'item'\), the first at line 4"
+    ):
+        _load_text(tmp_path, "user,item\n1,10\n2,20\nuser,item\n3,30\n")
+    path = tmp_path / "same.csv"
+    path.write_text("user,item\n1,2\n")
+    with pytest.raises(DataError, match="'user' is given as both the user and the item column"):
+        load_interactions(path, user_col="user", item_col="user", threshold=None)
+    with pytest.raises(DataError, match="names the column 'item' more than once"):
+        _load_text(tmp_path, "user,item,item\n1,10,99\n2,20,98\n")
+    blank_lines = _load_text(tmp_path, "user,item\n1,10\n\n2,20\n\n")
+    assert blank_lines.nnz == 2
+
+
+def test_infinite_ratings_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "r.csv"
+    path.write_text("user,item,r\n1,10,inf\n2,20,4\n")
+    with pytest.raises(DataError, match=r"rating column 'r' has 1 value\(s\) that are not"):
+        load_interactions(path, user_col="user", item_col="item", rating_col="r")
+
+
+def test_files_are_recognised_by_content_not_name(tmp_path: Path) -> None:
+    import bz2
+    import lzma
+
+    text = "user,item\n1,10\n2,20\n"
+    for name, packed in (
+        ("a.csv.bz2", bz2.compress(text.encode())),
+        ("b.csv.xz", lzma.compress(text.encode())),
+    ):
+        (tmp_path / name).write_bytes(packed)
+        assert load_interactions(tmp_path / name, user_col="user", item_col="item").nnz == 2
+    pl.DataFrame({"user": [1, 2], "item": [10, 20]}).write_parquet(tmp_path / "really.csv")
+    assert load_interactions(tmp_path / "really.csv", user_col="user", item_col="item").nnz == 2
+    with zipfile.ZipFile(tmp_path / "log.zip", "w") as zf:
+        zf.writestr("log.csv", text)
+    with pytest.raises(DataError, match="is a zip archive: extract the ratings file"):
+        load_interactions(tmp_path / "log.zip", user_col="user", item_col="item")
+    (tmp_path / "utf16.csv").write_text(text, encoding="utf-16")
+    with pytest.raises(DataError, match="is UTF-16 text; convert it to UTF-8"):
+        load_interactions(tmp_path / "utf16.csv", user_col="user", item_col="item")
+    bracketed = tmp_path / "ratings[2020].parquet"
+    pl.DataFrame({"user": [1], "item": [10]}).write_parquet(bracketed)
+    assert load_interactions(bracketed, user_col="user", item_col="item").nnz == 1
+    tabbed = tmp_path / "t.txt"
+    tabbed.write_text("user\titem\n1\t10\n")
+    assert load_interactions(tabbed, user_col="user", item_col="item", separator="\\t").nnz == 1
+
+
+def test_a_pipe_is_read_like_a_file(tmp_path: Path) -> None:
+    import threading
+
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=("user,item\n1,10\n2,20\n",))
+    writer.start()
+    try:
+        assert load_interactions(fifo, user_col="user", item_col="item").nnz == 2
+    finally:
+        writer.join(timeout=10)
+
+
+def test_parquet_ids_beyond_int64_or_float_precision(tmp_path: Path) -> None:
+    big = pl.DataFrame({"user": pl.Series([2**63 + 5, 1], dtype=pl.UInt64), "item": [1, 1]})
+    big.write_parquet(tmp_path / "u64.parquet")
+    loaded = load_interactions(tmp_path / "u64.parquet", user_col="user", item_col="item")
+    assert sorted(loaded.user_ids.tolist()) == ["1", str(2**63 + 5)]
+    floats = pl.DataFrame({"user": [2.0**60, 1.0], "item": [1, 1]})
+    floats.write_parquet(tmp_path / "f.parquet")
+    with pytest.raises(DataError, match=r"float ids above 2\*\*53"):
+        load_interactions(tmp_path / "f.parquet", user_col="user", item_col="item")
+
+
+def test_parquet_files_of_one_dataset_may_differ_in_unused_columns_and_int_widths(
+    tmp_path: Path,
+) -> None:
+    for folder, second in (
+        ("extra", pl.DataFrame({"user": [3], "item": [30], "extra": ["x"]})),
+        ("widths", pl.DataFrame({"user": pl.Series([3], dtype=pl.Int32), "item": [30]})),
+    ):
+        (tmp_path / folder).mkdir()
+        pl.DataFrame({"user": [1, 2], "item": [10, 20]}).write_parquet(tmp_path / folder / "a.pq")
+        second.write_parquet(tmp_path / folder / "b.pq")
+        assert load_interactions(tmp_path / folder, user_col="user", item_col="item").nnz == 3

@@ -8,10 +8,12 @@ SciPy and torch only.
 
 from __future__ import annotations
 
+import bz2
 import glob as _glob
 import gzip
 import io
 import logging
+import lzma
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -192,11 +194,11 @@ def _numeric_ratings(series: pl.Series, column: str | int) -> pl.Series:
     if series.dtype == pl.String or series.dtype == pl.Categorical:
         text = series.cast(pl.String).str.strip_chars()
         parsed = text.cast(pl.Float64, strict=False)
-        bad = text.filter(parsed.is_null() | parsed.is_nan())
+        bad = text.filter(parsed.is_null() | ~parsed.is_finite())
         if len(bad):
             raise DataError(
-                f"rating column {column!r} has {len(bad)} value(s) that are not numbers, "
-                f"e.g. {bad[0]!r}"
+                f"rating column {column!r} has {len(bad)} value(s) that are not numbers "
+                f"(or not finite), e.g. {bad[0]!r}"
             )
         return parsed
     if not series.dtype.is_numeric():
@@ -207,6 +209,9 @@ def _numeric_ratings(series: pl.Series, column: str | int) -> pl.Series:
     n_nan = int(ratings.is_nan().sum())
     if n_nan:
         raise DataError(f"rating column {column!r} has {n_nan} NaN value(s)")
+    n_inf = int(ratings.is_infinite().sum())
+    if n_inf:
+        raise DataError(f"rating column {column!r} has {n_inf} infinite value(s)")
     return ratings
 
 
@@ -265,10 +270,17 @@ def read_frame(
         raw = _read_parquet(path_str, [user_col, item_col, rating_col, timestamp_col])
     else:
         file = Path(path_str)
-        if not file.is_file():
+        if not file.exists():
             raise DataFileNotFound(f"data file not found: {path_str}")
-        content = _read_bytes(file)
-        raw = _read_delimited(content, separator=separator, has_header=has_header, source=path_str)
+        if file.is_dir():
+            raise DataError(f"{path_str} is a folder of delimited files; give one file")
+        if file.is_file() and _magic(file) == b"PAR1":  # parquet under another name
+            raw = _read_parquet(path_str, [user_col, item_col, rating_col, timestamp_col])
+        else:  # a regular file, or a pipe (--data <(zcat log.csv.gz))
+            content = _read_bytes(file)
+            raw = _read_delimited(
+                content, separator=separator, has_header=has_header, source=path_str
+            )
     return _standardize(
         raw,
         user_col=user_col,
@@ -353,7 +365,13 @@ def _infer_format(path: str, format: str | None) -> str:
 def _read_parquet(path: str, columns: Sequence[str | int | None]) -> pl.DataFrame:
     files = _parquet_files(path)
     try:
-        lazy = pl.scan_parquet(files)
+        lazy = pl.scan_parquet(
+            files,
+            glob=False,  # patterns were expanded above
+            # Files of one dataset may differ in columns nobody reads, or in integer widths.
+            extra_columns="ignore",
+            cast_options=pl.ScanCastOptions(integer_cast="upcast"),
+        )
         available = lazy.collect_schema().names()
     except (pl.exceptions.PolarsError, OSError) as exc:  # not parquet, truncated, unreadable
         raise DataError(f"could not read parquet data {path}: {_error_message(exc)}") from exc
@@ -370,7 +388,7 @@ def _error_message(exc: BaseException) -> str:
 
 
 def _parquet_files(path: str) -> list[str]:
-    if _GLOB_CHARS & set(path):
+    if _GLOB_CHARS & set(path) and not Path(path).exists():  # an existing name is not a pattern
         files = sorted(_glob.glob(path, recursive=True))
         if not files:
             raise DataFileNotFound(f"no parquet files match the pattern {path}")
@@ -390,16 +408,30 @@ def _parquet_files(path: str) -> list[str]:
     return [path]
 
 
-def _read_bytes(file: Path) -> bytes:
+def _magic(file: Path) -> bytes:
     with open(file, "rb") as handle:
-        head = handle.read(2)
-    if head == b"\x1f\x8b":
-        try:
-            with gzip.open(file, "rb") as handle:
-                return handle.read()
-        except (EOFError, OSError, zlib.error) as exc:  # truncated or corrupt
-            raise DataError(f"could not decompress {file}: {exc}") from exc
-    return file.read_bytes()
+        return handle.read(4)
+
+
+# Compressed text this reader opens itself, by its first bytes (not by the file name).
+_DECOMPRESSORS = {b"\x1f\x8b": gzip, b"BZh": bz2, b"\xfd7zXZ": lzma}
+
+
+def _read_bytes(file: Path) -> bytes:
+    """The file's bytes, decompressed when it is gzip, bzip2 or xz (a pipe is read once)."""
+    content = file.read_bytes()
+    for magic, module in _DECOMPRESSORS.items():
+        if content.startswith(magic):
+            try:
+                return bytes(module.decompress(content))
+            except (EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as exc:
+                raise DataError(f"could not decompress {file}: {exc}") from exc
+    if content.startswith(b"PK\x03\x04"):
+        raise DataError(
+            f"{file} is a zip archive: extract the ratings file and pass it (the built-in "
+            "MovieLens datasets read their GroupLens zips with --dataset NAME --data-dir DIR)"
+        )
+    return content
 
 
 def _sniff_separator(content: bytes, source: str) -> str:
@@ -418,26 +450,47 @@ def _sniff_separator(content: bytes, source: str) -> str:
 def _read_delimited(
     content: bytes, *, separator: str | None, has_header: bool, source: str
 ) -> pl.DataFrame:
-    """Parse delimited text; ``separator`` may be several characters long."""
+    """Parse delimited text into String columns; ``separator`` may be several characters long.
+
+    Every field is read as text and typed later, by one rule for ids (see :func:`_id_column`)
+    and by parsing for ratings: type inference would make ``007`` the id 7 in one file and
+    ``"007"`` in another, and a column with one stray value would change type. Rows whose fields
+    are all empty (blank lines) are dropped.
+    """
+    if content.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(
+            f"{source} is UTF-16 text; convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)"
+        )
+    given = separator
     sep = separator if separator is not None else _sniff_separator(content, source)
+    if sep in ("\\t", "tab"):  # the shell spelling of a tab
+        sep = "\t"
     if not sep:
         raise ValueError("separator must not be empty")
     if len(sep.encode()) > 1:
         content = content.replace(sep.encode(), _UNIT_SEPARATOR.encode())
-        sep = _UNIT_SEPARATOR
     if not content.strip():
         raise DataError(f"{source} is empty")
-    options: dict[str, Any] = {"separator": sep, "has_header": has_header}
+    options: dict[str, Any] = {
+        "separator": _UNIT_SEPARATOR if len(sep.encode()) > 1 else sep,
+        "has_header": has_header,
+        "infer_schema": False,
+    }
     try:
-        return pl.read_csv(io.BytesIO(content), infer_schema_length=10_000, **options)
-    except pl.exceptions.PolarsError:
-        pass
-    try:
-        # Inference from the first rows can be wrong (an id column that turns to strings later):
-        # infer from the whole file instead.
-        return pl.read_csv(io.BytesIO(content), infer_schema_length=None, **options)
+        raw = pl.read_csv(io.BytesIO(content), **options)
     except pl.exceptions.PolarsError as exc:
-        raise DataError(f"could not parse {source} (separator {sep!r}): {exc}") from exc
+        hint = ""
+        if "utf-8" in str(exc).lower():
+            hint = (
+                "; the file is not UTF-8 (Latin-1 or Windows-1252?): convert it, e.g. "
+                "iconv -f LATIN1 -t UTF-8"
+            )
+        shown = given if given is not None else sep
+        raise DataError(
+            f"could not parse {source} (separator {shown!r}): {_error_message(exc)}{hint}"
+        ) from exc
+    blank = pl.all_horizontal(pl.all().is_null() | (pl.all().str.strip_chars() == ""))
+    return raw.filter(~blank) if raw.width else raw
 
 
 def _column_name(column: str | int, available: Sequence[str], *, source: str) -> str:
@@ -462,26 +515,139 @@ def _standardize(
     source: str,
 ) -> pl.DataFrame:
     available = raw.columns
-    selected: list[pl.Expr] = [
-        pl.col(_column_name(user_col, available, source=source)).alias("user_id"),
-        pl.col(_column_name(item_col, available, source=source)).alias("item_id"),
+    roles = {"user": user_col, "item": item_col, "rating": rating_col, "timestamp": timestamp_col}
+    names = {
+        role: _column_name(column, available, source=source)
+        for role, column in roles.items()
+        if column is not None
+    }
+    _check_columns(raw, names, source)
+    _check_repeated_header(raw, names, source)
+    columns = [
+        _id_column(raw[names["user"]], _label(user_col, names["user"]), source).alias("user_id"),
+        _id_column(raw[names["item"]], _label(item_col, names["item"]), source).alias("item_id"),
     ]
     if rating_col is not None:
-        name = _column_name(rating_col, available, source=source)
-        if raw[name].dtype.is_numeric():
-            selected.append(pl.col(name).cast(pl.Float64).alias("rating"))
-        else:
-            # Parsed here, while the user's column name is still known for the error message.
-            label = rating_col if isinstance(rating_col, int) else name
-            selected.append(pl.lit(_numeric_ratings(raw[name], label)).alias("rating"))
+        # Parsed here, while the user's column name is still known for the error message.
+        series = raw[names["rating"]]
+        ratings = _numeric_ratings(series, _label(rating_col, names["rating"]))
+        columns.append(ratings.alias("rating"))
     if timestamp_col is not None:
-        selected.append(
-            pl.col(_column_name(timestamp_col, available, source=source)).alias("timestamp")
-        )
-    frame = raw.select(selected)
-    return frame.with_columns(
-        [pl.col(c).cast(pl.Int64) for c in ("user_id", "item_id") if frame[c].dtype.is_integer()]
+        stamps = raw[names["timestamp"]]
+        if stamps.dtype == pl.String:
+            as_int = stamps.str.strip_chars().cast(pl.Int64, strict=False)
+            if as_int.null_count() == stamps.null_count():
+                stamps = as_int
+        columns.append(stamps.alias("timestamp"))
+    return pl.DataFrame(columns)
+
+
+def _label(column: str | int, name: str) -> str | int:
+    """How an error names a column: its position when it was given by position."""
+    return column if isinstance(column, int) else name
+
+
+def _check_columns(raw: pl.DataFrame, names: dict[str, str], source: str) -> None:
+    """The roles must use distinct columns, and a header must not name a used column twice."""
+    used: dict[str, str] = {}
+    for role, name in names.items():
+        if name in used:
+            raise DataError(
+                f"{source}: column {name!r} is given as both the {used[name]} and the {role} "
+                "column; each needs its own column"
+            )
+        used[name] = role
+    for column in raw.columns:
+        base, marker, _ = column.rpartition("_duplicated_")
+        if marker and base in used:
+            raise DataError(
+                f"{source}: the header names the column {base!r} more than once; rename the "
+                "duplicate so that it is clear which one holds the "
+                f"{used[base]} ids" + (" values" if used[base] in ("rating", "timestamp") else "")
+            )
+
+
+def _check_repeated_header(raw: pl.DataFrame, names: dict[str, str], source: str) -> None:
+    """A header line in the middle of the data (files concatenated with their headers)."""
+    user, item = names["user"], names["item"]
+    if raw[user].dtype != pl.String or raw[item].dtype != pl.String:
+        return
+    repeats = raw.with_row_index("row").filter(
+        (pl.col(user).str.strip_chars() == user) & (pl.col(item).str.strip_chars() == item)
     )
+    if repeats.height:
+        first = int(repeats["row"][0]) + 2  # 1-based, after the header line
+        raise DataError(
+            f"{source}: {repeats.height} data row(s) repeat the header ({user!r}, {item!r}), "
+            f"the first at line {first}: files concatenated with their headers? Remove those "
+            "lines"
+        )
+
+
+# Text that means "no value" in exported logs (pandas, R, SQL dumps, MySQL's \N).
+_NULL_TOKENS = ("", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "\\N")
+# An id written as an integer: no sign but "-", no leading zeros, optionally ".0" (pandas
+# writes integer ids of a column with gaps as floats).
+_INT_ID = r"^-?(0|[1-9][0-9]*)(\.0+)?$"
+_INT64_MAX = 2**63 - 1
+
+
+def _id_column(series: pl.Series, column: str | int, source: str) -> pl.Series:
+    """An id column of a file as Int64 or String, by one rule.
+
+    Text is stripped of surrounding blanks, and empty text or a null marker (``NA``,
+    ``null``, ``\\N``, ...) is a missing id (an error). The column is Int64 when every id is
+    written as an integer in canonical form and fits in int64; otherwise every id stays the
+    text it is (``"007"`` and ``"7"`` are then two ids). Unsigned ids above int64's range are
+    kept as text; float ids must be integral and exact (below 2**53).
+
+    Raises:
+        DataError: missing ids, or float ids that are not exact integers.
+    """
+    if series.dtype == pl.String or series.dtype == pl.Categorical:
+        text = series.cast(pl.String).str.strip_chars()
+        text = pl.Series(series.name, text).set(text.is_in(list(_NULL_TOKENS)), None)
+        _no_missing_ids(text, column, source, markers=True)
+        as_int = text.cast(pl.Int64, strict=False)
+        if as_int.null_count() == 0 and (as_int.cast(pl.String) == text).all():
+            return as_int  # the common case, without a regex pass
+        if text.str.contains(_INT_ID).all():
+            digits = text.str.replace(r"\.0+$", "")
+            as_int = digits.cast(pl.Int64, strict=False)
+            if as_int.null_count() == 0:  # all fit in int64
+                return as_int
+        return text
+    _no_missing_ids(series, column, source, markers=False)
+    if series.dtype.is_integer():
+        if series.dtype == pl.UInt64 and bool((series > _INT64_MAX).any()):
+            return series.cast(pl.String)
+        return series.cast(pl.Int64)
+    if series.dtype.is_float():
+        finite = series.is_finite().all()
+        integral = finite and (series == series.floor()).all()
+        if not integral:
+            raise DataError(
+                f"{source}: id column {column!r} holds non-integer or non-finite floats; ids "
+                "must be integers or strings"
+            )
+        if bool((series.abs() > 2.0**53).any()):
+            raise DataError(
+                f"{source}: id column {column!r} holds float ids above 2**53, which floats "
+                "cannot hold exactly (distinct ids would merge); store the ids as integers or "
+                "strings"
+            )
+        return series.cast(pl.Int64)
+    return series  # other types: interactions_from_frame names the problem
+
+
+def _no_missing_ids(series: pl.Series, column: str | int, source: str, *, markers: bool) -> None:
+    missing = series.null_count()
+    if missing:
+        what = " (empty or a null marker such as NA, null, \\N)" if markers else ""
+        raise DataError(
+            f"{source}: id column {column!r} has {missing} missing value(s){what} out of "
+            f"{series.len()} rows"
+        )
 
 
 # ====================================================================== MovieLens
