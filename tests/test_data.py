@@ -478,7 +478,9 @@ def test_registry_matches_protocol_table() -> None:
 
 
 @pytest.mark.parametrize("name", ["ml-20m", "ml-25m"])
-def test_large_movielens_load_from_folder_parent_or_zip(tmp_path: Path, name: str) -> None:
+def test_large_movielens_load_from_folder_parent_or_zip(
+    tmp_path: Path, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
     text = "userId,movieId,rating,timestamp\n" + "".join(
         f"{u},{i},{4.0 if i % 3 else 2.5},{1000 + i}\n" for u in (1, 2) for i in range(1, 10)
     )
@@ -495,6 +497,8 @@ def test_large_movielens_load_from_folder_parent_or_zip(tmp_path: Path, name: st
     assert load_dataset(name, zipped).nnz == 12
     with pytest.raises(DataFileNotFound, match=f"GroupLens' license forbids redistributing {name}"):
         load_dataset(name, tmp_path / "empty")
+    # 18 rows are not the published file: read, with a warning (another dataset, or a cut copy).
+    assert f"has 18 rows, but {name} has {get_dataset_spec(name).n_rows}" in caplog.text
 
 
 def test_unknown_dataset_lists_valid_names() -> None:

@@ -62,6 +62,8 @@ class DatasetSpec:
         implicit: True when every interaction is a positive (no rating threshold).
         default_path: Name of the dataset's folder under a data directory.
         bundled: True when the data ships with the package (no data directory needed).
+        n_rows: Rows (ratings, check-ins) of the published files; a folder holding another
+            count is read with a warning (another dataset under this name, or a damaged copy).
     """
 
     name: str
@@ -70,6 +72,7 @@ class DatasetSpec:
     implicit: bool
     default_path: str
     bundled: bool = False
+    n_rows: int | None = None  # rows of the published files (a different count is warned about)
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ _SPECS: dict[str, DatasetSpec] = {
             n_heldout=100,
             implicit=False,
             default_path="ml-latest-small",
+            n_rows=100_836,
             bundled=True,
         ),
         DatasetSpec(
@@ -151,6 +155,7 @@ _SPECS: dict[str, DatasetSpec] = {
             n_heldout=100,
             implicit=False,
             default_path="ml-100k",
+            n_rows=100_000,
         ),
         DatasetSpec(
             "ml-1m",
@@ -158,6 +163,7 @@ _SPECS: dict[str, DatasetSpec] = {
             n_heldout=1000,
             implicit=False,
             default_path="ml-1m",
+            n_rows=1_000_209,
         ),
         DatasetSpec(
             "ml-20m",
@@ -166,6 +172,7 @@ _SPECS: dict[str, DatasetSpec] = {
             n_heldout=10_000,
             implicit=False,
             default_path="ml-20m",
+            n_rows=20_000_263,
         ),
         DatasetSpec(
             "ml-25m",
@@ -173,6 +180,7 @@ _SPECS: dict[str, DatasetSpec] = {
             n_heldout=10_000,
             implicit=False,
             default_path="ml-25m",
+            n_rows=25_000_095,
         ),
         DatasetSpec(
             "lastfm",
@@ -180,6 +188,7 @@ _SPECS: dict[str, DatasetSpec] = {
             n_heldout=200,
             implicit=True,
             default_path="lastfm-hetrec2011",
+            n_rows=92_834,
         ),
         DatasetSpec(
             "gowalla",
@@ -187,6 +196,7 @@ _SPECS: dict[str, DatasetSpec] = {
             n_heldout=3000,
             implicit=True,
             default_path="gowalla-lightgcn",
+            n_rows=1_027_370,
         ),
     )
 }
@@ -300,11 +310,24 @@ def load_dataset_frame(name: str, data_dir: str | Path | None = None) -> pl.Data
         if data_dir is not None:
             found = _find_in(Path(data_dir), spec, source)
             if found is not None:
-                return source.reader(found)
+                return _check_rows(spec, source.reader(found), found)
         return _read_bundled(spec, source)
     path = _locate(spec, source, data_dir)
     logger.info("reading dataset %s from %s", name, path)
-    return source.reader(path)
+    return _check_rows(spec, source.reader(path), path)
+
+
+def _check_rows(spec: DatasetSpec, frame: pl.DataFrame, path: Path) -> pl.DataFrame:
+    if spec.n_rows is not None and frame.height != spec.n_rows:
+        logger.warning(
+            "%s has %d rows, but %s has %d: is it %s, and complete?",
+            path,
+            frame.height,
+            spec.name,
+            spec.n_rows,
+            spec.name,
+        )
+    return frame
 
 
 def load_dataset(
