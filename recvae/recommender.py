@@ -6,10 +6,10 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from recvae.config import ModelConfig, config_from_dict
-from recvae.data.interactions import Interactions, UnknownUserError
+from recvae.data.interactions import Interactions, UnknownUserError, _id_kind
 from recvae.evaluation import topk_indices
 from recvae.model import build_model
 from recvae.vae_tools import (
@@ -49,6 +49,11 @@ logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT_VERSION = 1
 _BUNDLE_FILES = ("config.json", "weights.pt", "user_ids.json", "item_ids.json", "train_matrix.npz")
+_HISTORY_VALUES = "history values must be finite and >= 0"
+# A weighted history whose L2 norm lies outside this range is divided by its largest weight
+# (in float64) before it becomes float32: the models' input normalization squares the values,
+# which overflows (or underflows to an empty history) in float32 far inside float64's range.
+_SAFE_NORM = (1e-6, 1e15)
 
 
 class BundleError(ValueError):
@@ -196,6 +201,8 @@ class Recommender:
 
     # ------------------------------------------------------------------ scoring core
     def _dense(self, histories: sp.csr_array | NDArray[Any] | torch.Tensor) -> torch.Tensor:
+        if isinstance(histories, Interactions):
+            raise TypeError("histories is an Interactions: pass its matrix (data.matrix)")
         if isinstance(histories, torch.Tensor):
             x = histories.to(self.device, dtype=torch.float32)
         elif sp.issparse(histories):
@@ -205,6 +212,8 @@ class Recommender:
             x = torch.as_tensor(np.asarray(histories, dtype=np.float32), device=self.device)
         if x.dim() != 2 or x.shape[1] != self.n_items:
             raise ValueError(f"histories must have shape (n, {self.n_items}), got {tuple(x.shape)}")
+        if x.numel() and bool((~torch.isfinite(x) | (x < 0)).any()):
+            raise ValueError(f"{_HISTORY_VALUES} (as float32)")
         return x
 
     def score(self, histories: sp.csr_array | NDArray[Any] | torch.Tensor) -> torch.Tensor:
@@ -216,6 +225,11 @@ class Recommender:
         Returns:
             ``(n_users, n_items)`` float32 tensor on the model's device; seen items are *not*
             masked here.
+
+        Raises:
+            ValueError: the histories do not have ``n_items`` columns, or hold a negative,
+                NaN or infinite value.
+            TypeError: ``histories`` is an ``Interactions`` (pass its ``matrix``).
         """
         self.model.eval()
         with torch.inference_mode():
@@ -229,6 +243,9 @@ class Recommender:
         """The posterior ``(mu, sigma)`` of each history, each ``(n_users, latent_dim)``.
 
         For Mult-DAE ``sigma`` is all zeros (the code is deterministic).
+
+        Raises:
+            ValueError: malformed histories, as for :meth:`score`.
         """
         self.model.eval()
         with torch.inference_mode():
@@ -244,6 +261,12 @@ class Recommender:
     ) -> tuple[sp.csr_array, list[tuple[Any, ...]]]:
         """Turn lists of external item ids into a CSR matrix; unknown ids are dropped.
 
+        Item ids may be Python or NumPy scalars, or 0-d tensors/arrays (read as their value).
+        An id of the vocabulary's type that the model does not know is dropped and reported.
+        A weighted history whose L2 norm is below 1e-6 or above 1e15 is divided by its largest
+        weight (the ranking depends only on relative weights; float32 would otherwise overflow
+        or underflow).
+
         Args:
             histories: One sequence of item ids per user.
             weights: Optional per-item weights (same shapes); default 1.0 each.
@@ -252,21 +275,33 @@ class Recommender:
             ``(matrix (n_users, n_items), unknown ids per user)``.
 
         Raises:
-            ValueError: weights do not match the histories, or a weight is negative or not finite.
+            ValueError: weights do not match the histories (in rows or in length), a weight is
+                negative or not finite, or no given id is known and they are all of the other
+                type than the vocabulary's (str ids for an int vocabulary, or the reverse).
+            TypeError: ``histories`` or one of its rows is a str/bytes, a scalar or not
+                iterable, or an item id is not hashable.
         """
+        history_rows = _rows("histories", histories)
+        n = len(history_rows)
+        weight_rows = None if weights is None else _rows("weights", weights)
+        if weight_rows is not None and len(weight_rows) != n:
+            raise ValueError(f"weights has {len(weight_rows)} rows for {n} histories")
         rows: list[NDArray[np.int64]] = []
         cols: list[NDArray[np.int64]] = []
         vals: list[NDArray[np.float32]] = []
         unknown_all: list[tuple[Any, ...]] = []
-        for row, items in enumerate(histories):
-            w = None if weights is None else weights[row]
+        n_known = 0
+        unknown_seen: list[Any] = []
+        for row, raw_items in enumerate(history_rows):
+            items = _id_list(f"history {row}", raw_items)
+            w = None if weight_rows is None else _weight_list(f"weights[{row}]", weight_rows[row])
             if w is not None and len(w) != len(items):
                 raise ValueError(f"history {row}: {len(w)} weights for {len(items)} items")
             known_idx: list[int] = []
             known_w: list[float] = []
             unknown: list[Any] = []
             for j, item in enumerate(items):
-                idx = self.vocab.item_index(item)
+                idx = self._item_position(f"history {row}", item)
                 if idx is None:
                     unknown.append(item)
                     continue
@@ -274,13 +309,15 @@ class Recommender:
                 known_w.append(1.0 if w is None else float(w[j]))
             if known_w and (not np.all(np.isfinite(known_w)) or min(known_w) < 0):
                 raise ValueError(f"history {row}: weights must be finite and >= 0")
+            n_known += len(known_idx)
+            unknown_seen.extend(unknown)
             if unknown:
                 logger.debug("history %d: %d unknown item(s) dropped", row, len(unknown))
             rows.append(np.full(len(known_idx), row, dtype=np.int64))
             cols.append(np.asarray(known_idx, dtype=np.int64))
-            vals.append(np.asarray(known_w, dtype=np.float32))
+            vals.append(_safe_weights(np.asarray(known_w, dtype=np.float64)))
             unknown_all.append(tuple(unknown))
-        n = len(histories)
+        self._check_id_types("", unknown_seen, n_known=n_known)
         if n and sum(len(r) for r in rows):
             matrix = sp.csr_array(
                 (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
@@ -295,6 +332,32 @@ class Recommender:
         else:
             matrix = sp.csr_array((n, self.n_items), dtype=np.float32)
         return matrix, unknown_all
+
+    def _item_position(self, where: str, item: Any) -> int | None:
+        try:
+            return self.vocab.item_index(item)
+        except TypeError:
+            raise TypeError(
+                f"{where}: item id {item!r} is a {type(item).__name__}, not an int or str"
+            ) from None
+
+    def _check_id_types(self, prefix: str, unknown: Sequence[Any], *, n_known: int) -> None:
+        """Refuse ids that are all unknown because of their type (str vs int), not their value.
+
+        Applies to a whole call: when some id is known, the caller's ids have the right type
+        and the others are merely unknown (dropped and reported).
+        """
+        if n_known or not unknown or not self.n_items:
+            return
+        expected = "str" if self.item_ids.dtype == object else "int"
+        kinds = {_id_kind(item) for item in unknown}
+        if len(kinds) == 1 and None not in kinds and expected not in kinds:
+            (given,) = kinds
+            raise ValueError(
+                f"{prefix}item ids are {given} but this model's ids are {expected} "
+                f"(e.g. {_py(self.item_ids[0])!r}), so none of the given ids is known: "
+                f"convert them with {expected}(...)"
+            )
 
     # ------------------------------------------------------------------ recommendation
     def _topk(
@@ -378,7 +441,8 @@ class Recommender:
         """Top-K items for training users, from their stored histories.
 
         Args:
-            user_ids: External ids of users seen in training.
+            user_ids: External ids of users seen in training, one result row per id; a single
+                id (an int or a str) is one user, giving one row.
             k: Items per user (capped at the catalog size).
             exclude_seen: Leave out items in the user's history.
             explore: Rank from a posterior sample of z instead of its mean (Thompson-style);
@@ -392,11 +456,14 @@ class Recommender:
             The top-K lists, with ``confidence`` filled for a variational model.
 
         Raises:
-            UnknownUserError: a user id is not a training user.
+            UnknownUserError: a user id is not a training user (the message says so when its
+                type differs from the vocabulary's: ``"494"`` for int ids).
+            TypeError: ``user_ids`` is neither an id nor a sequence of ids.
             ValueError: ``k < 1``, a bad ``temperature`` or ``seed``, or ``explore`` with a
                 model that has no posterior.
         """
-        rows = np.asarray([self.vocab.user_index(u) for u in user_ids], dtype=np.int64)
+        users = _user_list(user_ids)
+        rows = np.asarray([self.vocab.user_index(u) for u in users], dtype=np.int64)
         histories = self.train_matrix[rows]
         idx, scores, confidence = self._topk(
             histories,
@@ -424,13 +491,33 @@ class Recommender:
 
         Unknown item ids are ignored and reported in ``unknown_items``. ``explore``,
         ``temperature`` and ``seed`` work as in :meth:`recommend`.
+
+        Args:
+            item_ids: The history, a sequence of external item ids (a list, array or 1-d
+                tensor; not a single id).
+            k: Items to return.
+            exclude_seen: Leave out the history's own items.
+            exclude: Item ids never to return.
+            weights: One non-negative weight per history item (default 1.0 each).
+            explore: See :meth:`recommend`.
+            temperature: See :meth:`recommend`.
+            seed: See :meth:`recommend`.
+
+        Raises:
+            TypeError: ``item_ids``, ``exclude`` or ``weights`` is a str/bytes, a scalar or not
+                a sequence.
+            ValueError: as for :meth:`recommend_histories`, including ids that are all unknown
+                because they are of the other type (str for an int vocabulary, or the reverse).
         """
+        items = _id_list("item_ids", item_ids)
+        excluded = _id_list("exclude", exclude)
+        item_weights = None if weights is None else _weight_list("weights", weights)
         return self.recommend_histories(
-            [item_ids],
+            [items],
             k,
             exclude_seen=exclude_seen,
-            exclude=[exclude],
-            weights=None if weights is None else [weights],
+            exclude=[excluded],
+            weights=None if item_weights is None else [item_weights],
             explore=explore,
             temperature=temperature,
             seed=seed,
@@ -452,15 +539,35 @@ class Recommender:
 
         ``explore``, ``temperature`` and ``seed`` work as in :meth:`recommend`; with a seed the
         whole batch's draw is reproducible (a user's sample depends on its row in the batch).
+        ``exclude`` and ``weights`` hold one row per history.
+
+        Raises:
+            ValueError: ``exclude`` or ``weights`` has another number of rows than
+                ``histories``, or as for :meth:`histories_matrix` and :meth:`recommend`.
+            TypeError: as for :meth:`histories_matrix`.
         """
         check_exploration(temperature, seed)
         matrix, unknown = self.histories_matrix(histories, weights)
         exclude_idx = None
         if exclude is not None:
-            exclude_idx = [
-                [i for i in (self.vocab.item_index(x) for x in items) if i is not None]
-                for items in exclude
-            ]
+            exclude_rows = _rows("exclude", exclude)
+            if len(exclude_rows) != matrix.shape[0]:
+                raise ValueError(
+                    f"exclude has {len(exclude_rows)} rows for {matrix.shape[0]} histories"
+                )
+            exclude_idx = []
+            not_known: list[Any] = []
+            for row, raw in enumerate(exclude_rows):
+                where = f"exclude[{row}]"
+                known: list[int] = []
+                for item in _id_list(where, raw):
+                    position = self._item_position(where, item)
+                    if position is None:
+                        not_known.append(item)
+                    else:
+                        known.append(position)
+                exclude_idx.append(known)
+            self._check_id_types("exclude: ", not_known, n_known=sum(map(len, exclude_idx)))
         idx, scores, confidence = self._topk(
             matrix,
             k,
@@ -506,7 +613,7 @@ class Recommender:
                     f"histories must have shape (n, {self.n_items}), got {matrix.shape}"
                 )
             if matrix.nnz and (not np.all(np.isfinite(matrix.data)) or matrix.data.min() < 0):
-                raise ValueError("history values must be finite and >= 0")
+                raise ValueError(_HISTORY_VALUES)
             return matrix, ()
         if isinstance(histories, str | bytes):
             raise ValueError("histories must be a matrix or a sequence of item-id sequences")
@@ -571,7 +678,8 @@ class Recommender:
             ``(n_users, n_items)`` float32 logits on the model's device (seen items not masked).
 
         Raises:
-            ValueError: bad ``temperature``/``seed``, or a model without a posterior.
+            ValueError: bad ``temperature``/``seed``, a model without a posterior, or malformed
+                histories (as for :meth:`score`).
         """
         generator = self._exploration_generator(True, temperature, seed)
         scores, _ = self._score_with_confidence(
@@ -791,16 +899,43 @@ class Recommender:
         ``item_ids.json``, ``train_matrix.npz``, ``meta.json`` (format version, package version,
         creation time, metrics, data fingerprint, sha256 of every other file).
 
+        ``~`` in ``path`` is expanded. The directory gets the mode a plain ``mkdir`` gets under
+        the current umask (readable by other users with the usual 022), so that a server
+        running under another account can load it.
+
+        Args:
+            path: The bundle directory to create.
+            overwrite: Replace an existing bundle at ``path``. Only a directory that holds a
+                recvae bundle (its ``meta.json``) is replaced; anything else is left alone.
+
+        Returns:
+            The bundle path.
+
         Raises:
-            FileExistsError: ``path`` exists and ``overwrite`` is False.
+            FileExistsError: ``path`` exists and ``overwrite`` is False, or ``path`` exists and
+                is not a recvae bundle (a file, or a directory without a bundle's
+                ``meta.json``); nothing is written then.
         """
         from recvae import __version__
 
-        target = Path(path)
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"bundle path already exists: {target} (pass overwrite=True)")
+        target = Path(path).expanduser()
+        if target.name in ("", ".", ".."):
+            target = target.resolve()
+        if target.exists() or target.is_symlink():
+            if not overwrite:
+                raise FileExistsError(f"bundle path already exists: {target} (pass overwrite=True)")
+            if not target.is_dir():
+                raise FileExistsError(
+                    f"{target} exists and is not a recvae bundle (it is a file, not a bundle "
+                    "directory); overwrite=True replaces only a bundle, so nothing was changed"
+                )
+            if not _is_bundle(target):
+                raise FileExistsError(
+                    f"{target} exists and is not a recvae bundle (no bundle meta.json in it); "
+                    "overwrite=True replaces only a bundle, so nothing was changed"
+                )
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        tmp = _make_temp_dir(target.parent, prefix=f".{target.name}.")
         try:
             (tmp / "config.json").write_text(self.config.to_json())
             state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -809,9 +944,7 @@ class Recommender:
             _write_ids(tmp / "item_ids.json", self.item_ids)
             sp.save_npz(tmp / "train_matrix.npz", sp.csr_matrix(self.train_matrix))
             checksums = {name: _sha256(tmp / name) for name in _BUNDLE_FILES}
-            version = hashlib.sha256(
-                "".join(checksums[n] for n in _BUNDLE_FILES).encode()
-            ).hexdigest()[:12]
+            version = _content_version(checksums)
             meta = {
                 **_jsonable(self.meta),
                 "format_version": BUNDLE_FORMAT_VERSION,
@@ -844,11 +977,16 @@ class Recommender:
     def load(cls, path: str | os.PathLike[str], *, device: str = "cpu") -> Recommender:
         """Load and verify a bundle written by :meth:`save`.
 
+        ``version`` is the content id recomputed from the verified checksums; a ``meta.json``
+        whose ``model_version``, ``model``, ``n_items`` or ``n_users`` disagrees with the
+        files is refused. ``~`` in ``path`` is expanded.
+
         Raises:
             BundleError: the path is not a bundle, a file is missing or altered (checksum),
-                the format version is unknown, or the weights do not fit the config.
+                ``meta.json`` disagrees with the files, the format version is unknown, or the
+                weights do not fit the config.
         """
-        root = Path(path)
+        root = Path(path).expanduser()
         if not root.is_dir():
             raise BundleError(f"no model bundle at {root} (expected a directory)")
         meta_path = root / "meta.json"
@@ -867,12 +1005,23 @@ class Recommender:
                 f"{BUNDLE_FORMAT_VERSION}"
             )
         checksums = meta.get("checksums") or {}
+        if not isinstance(checksums, dict):
+            raise BundleError(f"bundle {root} is corrupted: checksums in meta.json is not a map")
         for name in _BUNDLE_FILES:
             file = root / name
             if not file.is_file():
                 raise BundleError(f"bundle {root} is incomplete: {name} is missing")
             if checksums.get(name) != _sha256(file):
                 raise BundleError(f"bundle {root} is corrupted: checksum of {name} does not match")
+        # meta.json itself has no checksum: its fixed fields are checked against the
+        # checksummed files, so that ``version`` always names this content.
+        version = _content_version(checksums)
+        stated = meta.setdefault("model_version", version)
+        if stated != version:
+            raise BundleError(
+                f"bundle {root} is corrupted: meta.json says model_version {stated!r}, but the "
+                f"files' content id is {version!r}"
+            )
         try:
             config = config_from_dict(json.loads((root / "config.json").read_text()))
             item_ids = _read_ids(root / "item_ids.json")
@@ -885,16 +1034,28 @@ class Recommender:
             raise
         except Exception as exc:
             raise BundleError(f"bundle {root} could not be loaded: {exc}") from exc
+        actual = {"model": config.model, "n_items": len(item_ids), "n_users": len(user_ids)}
+        for key, value in actual.items():
+            if key in meta and meta[key] != value:
+                raise BundleError(
+                    f"bundle {root} is corrupted: meta.json says {key}={meta[key]!r}, but the "
+                    f"bundle's files give {value!r}"
+                )
         rec = cls(model, config, item_ids, user_ids=user_ids, train_matrix=train_matrix, meta=meta)
         return rec.to(device)
 
     @staticmethod
     def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-        """The bundle's ``meta.json`` without loading the model."""
-        meta_path = Path(path) / "meta.json"
+        """The bundle's ``meta.json`` without loading the model (not verified: see :meth:`load`).
+
+        Raises:
+            BundleError: ``path`` is not a bundle directory, or its ``meta.json`` is missing or
+                not a JSON object.
+        """
+        meta_path = Path(path).expanduser() / "meta.json"
         try:
             meta = json.loads(meta_path.read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise BundleError(f"{path} is not a recvae bundle: meta.json is missing") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleError(f"{meta_path} is not valid JSON: {exc}") from exc
@@ -918,6 +1079,154 @@ def _dedupe_max(
     out = sp.csr_array((v[first], (r[first], c[first])), shape=matrix.shape, dtype=np.float32)
     out.sort_indices()
     return out
+
+
+def _content_version(checksums: dict[str, Any]) -> str:
+    """The bundle's content id: a short sha256 over the checksums of its files, in order."""
+    joined = "".join(str(checksums[name]) for name in _BUNDLE_FILES)
+    return hashlib.sha256(joined.encode()).hexdigest()[:12]
+
+
+def _is_bundle(path: Path) -> bool:
+    """Whether ``path`` is a directory whose ``meta.json`` reads as a recvae bundle's."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format_version" in meta and "checksums" in meta
+
+
+def _make_temp_dir(parent: Path, *, prefix: str) -> Path:
+    """A new, empty directory in ``parent``, made by ``mkdir`` so that it gets the umask's mode.
+
+    (``tempfile.mkdtemp`` makes it 0700, which a server under another account cannot read.)
+    """
+    for _ in range(100):
+        candidate = parent / f"{prefix}{secrets.token_hex(6)}.tmp"
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"could not create a temporary directory in {parent}")
+
+
+def _rows(name: str, value: Any) -> list[Any]:
+    """One entry per history from a batch argument (a sequence of rows).
+
+    Raises:
+        TypeError: ``value`` is a str/bytes, a sparse matrix, a mapping or not iterable.
+    """
+    if isinstance(value, str | bytes):
+        raise TypeError(f"{name} must be a sequence of item-id sequences, not a str/bytes")
+    if sp.issparse(value):
+        raise TypeError(
+            f"{name} must be a sequence of item-id sequences, got a sparse matrix "
+            "(score a matrix with score(), or pass lists of item ids)"
+        )
+    if isinstance(value, torch.Tensor | np.ndarray) and value.ndim == 0:
+        raise TypeError(f"{name} must be a sequence of item-id sequences, got a scalar")
+    if isinstance(value, Mapping) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"{name} must be a sequence of item-id sequences, got {type(value).__name__}"
+        )
+    return list(value)
+
+
+def _id_list(name: str, value: Any) -> list[Any]:
+    """A sequence of item ids as a list; tensors, arrays and their 0-d items become scalars.
+
+    Raises:
+        TypeError: ``value`` is a str/bytes (which would be read character by character), a
+            scalar, a sparse matrix, a mapping, or not iterable.
+    """
+    if isinstance(value, str | bytes):
+        raise TypeError(
+            f"{name} must be a sequence of item ids, not a {type(value).__name__} (it would be "
+            f"read character by character): wrap one id in a list, e.g. [{value!r}]"
+        )
+    if isinstance(value, torch.Tensor | np.ndarray):
+        if value.ndim != 1:
+            raise TypeError(
+                f"{name} must be a one-dimensional sequence of item ids, got an array of "
+                f"shape {tuple(value.shape)}"
+            )
+        return list(value.tolist())
+    if sp.issparse(value) or isinstance(value, Mapping) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"{name} must be a sequence of item ids, got {type(value).__name__}"
+            + ("" if sp.issparse(value) or isinstance(value, Mapping) else f" {value!r}")
+        )
+    return [_scalar(item) for item in value]
+
+
+def _weight_list(name: str, value: Any) -> list[Any] | None:
+    """One history's weights as a list (None stays None: weight 1.0 each).
+
+    Raises:
+        TypeError: ``value`` is a str/bytes, a scalar or not a sequence.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str | bytes) or sp.issparse(value) or isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a sequence of numbers, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor | np.ndarray):
+        if value.ndim != 1:
+            raise TypeError(
+                f"{name} must be a one-dimensional sequence of numbers, got shape "
+                f"{tuple(value.shape)}"
+            )
+        return list(value.tolist())
+    if not isinstance(value, Iterable):
+        raise TypeError(
+            f"{name} must be a sequence of numbers (one per item), got "
+            f"{type(value).__name__} {value!r}"
+        )
+    return [_scalar(w) for w in value]
+
+
+def _user_list(value: Any) -> list[Any]:
+    """``recommend``'s users: a single id is one user; a sequence gives one row per id.
+
+    Raises:
+        TypeError: ``value`` is None, a sparse matrix, a mapping, a multi-dimensional array or
+            not iterable.
+    """
+    if isinstance(value, torch.Tensor | np.ndarray):
+        if value.ndim == 0:
+            return [value.item()]
+        if value.ndim != 1:
+            raise TypeError(
+                f"user_ids must be a user id or a one-dimensional sequence of them, got shape "
+                f"{tuple(value.shape)}"
+            )
+        return list(value.tolist())
+    if _id_kind(value) is not None:
+        return [_scalar(value)]
+    if sp.issparse(value) or isinstance(value, Mapping) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"user_ids must be a user id (int or str) or a sequence of them, got "
+            f"{type(value).__name__}"
+        )
+    return [_scalar(u) for u in value]
+
+
+def _scalar(value: Any) -> Any:
+    """A 0-d tensor or array, or a NumPy scalar, as a Python scalar; anything else unchanged."""
+    if isinstance(value, torch.Tensor | np.ndarray) and value.ndim == 0:
+        return value.item()
+    return _py(value)
+
+
+def _safe_weights(weights: NDArray[np.float64]) -> NDArray[np.float32]:
+    """One history's weights as float32, rescaled by the largest when float32 would misbehave."""
+    if weights.size:
+        peak = float(weights.max())
+        if peak > 0:
+            norm = peak * float(np.sqrt(np.sum(np.square(weights / peak))))
+            if not _SAFE_NORM[0] <= norm <= _SAFE_NORM[1]:
+                weights = weights / peak
+    return weights.astype(np.float32)
 
 
 def _sha256(path: Path) -> str:

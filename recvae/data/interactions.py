@@ -22,17 +22,62 @@ class DataError(ValueError):
 
 
 class UnknownUserError(KeyError):
-    """Raised when a user id is not part of a dataset or model vocabulary."""
+    """Raised when a user id is not part of a dataset or model vocabulary.
+
+    ``user_id`` is the id as given; ``str(error)`` says why it is unknown (with a hint when its
+    type differs from the vocabulary's ids).
+    """
+
+    def __init__(self, user_id: Any, message: str | None = None) -> None:
+        super().__init__(user_id)
+        self.user_id = user_id
+        self.message = message or f"user id {user_id!r} is not in the user vocabulary"
+
+    def __str__(self) -> str:
+        return self.message
 
 
-def _as_id_array(ids: Any) -> NDArray[Any]:
+def _as_id_array(ids: Any, name: str) -> NDArray[Any]:
     arr = np.asarray(ids)
+    if arr.ndim != 1:
+        raise DataError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    if arr.size == 0:
+        # An empty list has no type to keep (numpy makes it float64); no ids is a valid vocabulary.
+        return np.zeros(0, dtype=np.int64)
     if arr.dtype.kind in "OU":
         # Strings (or mixed objects): keep them as Python strings for stable JSON round-trips.
         return np.asarray([str(v) for v in arr.tolist()], dtype=object)
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)):
+            raise DataError(f"{name} contains NaN or infinite values (missing ids?)")
+        raise DataError(
+            f"{name} must be integers or strings, got {arr.dtype} values: convert integral "
+            f"floats with {name}.astype(np.int64)"
+        )
     if arr.dtype.kind not in "iu":
-        raise DataError(f"ids must be integers or strings, got dtype {arr.dtype}")
+        raise DataError(f"{name} must be integers or strings, got dtype {arr.dtype}")
     return arr.astype(np.int64)
+
+
+def _check_values(matrix: sp.csr_array) -> None:
+    """Refuse values that have no meaning as implicit feedback (they would become ones)."""
+    if not matrix.nnz:
+        return
+    data = matrix.data
+    if data.dtype.kind not in "biuf":
+        raise DataError(f"matrix values must be numbers, got dtype {data.dtype}")
+    n_bad = int(np.count_nonzero(~np.isfinite(data))) if data.dtype.kind == "f" else 0
+    if n_bad:
+        raise DataError(
+            f"matrix has {n_bad} non-finite value(s) (NaN or inf); interactions must be "
+            "finite and >= 0"
+        )
+    n_negative = int(np.count_nonzero(data < 0))
+    if n_negative:
+        raise DataError(
+            f"matrix has {n_negative} negative value(s); interactions must be >= 0 (drop "
+            "negative feedback such as dislikes before building Interactions)"
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,16 +104,22 @@ class Interactions:
     def __post_init__(self) -> None:
         matrix = self.matrix
         if not isinstance(matrix, sp.csr_array):
+            # A csr_array built from another sparse object may share its arrays (not copied).
             matrix = sp.csr_array(matrix)
-        matrix = matrix.astype(np.float32, copy=False)
-        matrix.sum_duplicates()
-        matrix.eliminate_zeros()
-        if matrix.nnz and (matrix.data != 1.0).any():
-            matrix = matrix.copy()
+        _check_values(matrix)
+        if (
+            matrix.dtype != np.float32
+            or not matrix.has_canonical_format
+            or (matrix.nnz and bool((matrix.data != 1.0).any()))
+        ):
+            # Normalize a copy: the caller's matrix (and any array it shares) stays untouched.
+            matrix = matrix.astype(np.float32, copy=True)
+            matrix.sum_duplicates()
+            matrix.eliminate_zeros()
             matrix.data[:] = 1.0
-        matrix.sort_indices()
-        user_ids = _as_id_array(self.user_ids)
-        item_ids = _as_id_array(self.item_ids)
+            matrix.sort_indices()
+        user_ids = _as_id_array(self.user_ids, "user_ids")
+        item_ids = _as_id_array(self.item_ids, "item_ids")
         if matrix.shape != (len(user_ids), len(item_ids)):
             raise DataError(
                 f"matrix shape {matrix.shape} does not match "
@@ -108,10 +159,18 @@ class Interactions:
         sorted id.
 
         Raises:
-            DataError: a column is missing, ids or ratings are null or unparsable, or nothing
-                is left after filtering.
+            DataError: ``df`` is not a polars frame (a pandas one is named, with the fix), a
+                column is missing, ids or ratings are null or unparsable, or nothing is left
+                after filtering.
         """
         from recvae.data.readers import interactions_from_frame
+
+        module = type(df).__module__.split(".", 1)[0]
+        if module == "pandas":
+            raise DataError(
+                f"from_polars needs a polars DataFrame, got a pandas {type(df).__name__}: "
+                "convert it first with polars.from_pandas(df)"
+            )
 
         return interactions_from_frame(
             df,
@@ -177,12 +236,30 @@ class Interactions:
         """Position of an external user id.
 
         Raises:
-            UnknownUserError: the id is not in the vocabulary.
+            UnknownUserError: the id is not in the vocabulary (the message hints at a str/int
+                mismatch when the id's type differs from the vocabulary's).
+            TypeError: the id is not hashable (a list, for example).
         """
         try:
             return self._user_index[_key(user_id)]
         except KeyError:
-            raise UnknownUserError(user_id) from None
+            raise UnknownUserError(user_id, self._unknown_user_message(user_id)) from None
+        except TypeError:
+            raise TypeError(
+                f"a user id must be an int or a str, got {type(user_id).__name__}"
+            ) from None
+
+    def _unknown_user_message(self, user_id: Any) -> str:
+        message = f"user id {user_id!r} is not a training user (not in the user vocabulary)"
+        given = _id_kind(user_id)
+        expected = "str" if self.user_ids.dtype == object else "int"
+        if given is not None and given != expected and self.n_users:
+            example = self.user_ids[0]
+            message += (
+                f"; it is a {given} but the user ids are {expected} (e.g. {_py(example)!r}): "
+                f"convert it with {expected}(...)"
+            )
+        return message
 
     def item_index(self, item_id: Any) -> int | None:
         """Position of an external item id, or None when unknown."""
@@ -214,7 +291,9 @@ class Interactions:
     def subset_items(self, item_idx: NDArray[np.integer[Any]]) -> Interactions:
         """Columns ``item_idx`` (in that order) with the same user vocabulary."""
         idx = np.asarray(item_idx, dtype=np.int64)
-        return Interactions(self.matrix[:, idx].tocsr(), self.user_ids, self.item_ids[idx])
+        matrix = self.matrix[:, idx].tocsr()
+        matrix.sort_indices()  # a fresh matrix: sorting it here spares Interactions a copy
+        return Interactions(matrix, self.user_ids, self.item_ids[idx])
 
     def user_counts(self) -> NDArray[np.int64]:
         indptr: NDArray[np.integer[Any]] = self.matrix.indptr
@@ -233,6 +312,21 @@ class Interactions:
             h.update("\x1f".join(map(str, ids.tolist())).encode())
             h.update(b"\x1e")
         return h.hexdigest()
+
+
+def _id_kind(value: Any) -> str | None:
+    """``"str"`` or ``"int"`` for an id's kind (numbers count as int), None for anything else."""
+    if isinstance(value, str | bytes | np.str_ | np.bytes_):
+        return "str"
+    if isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    ):
+        return "int"
+    return None
+
+
+def _py(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _key(value: Any) -> Any:
