@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -42,15 +43,17 @@ from numpy.typing import NDArray
 from scipy.linalg import lapack
 
 from recvae.config import (
+    SEED_LIMIT,
     _config_fields_from_dict,
     _config_to_dict,
+    _parse_metric,
     _replace_config,
     check_field_types,
 )
 from recvae.data.interactions import Interactions
-from recvae.evaluation import evaluate
+from recvae.evaluation import _check_same_items, evaluate
 from recvae.recommender import resolve_device
-from recvae.split import HeldOut
+from recvae.split import HeldOut, Split
 
 __all__ = [
     "ALSConfig",
@@ -88,7 +91,11 @@ def _check(condition: bool, name: str, message: str) -> None:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 # ------------------------------------------------------------------------------ configs
@@ -147,8 +154,7 @@ class EASEConfig(BaselineConfig):
     def __post_init__(self) -> None:
         check_field_types(self)
         _check(
-            isinstance(self.regularization, int | float)
-            and not isinstance(self.regularization, bool)
+            _is_number(self.regularization)
             and math.isfinite(self.regularization)
             and self.regularization > 0,
             "regularization",
@@ -182,7 +188,11 @@ class ALSConfig(BaselineConfig):
         _check(self.alpha > 0, "alpha", "must be > 0")
         _check(_is_int(self.iterations) and self.iterations >= 1, "iterations", "an int >= 1")
         _check(isinstance(self.use_cg, bool), "use_cg", "must be true or false")
-        _check(_is_int(self.seed), "seed", "must be an int")
+        _check(
+            _is_int(self.seed) and 0 <= self.seed < SEED_LIMIT,
+            "seed",
+            f"must be an int in [0, 2**63), got {self.seed!r}",
+        )
 
 
 @_register
@@ -226,7 +236,11 @@ class BPRConfig(BaselineConfig):
             "an int >= 1",
         )
         _check(self.fold_in_learning_rate > 0, "fold_in_learning_rate", "must be > 0")
-        _check(_is_int(self.seed), "seed", "must be an int")
+        _check(
+            _is_int(self.seed) and 0 <= self.seed < SEED_LIMIT,
+            "seed",
+            f"must be an int in [0, 2**63), got {self.seed!r}",
+        )
 
 
 @_register
@@ -279,7 +293,27 @@ def _check_fitted(n_items: int | None, name: str) -> int:
     return n_items
 
 
+def _check_train(train: Any, name: str) -> None:
+    """``train`` must be the training users' ``Interactions`` (not their matrix, a split...)."""
+    if isinstance(train, Split):
+        raise TypeError(f"{name}.fit: train must be an Interactions, got a Split: pass split.train")
+    if not isinstance(train, Interactions):
+        hint = " (wrap it: Interactions(matrix, user_ids, item_ids))" if sp.issparse(train) else ""
+        raise TypeError(
+            f"{name}.fit: train must be an Interactions, got {type(train).__name__}{hint}"
+        )
+
+
+def _check_config(config: Any, expected: type[BaselineConfig], name: str) -> None:
+    if config is not None and not isinstance(config, expected):
+        hint = f" (use {expected.__name__}(**config))" if isinstance(config, dict) else ""
+        raise TypeError(
+            f"{name}: config must be {expected.__name__} or None, got {type(config).__name__}{hint}"
+        )
+
+
 def _check_nonempty(train: Interactions, name: str) -> None:
+    _check_train(train, name)
     if train.nnz == 0:
         raise ValueError(f"cannot fit {name} on an empty matrix")
 
@@ -301,8 +335,10 @@ class Popularity:
     """
 
     def __init__(self, config: PopularityConfig | None = None) -> None:
+        _check_config(config, PopularityConfig, "Popularity")
         self.config = config or PopularityConfig()
         self.counts: NDArray[np.float32] | None = None
+        self.item_ids: NDArray[Any] | None = None  # the training items, set by fit
 
     @property
     def n_items(self) -> int:
@@ -319,9 +355,11 @@ class Popularity:
 
         Raises:
             ValueError: The training matrix is empty.
+            TypeError: ``train`` is not an ``Interactions`` (e.g. its matrix, or a split).
         """
         _check_nonempty(train, "Popularity")
         self.counts = train.item_counts().astype(np.float32)
+        self.item_ids = train.item_ids
         return self
 
     def score(self, histories: sp.csr_array) -> torch.Tensor:
@@ -462,13 +500,19 @@ class EASE:
         config: ``regularization`` (lambda) and the float type.
         device: ``"cpu"`` (NumPy/LAPACK, in place) or a CUDA device, or ``"auto"`` (CUDA when
             available). Not a model setting: the weights are the same up to rounding.
+
+    Raises:
+        TypeError: ``config`` is not an :class:`EASEConfig` (e.g. a dict).
+        ValueError: ``device`` names no available device.
     """
 
     def __init__(self, config: EASEConfig | None = None, *, device: str = "cpu") -> None:
+        _check_config(config, EASEConfig, "EASE")
         self.config = config or EASEConfig()
         self.device = resolve_device(device)
         self.weights: NDArray[np.floating[Any]] | torch.Tensor | None = None
         self.fit_seconds: float | None = None
+        self.item_ids: NDArray[Any] | None = None  # the training items, set by fit
 
     @property
     def n_items(self) -> int:
@@ -485,10 +529,13 @@ class EASE:
 
         Raises:
             ValueError: The training matrix is empty.
+            TypeError: ``train`` is not an ``Interactions`` (e.g. its matrix, or a split).
         """
         _check_nonempty(train, "EASE")
         dtype = _ease_dtype(self.config, train.n_items)
-        return self._fit_gram(_sparse_gram(train.matrix, dtype), dtype)
+        self._fit_gram(_sparse_gram(train.matrix, dtype), dtype)
+        self.item_ids = train.item_ids
+        return self
 
     def _fit_gram(self, gram: sp.csr_array, dtype: np.dtype[Any]) -> EASE:
         start = time.perf_counter()
@@ -582,23 +629,37 @@ def select_ease_lambda(
         The :class:`LambdaSelection`.
 
     Raises:
-        ValueError: No candidate, a candidate <= 0, a bad metric name, or data mismatch.
+        ValueError: No candidate, a candidate <= 0, a bad metric name (checked before any
+            work), a validation set over other items (or the same in another order) or
+            with no user with targets.
+        TypeError: ``lambdas`` is not a sequence of numbers, or ``validation`` is not a
+            ``HeldOut``, or ``train`` not an ``Interactions``.
     """
-    candidates = [float(value) for value in lambdas]
+    if isinstance(lambdas, str | bytes) or not isinstance(lambdas, Iterable):
+        raise TypeError(f"lambdas must be a sequence of numbers such as [100.0], got {lambdas!r}")
+    candidates_in = list(lambdas)
+    wrong = [value for value in candidates_in if not _is_number(value)]
+    if wrong:
+        raise TypeError(f"every lambda must be a number, got {wrong}")
+    candidates = [float(value) for value in candidates_in]
     if not candidates:
         raise ValueError("lambdas must hold at least one candidate")
     bad = [value for value in candidates if not (math.isfinite(value) and value > 0)]
     if bad:
         raise ValueError(f"every lambda must be a finite number > 0, got {bad}")
-    name, _, k_text = metric.partition("@")
-    if not k_text.isdigit() or int(k_text) < 1:
-        raise ValueError(f"metric must look like 'ndcg@100', got {metric!r}")
-    if validation.fold_in.n_items != train.n_items:
-        raise ValueError(
-            f"validation has {validation.fold_in.n_items} items but training data has "
-            f"{train.n_items}: both must share the training item vocabulary"
-        )
+    name, k = _parse_metric(metric, "metric")
+    _check_config(config, EASEConfig, "select_ease_lambda")
+    if isinstance(validation, Split):
+        raise TypeError("validation must be a HeldOut, got a Split: pass split.validation")
+    if not isinstance(validation, HeldOut):
+        raise TypeError(f"validation must be a HeldOut, got {type(validation).__name__}")
     _check_nonempty(train, "EASE")
+    _check_same_items(validation, train, "validation", "the training data")
+    if validation.n_users_with_targets == 0:
+        raise ValueError(
+            f"validation has no user with targets ({validation.n_users} users): it cannot "
+            "choose lambda"
+        )
     base = config or EASEConfig()
     dtype = _ease_dtype(base, train.n_items)
     gram = _sparse_gram(train.matrix, dtype)
@@ -611,11 +672,12 @@ def select_ease_lambda(
         model = None  # drop the previous matrix (unless it is the kept best) before the next
         model = EASE(base.replace(regularization=value), device=device)  # type: ignore[arg-type]
         model._fit_gram(gram, dtype)
+        model.item_ids = train.item_ids
         result = evaluate(
             model,
             validation.fold_in.matrix,
             validation.targets.matrix,
-            ks=(int(k_text),),
+            ks=(k,),
             metrics=(name,),
             batch_size=batch_size,
             device=str(model.device),
@@ -633,4 +695,5 @@ def select_ease_lambda(
             model = None
             best_model = EASE(base.replace(regularization=best_value), device=device)  # type: ignore[arg-type]
             best_model._fit_gram(gram, dtype)
+            best_model.item_ids = train.item_ids
     return LambdaSelection(best=best_value, scores=scores, metric=metric, model=best_model)

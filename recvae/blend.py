@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,8 +25,11 @@ import scipy.sparse as sp
 import torch
 from numpy.typing import NDArray
 
+from recvae.config import _parse_metric
 from recvae.evaluation import (
     Ranker,
+    _check_ranker,
+    _check_same_items,
     hit_rate_at_k,
     mask_history,
     mrr_at_k,
@@ -33,7 +37,8 @@ from recvae.evaluation import (
     precision_at_k,
     recall_at_k,
 )
-from recvae.split import HeldOut
+from recvae.recommender import resolve_device
+from recvae.split import HeldOut, Split
 
 __all__ = [
     "Blend",
@@ -157,8 +162,10 @@ class Blend:
         device: Where the scores are combined.
 
     Raises:
-        ValueError: The rankers score different numbers of items, the weight is outside
-            [0, 1], or the normalization is unknown.
+        ValueError: The rankers score different items (by ``item_ids`` where both record them,
+            e.g. the same items in another order; else by count), the weight is not a number
+            in [0, 1], the normalization is unknown, or ``device`` names no available device.
+        TypeError: ``first`` or ``second`` is not a ranker.
     """
 
     def __init__(
@@ -170,19 +177,22 @@ class Blend:
         normalization: Normalization = "zscore",
         device: str | torch.device = "cpu",
     ) -> None:
-        if first.n_items != second.n_items:
-            raise ValueError(
-                f"the rankers score different item sets: {first.n_items} vs {second.n_items} items"
-            )
-        if not (isinstance(weight, int | float) and 0.0 <= float(weight) <= 1.0):
+        _check_ranker(first, "first")
+        _check_ranker(second, "second")
+        _check_same_items(first, second, "the first ranker", "the second ranker")
+        if not (
+            isinstance(weight, numbers.Real)
+            and not isinstance(weight, bool)
+            and 0.0 <= float(weight) <= 1.0
+        ):
             raise ValueError(f"weight must be a number in [0, 1], got {weight!r}")
         if normalization not in ("zscore", "minmax"):
             raise ValueError(f"normalization must be 'zscore' or 'minmax', got {normalization!r}")
-        self.first = first
-        self.second = second
-        self.weight = float(weight)
+        self.first: Ranker = first
+        self.second: Ranker = second
+        self.weight: float = float(weight)
         self.normalization: Normalization = normalization
-        self.device = torch.device(device)
+        self.device: torch.device = resolve_device(device)
 
     @property
     def n_items(self) -> int:
@@ -261,30 +271,46 @@ def select_blend_weight(
         The :class:`BlendSelection`.
 
     Raises:
-        ValueError: No candidate or one outside [0, 1], a bad metric, or mismatched shapes.
+        ValueError: No candidate or one outside [0, 1], a bad metric, rankers or a validation
+            set over other items (or the same items in another order), or a validation set
+            with no user with targets.
+        TypeError: ``weights`` is not a sequence of numbers, ``batch_size`` is not an int,
+            ``validation`` is not a ``HeldOut``, or a ranker is not a ranker.
     """
+    if isinstance(weights, str | bytes) or not isinstance(weights, Iterable):
+        raise TypeError(f"weights must be a sequence of numbers such as [0.5], got {weights!r}")
+    weights = list(weights)
+    wrong = [w for w in weights if not isinstance(w, numbers.Real) or isinstance(w, bool)]
+    if wrong:
+        raise TypeError(f"every weight must be a number, got {wrong}")
     candidates = [float(w) for w in weights]
     if not candidates:
         raise ValueError("weights must hold at least one candidate")
     bad = [w for w in candidates if not (0.0 <= w <= 1.0)]
     if bad:
         raise ValueError(f"every weight must be in [0, 1], got {bad}")
-    name, _, k_text = metric.partition("@")
-    if name not in _METRICS or not k_text.isdigit() or int(k_text) < 1:
-        raise ValueError(
-            f"metric must look like 'ndcg@100' with one of {', '.join(sorted(_METRICS))}, "
-            f"got {metric!r}"
-        )
+    name, k = _parse_metric(metric, "metric", tuple(_METRICS))
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
+        raise TypeError(f"batch_size must be an int, got {batch_size!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    k = int(k_text)
+    batch_size = int(batch_size)
+    if isinstance(validation, Split):
+        raise TypeError("validation must be a HeldOut, got a Split: pass split.validation")
+    if not isinstance(validation, HeldOut):
+        raise TypeError(
+            f"validation must be a HeldOut (fold-in and targets, e.g. split.validation), got "
+            f"{type(validation).__name__}"
+        )
+    scorer = Blend(first, second, candidates[0], normalization=normalization, device=device)
+    _check_same_items(validation, first, "validation", "the first ranker")
+    if validation.n_users_with_targets == 0:
+        raise ValueError(
+            f"validation has no user with targets ({validation.n_users} users): it cannot "
+            "choose a blend weight"
+        )
     fold_in = validation.fold_in.matrix
     targets = validation.targets.matrix
-    scorer = Blend(first, second, candidates[0], normalization=normalization, device=device)
-    if fold_in.shape[1] != scorer.n_items:
-        raise ValueError(
-            f"validation has {fold_in.shape[1]} items but the rankers score {scorer.n_items}"
-        )
     per_weight: list[list[NDArray[np.float64]]] = [[] for _ in candidates]
     for start in range(0, fold_in.shape[0], batch_size):
         histories = fold_in[start : start + batch_size]

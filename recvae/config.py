@@ -11,7 +11,9 @@ import dataclasses
 import importlib
 import json
 import math
+import numbers
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,8 +47,58 @@ def _check(condition: bool, name: str, message: str) -> None:
 
 
 def _is_int(value: Any) -> bool:
-    """An integer, not a bool (which Python counts as one)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (a Python or NumPy one), not a bool (which Python counts as one)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A real number (a Python or NumPy int or float), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+#: Seeds are stored as signed 64-bit integers by torch and NumPy: [0, 2**63).
+SEED_LIMIT = 2**63
+
+
+def _check_seed(seed: Any, argument: str = "seed") -> int:
+    """``seed`` as a Python int, checked to lie in ``[0, 2**63)``.
+
+    Raises:
+        ValueError: ``seed`` is not an integer (a bool counts as none) or is out of range; the
+            message names ``argument``.
+    """
+    if not _is_int(seed) or not 0 <= int(seed) < SEED_LIMIT:
+        raise ValueError(f"{argument} must be an int in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
+#: Per-user metrics that :func:`recvae.evaluate` computes (the base of ``"ndcg@100"``).
+PER_USER_METRICS: tuple[str, ...] = (
+    "recall",
+    "recall_plain",
+    "ndcg",
+    "hit_rate",
+    "mrr",
+    "precision",
+)
+
+
+def _parse_metric(
+    metric: Any, argument: str, names: tuple[str, ...] = PER_USER_METRICS
+) -> tuple[str, int]:
+    """``"ndcg@100"`` -> ``("ndcg", 100)``, with the base one of ``names``.
+
+    Raises:
+        ValueError: ``metric`` is not ``"<name>@<k>"`` with a known name and an integer k >= 1;
+            the message names ``argument``.
+    """
+    base, _, k_text = metric.partition("@") if isinstance(metric, str) else ("", "", "")
+    if base not in names or not k_text.isdigit() or int(k_text) < 1:
+        raise ValueError(
+            f"{argument} must look like 'ndcg@100': '<metric>@<k>' with metric one of "
+            f"{', '.join(names)} and k an integer >= 1, got {metric!r}"
+        )
+    return base, int(k_text)
 
 
 _FIELD_HINTS: dict[type, dict[str, Any]] = {}  # config class -> resolved annotations
@@ -59,30 +111,46 @@ def _field_hints(cls: type) -> dict[str, Any]:
     return hints
 
 
-def _type_matches(value: Any, hint: Any) -> bool:
-    """Whether ``value`` has the annotated type (the simple types configs use; others pass)."""
+def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
+    """Whether ``value`` has the annotated type (the simple types configs use; others pass),
+    and the value to store: NumPy integers and floats become Python ``int`` and ``float``
+    (grid searches over ``np.arange`` give them), a list for a tuple becomes a tuple."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is bool:
-        return isinstance(value, bool)
+        return isinstance(value, bool), value
     if hint is int:
-        return _is_int(value)
+        return (True, int(value)) if _is_int(value) else (False, value)
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        if not _is_real(value):
+            return False, value
+        return True, value if isinstance(value, int | float) else float(value)
     if hint is str:
-        return isinstance(value, str)
+        return isinstance(value, str), value
     if hint is type(None):
-        return value is None
+        return value is None, value
     if origin is Literal:
-        return any(value == a and type(value) is type(a) for a in args)
+        return any(value == a and type(value) is type(a) for a in args), value
     if origin in (types.UnionType, typing.Union):
-        return any(_type_matches(value, a) for a in args)
+        for arg in args:
+            ok, conformed = _conform(value, arg)
+            if ok:
+                return True, conformed
+        return False, value
     if origin is tuple:
+        if isinstance(value, list):
+            value = tuple(value)
         if not isinstance(value, tuple):
-            return False
+            return False, value
         if len(args) == 2 and args[1] is Ellipsis:
-            return all(_type_matches(v, args[0]) for v in value)
-        return len(value) == len(args) and all(map(_type_matches, value, args))
-    return True
+            parts = [_conform(v, args[0]) for v in value]
+        elif len(value) == len(args):
+            parts = list(map(_conform, value, args))
+        else:
+            return False, value
+        if not all(ok for ok, _ in parts):
+            return False, value
+        return True, tuple(conformed for _, conformed in parts)
+    return True, value
 
 
 def _describe_type(hint: Any) -> str:
@@ -102,9 +170,11 @@ def _describe_type(hint: Any) -> str:
 
 
 def check_field_types(config: Any) -> None:
-    """Check every dataclass field of ``config`` against its annotation (a list given for a
-    tuple field becomes a tuple). Values from TOML, JSON or a command line can be of any type;
-    this names the field before any comparison of a wrongly typed value fails obscurely.
+    """Check every dataclass field of ``config`` against its annotation. Values from TOML,
+    JSON or a command line can be of any type; this names the field before any comparison of a
+    wrongly typed value fails obscurely. Accepted values are stored normalized: a list given for
+    a tuple field becomes a tuple, and NumPy integers and floats (``numbers.Integral`` and
+    ``numbers.Real``, not bool) become Python ``int`` and ``float``.
 
     Raises:
         ValueError: ``invalid config field '<name>': must be <type>, got <value>``.
@@ -112,14 +182,10 @@ def check_field_types(config: Any) -> None:
     hints = _field_hints(type(config))
     for f in dataclasses.fields(config):
         hint, value = hints.get(f.name, Any), getattr(config, f.name)
-        if typing.get_origin(hint) is tuple and isinstance(value, list):
-            value = tuple(value)
-            object.__setattr__(config, f.name, value)  # frozen dataclass
-        _check(
-            _type_matches(value, hint),
-            f.name,
-            f"must be {_describe_type(hint)}, got {value!r}",
-        )
+        ok, conformed = _conform(value, hint)
+        _check(ok, f.name, f"must be {_describe_type(hint)}, got {value!r}")
+        if conformed is not value:
+            object.__setattr__(config, f.name, conformed)  # frozen dataclass
 
 
 def _check_layer_sizes(hidden_dims: tuple[int, ...], latent_dim: int) -> None:
@@ -218,11 +284,14 @@ class ModelConfig:
             "must be None or an int >= 1",
         )
         _check(
-            isinstance(self.seed, int) and not isinstance(self.seed, bool),
+            _is_int(self.seed) and 0 <= self.seed < SEED_LIMIT,
             "seed",
-            "must be an int",
+            f"must be an int in [0, 2**63), got {self.seed!r}",
         )
-        _check("@" in self.select_metric, "select_metric", "must look like 'ndcg@100'")
+        try:
+            _parse_metric(self.select_metric, "select_metric")
+        except ValueError as exc:
+            raise ValueError(f"invalid config field 'select_metric': {exc}") from None
 
     # ------------------------------------------------------------------ (de)serialization
     def to_dict(self) -> dict[str, Any]:
@@ -345,9 +414,9 @@ class RunOptions:
     def __post_init__(self) -> None:
         _check(
             isinstance(self.device, str)
-            and (self.device in ("auto", "cpu") or self.device.startswith("cuda")),
+            and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             "device",
-            "must be auto, cpu, cuda or cuda:N",
+            f"device {self.device!r} is not a device: use auto, cpu, cuda or cuda:N",
         )
         # A TOML [run] table can hold any type: check the type before comparing.
         for name in ("num_threads", "eval_batch_size", "validate_every", "checkpoint_every"):
@@ -363,6 +432,12 @@ class RunOptions:
             "item_multiple",
             "must be an integer >= 1 (1: no padding) or unset (automatic)",
         )
+        for name in ("num_threads", "eval_batch_size", "validate_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and type(value) is not int:
+                object.__setattr__(self, name, int(value))  # a NumPy integer: store an int
+        if self.item_multiple is not None and type(self.item_multiple) is not int:
+            object.__setattr__(self, "item_multiple", int(self.item_multiple))
         for name in ("progress", "compile", "distributed"):
             _check(isinstance(getattr(self, name), bool), name, "must be true or false")
         _check(

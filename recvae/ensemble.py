@@ -19,14 +19,16 @@ items every member ranks moderately high.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from recvae.evaluation import Ranker
+from recvae.evaluation import Ranker, _check_ranker, _check_same_items
+from recvae.recommender import resolve_device
 
 __all__ = ["Ensemble"]
 
@@ -44,9 +46,11 @@ class Ensemble:
         device: Where the members' scores are combined.
 
     Raises:
-        ValueError: No member, members over different item counts, a weight count that does
-            not match, a negative or non-finite weight, all-zero weights, or an unknown
-            ``combine``.
+        ValueError: No member, members over different items (by ``item_ids`` where members
+            record them, e.g. the same items in another order; else by count), a weight count
+            that does not match, a negative or non-finite weight, all-zero weights, an unknown
+            ``combine``, or a ``device`` that names no available device.
+        TypeError: A member is not a ranker, or a weight is not a number.
     """
 
     def __init__(
@@ -57,16 +61,25 @@ class Ensemble:
         combine: Combine = "log_softmax",
         device: str | torch.device = "cpu",
     ) -> None:
+        if isinstance(members, str | bytes) or not isinstance(members, Iterable):
+            raise TypeError(f"members must be a sequence of rankers, got {type(members).__name__}")
         members = list(members)
         if not members:
             raise ValueError("an ensemble needs at least one member")
-        counts = sorted({int(m.n_items) for m in members})
-        if len(counts) > 1:
-            raise ValueError(f"the members score different item sets: {counts} items")
+        for i, member in enumerate(members):
+            _check_ranker(member, f"members[{i}]")
+        for i, member in enumerate(members[1:], start=1):
+            _check_same_items(member, members[0], f"members[{i}]", "members[0]")
         if combine not in ("log_softmax", "softmax"):
             raise ValueError(f"combine must be 'log_softmax' or 'softmax', got {combine!r}")
         if weights is None:
             weights = [1.0] * len(members)
+        if isinstance(weights, str | bytes) or not isinstance(weights, Iterable):
+            raise TypeError(f"weights must be a sequence of numbers, got {weights!r}")
+        weights = list(weights)
+        wrong = [w for w in weights if not isinstance(w, numbers.Real) or isinstance(w, bool)]
+        if wrong:
+            raise TypeError(f"every weight must be a number, got {wrong}")
         weights = [float(w) for w in weights]
         if len(weights) != len(members):
             raise ValueError(f"{len(weights)} weights given for {len(members)} members")
@@ -76,7 +89,7 @@ class Ensemble:
         self.members = members
         self.weights = [w / total for w in weights]
         self.combine: Combine = combine
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
 
     @property
     def n_items(self) -> int:

@@ -18,6 +18,7 @@ on CPU), and compute in float64.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, runtime_checkable
@@ -26,6 +27,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from numpy.typing import NDArray
+
+from recvae.config import PER_USER_METRICS
 
 __all__ = [
     "EvaluationResult",
@@ -52,14 +55,7 @@ IndicesLike: TypeAlias = "NDArray[np.integer[Any]] | torch.Tensor"
 paper_metrics: tuple[str, ...] = ("recall@20", "recall@50", "ndcg@100")
 """The three numbers Liang et al. (2018) report: Recall@20, Recall@50 and NDCG@100."""
 
-_PER_USER_METRICS: tuple[str, ...] = (
-    "recall",
-    "recall_plain",
-    "ndcg",
-    "hit_rate",
-    "mrr",
-    "precision",
-)
+_PER_USER_METRICS: tuple[str, ...] = PER_USER_METRICS
 _AGGREGATE_METRICS: tuple[str, ...] = ("coverage", "gini", "popularity_rank")
 
 
@@ -111,6 +107,59 @@ class NaNScoresError(ValueError):
 def _check_no_nan(scores: torch.Tensor) -> None:
     if bool(torch.isnan(scores).any()):
         raise NaNScoresError("scores contain NaN; use -inf to exclude an item")
+
+
+def _item_ids_of(source: Any) -> NDArray[Any] | None:
+    """The item ids of an ``Interactions``, ``HeldOut``, ``Recommender`` or fitted baseline, or
+    None for an object that does not record them (then only item counts can be compared)."""
+    fold_in = getattr(source, "fold_in", None)
+    if fold_in is not None:
+        source = fold_in
+    ids = getattr(source, "item_ids", None)
+    return None if ids is None else np.asarray(ids)
+
+
+def _check_ranker(ranker: Any, argument: str) -> None:
+    """Raise a ``TypeError`` naming ``argument`` unless ``ranker`` looks like a :class:`Ranker`."""
+    if not callable(getattr(ranker, "score", None)) or not hasattr(ranker, "n_items"):
+        raise TypeError(
+            f"{argument} must be a Ranker (with n_items and score(histories)), got "
+            f"{type(ranker).__name__}"
+        )
+
+
+def _check_same_items(first: Any, second: Any, first_name: str, second_name: str) -> None:
+    """Raise unless ``first`` and ``second`` score or hold the same items in the same order.
+
+    Both are compared by ``item_ids`` where both record them, else by item count: a model and a
+    data set over the same items in another order would otherwise give meaningless scores.
+
+    Raises:
+        ValueError: The item counts or the item ids differ; the message names both sides.
+    """
+    first_ids, second_ids = _item_ids_of(first), _item_ids_of(second)
+    first_n = len(first_ids) if first_ids is not None else int(first.n_items)
+    second_n = len(second_ids) if second_ids is not None else int(second.n_items)
+    if first_n != second_n:
+        raise ValueError(
+            f"{first_name} and {second_name} have different item sets: {first_n} vs "
+            f"{second_n} items; both must share one item vocabulary"
+        )
+    if first_ids is None or second_ids is None or np.array_equal(first_ids, second_ids):
+        return
+    try:
+        differs = np.flatnonzero(first_ids != second_ids)
+    except (TypeError, ValueError):  # pragma: no cover - ids that NumPy cannot compare
+        differs = np.arange(first_n)
+    position = int(differs[0]) if differs.size else 0
+    same_set = set(first_ids.tolist()) == set(second_ids.tolist())
+    raise ValueError(
+        f"{first_name} and {second_name} have different item ids"
+        + (" (the same items in another order)" if same_set else "")
+        + f": at column {position}, {first_ids[position]!r} vs {second_ids[position]!r}; "
+        "both must share one item vocabulary (e.g. both built from the same split's training "
+        "users)"
+    )
 
 
 def _csr_to_dense_bool(
@@ -174,8 +223,9 @@ def _topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     values, indices = torch.topk(scores, n_probe, dim=1)  # (n_users, n_probe)
     boundary = values[:, k_eff - 1 : k_eff]  # (n_users, 1), the k-th value
     if n_probe > k_eff:
-        # A tie of -inf items needs no fix: they all become -1 below.
-        ambiguous = (values[:, k_eff] == boundary[:, 0]) & torch.isfinite(boundary[:, 0])
+        # A tie of -inf items needs no fix: they all become -1 below. A tie of +inf items does:
+        # the rule holds for them too.
+        ambiguous = (values[:, k_eff] == boundary[:, 0]) & (boundary[:, 0] > -math.inf)
         values, indices = values[:, :k_eff], indices[:, :k_eff]  # (n_users, k_eff)
         if bool(ambiguous.any()):
             rows = ambiguous.nonzero().squeeze(1)
@@ -211,8 +261,8 @@ def topk_indices(scores: ScoresLike, k: int) -> torch.Tensor:
     """Returns the top-``k`` item indices of each user, best first.
 
     Items are ordered by score, higher first; ties break by lower item index, including at the
-    ``k``-th position. Positions that would hold an item scored ``-inf`` (an excluded item), or
-    that lie past ``n_items`` when ``k > n_items``, hold ``-1``.
+    ``k``-th position and among ``+inf`` scores. Positions that would hold an item scored
+    ``-inf`` (an excluded item), or that lie past ``n_items`` when ``k > n_items``, hold ``-1``.
 
     Args:
         scores: Array or tensor of shape ``(n_users, n_items)``; higher is better, ``-inf``
@@ -807,7 +857,8 @@ def evaluate(
         targets: Binary matrix of the same shape with the held-out items to find.
         ks: List lengths to evaluate, each at least 1.
         batch_size: Number of users scored at once.
-        device: Device on which masking and metrics run.
+        device: Device on which masking and metrics run ("auto", "cpu", "cuda" or "cuda:N", or a
+            ``torch.device``).
         item_popularity: Optional array ``(n_items,)`` of training counts per item; enables
             ``popularity_rank@K``.
         metrics: Optional base names to compute (``"recall"``, ``"recall_plain"``, ``"ndcg"``,
@@ -819,11 +870,22 @@ def evaluate(
 
     Raises:
         ValueError: If shapes disagree (``fold_in``, ``targets``, ``ranker.n_items``,
-            ``item_popularity`` or the ranker's output), ``ks`` or ``batch_size`` is invalid,
-            a metric name is unknown, or the ranker returns NaN.
+            ``item_popularity`` or the ranker's output), ``fold_in`` and ``targets`` share a
+            (user, item) pair, ``ks`` or ``batch_size`` is invalid, a metric name is unknown,
+            ``device`` names no available device, or the ranker returns NaN.
+        TypeError: ``ranker`` is not a ranker, ``batch_size`` is not an int, or ``ks`` or
+            ``metrics`` is a string or a scalar rather than a sequence.
     """
-    if not sp.issparse(fold_in) or not sp.issparse(targets):
-        raise ValueError("fold_in and targets must be scipy sparse matrices")
+    from recvae.recommender import resolve_device  # recommender imports this module
+
+    _check_ranker(ranker, "ranker")
+    for name, matrix in (("fold_in", fold_in), ("targets", targets)):
+        if not sp.issparse(matrix):
+            hint = " (pass its .matrix)" if hasattr(matrix, "matrix") else ""
+            raise ValueError(
+                f"fold_in and targets must be scipy sparse matrices: {name} is a "
+                f"{type(matrix).__name__}{hint}"
+            )
     fold_in = sp.csr_array(fold_in)
     targets = sp.csr_array(targets)
     if fold_in.shape != targets.shape:
@@ -835,13 +897,29 @@ def evaluate(
         raise ValueError(
             f"ranker.n_items={ranker.n_items} does not match fold_in shape {fold_in.shape}"
         )
+    if isinstance(ks, str | bytes) or not isinstance(ks, Iterable):
+        raise TypeError(f"ks must be a sequence of ints such as (20, 50, 100), got {ks!r}")
     ks = [int(k) for k in ks]
     if not ks:
         raise ValueError("ks must not be empty")
     for k in ks:
         _check_k(k)
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
+        raise TypeError(f"batch_size must be an int, got {batch_size!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    batch_size = int(batch_size)
+    if isinstance(metrics, str | bytes):
+        raise TypeError(f"metrics must be a sequence of names such as [{metrics!r}], got a string")
+    # A target that is also in the fold-in is masked to -inf and can never be hit: the metrics
+    # would be silently low (or 0 when both are the same matrix, or swapped arguments).
+    overlap = int(np.count_nonzero(fold_in.multiply(targets).data))
+    if overlap:
+        raise ValueError(
+            f"fold_in and targets overlap in {overlap} (user, item) pairs: they must be "
+            "disjoint (a target in the fold-in is masked and can never be hit); pass a "
+            "HeldOut's fold_in and targets matrices, in that order"
+        )
     popularity_ranks: NDArray[np.float64] | None = None
     if item_popularity is not None:
         popularity = np.asarray(item_popularity)
@@ -852,7 +930,7 @@ def evaluate(
         popularity_ranks = _popularity_ranks(popularity)
     per_user_names, aggregate_names = _resolve_metrics(metrics, popularity_ranks is not None)
 
-    device = torch.device(device)
+    device = resolve_device(device)
     k_max = max(ks)
     per_user = {
         f"{name}@{k}": np.full(n_users, np.nan, dtype=np.float64)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,9 +11,12 @@ import numpy as np
 import scipy.sparse as sp
 from numpy.typing import NDArray
 
+from recvae.config import _check_seed
 from recvae.data.interactions import DataError, Interactions
 
 __all__ = ["HeldOut", "Split", "split_users", "split_fold_in"]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SEED = 98765
 
@@ -78,7 +83,9 @@ def split_users(
     training users. The item vocabulary keeps only items with a training positive (held-out
     interactions with other items are dropped). Each held-out user with at least
     ``min_target_user_count`` remaining positives gets ``int(holdout_fraction * n)`` random
-    targets; the rest is fold-in. A pure function of its inputs and ``seed``.
+    targets; the rest is fold-in. A pure function of its inputs and ``seed``. A warning is
+    logged when the validation or test set has no user with targets (every metric on it would
+    be NaN, and training cannot select an epoch on it).
 
     Args:
         data: Binarized, filtered interactions.
@@ -91,13 +98,26 @@ def split_users(
         The split.
 
     Raises:
-        ValueError: bad arguments.
+        ValueError: bad arguments (``seed`` must be an int in ``[0, 2**63)``).
+        TypeError: ``data`` is not an ``Interactions``, or ``holdout_fraction`` or
+            ``min_target_user_count`` is not a number (e.g. a string).
         DataError: the split leaves no training users or no training items.
     """
+    if not isinstance(data, Interactions):
+        raise TypeError(f"data must be an Interactions, got {type(data).__name__}")
     if not isinstance(n_heldout, int | np.integer) or n_heldout < 1:
         raise ValueError(f"n_heldout must be an int >= 1, got {n_heldout!r}")
+    if not isinstance(holdout_fraction, numbers.Real) or isinstance(holdout_fraction, bool):
+        raise TypeError(f"holdout_fraction must be a number in (0, 1), got {holdout_fraction!r}")
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    if not isinstance(min_target_user_count, numbers.Integral) or isinstance(
+        min_target_user_count, bool
+    ):
+        raise TypeError(f"min_target_user_count must be an int >= 0, got {min_target_user_count!r}")
+    if min_target_user_count < 0:
+        raise ValueError(f"min_target_user_count must be >= 0, got {min_target_user_count}")
+    seed = _check_seed(seed, "seed")
     n_train = data.n_users - 2 * n_heldout
     if n_train < 1:
         raise DataError(
@@ -132,10 +152,22 @@ def split_users(
             Interactions(fold_in, user_ids, item_ids), Interactions(targets, user_ids, item_ids)
         )
 
+    validation, test = held_out(validation_rows), held_out(test_rows)
+    for name, part in (("validation", validation), ("test", test)):
+        if part.n_users_with_targets == 0:
+            # Training and blend selection refuse such a validation set; metrics on it are NaN.
+            logger.warning(
+                "split_users: the %s set has no user with targets (%d users, none with at least "
+                "min_target_user_count=%d interactions and a target at holdout_fraction=%g)",
+                name,
+                part.n_users,
+                min_target_user_count,
+                holdout_fraction,
+            )
     return Split(
         train=train,
-        validation=held_out(validation_rows),
-        test=held_out(test_rows),
+        validation=validation,
+        test=test,
         seed=int(seed),
         n_heldout=int(n_heldout),
         holdout_fraction=float(holdout_fraction),

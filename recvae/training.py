@@ -39,7 +39,7 @@ from recvae import cpu_runtime
 from recvae import distributed as dist_utils
 from recvae.config import ModelConfig, MultVAEConfig, RunOptions
 from recvae.data.interactions import Interactions
-from recvae.evaluation import NaNScoresError, evaluate
+from recvae.evaluation import NaNScoresError, _check_same_items, evaluate
 from recvae.model import (
     SparseBatch,
     anneal_beta,
@@ -50,7 +50,7 @@ from recvae.model import (
     sparse_multinomial_nll,
 )
 from recvae.recommender import Recommender, resolve_device
-from recvae.split import HeldOut
+from recvae.split import HeldOut, Split
 
 __all__ = [
     "train",
@@ -92,6 +92,58 @@ def beta_schedule(config: ModelConfig, total_steps: int) -> tuple[float, float]:
     if config.beta_max == 0:
         return 0.0, math.inf
     return config.beta_max, config.anneal_cap_fraction * total_steps / config.beta_max
+
+
+def _check_train_arguments(
+    data: Any,
+    config: Any,
+    validation: Any,
+    options: Any,
+    on_epoch: Any,
+) -> None:
+    """Type and vocabulary checks of :func:`train`'s and :class:`Trainer`'s arguments, done
+    before any work (a wrong object would otherwise fail deep inside, after an epoch).
+
+    Raises:
+        TypeError: An argument is not of the expected type; the message names it.
+        ValueError: ``validation`` has other items than ``data``, or no user with targets.
+    """
+    if isinstance(data, Split):
+        raise TypeError("data must be an Interactions, got a Split: pass split.train")
+    if isinstance(data, HeldOut):
+        raise TypeError("data must be an Interactions, got a HeldOut (held-out users)")
+    if not isinstance(data, Interactions):
+        raise TypeError(f"data must be an Interactions, got {type(data).__name__}")
+    if not isinstance(config, ModelConfig):
+        hint = " (build one with recvae.config_from_dict)" if isinstance(config, Mapping) else ""
+        raise TypeError(
+            f"config must be a model config such as MultVAEConfig, got {type(config).__name__}"
+            + hint
+        )
+    if validation is not None:
+        if isinstance(validation, Split):
+            raise TypeError("validation must be a HeldOut, got a Split: pass split.validation")
+        if not isinstance(validation, HeldOut):
+            raise TypeError(
+                f"validation must be a HeldOut (fold-in and targets, e.g. split.validation), "
+                f"got {type(validation).__name__}"
+            )
+    if options is not None and not isinstance(options, RunOptions):
+        hint = " (use RunOptions(**options))" if isinstance(options, Mapping) else ""
+        raise TypeError(f"options must be a RunOptions, got {type(options).__name__}{hint}")
+    if on_epoch is not None and not callable(on_epoch):
+        raise TypeError(
+            f"on_epoch must be callable as on_epoch(epoch, metrics), got {type(on_epoch).__name__}"
+        )
+    if validation is not None:
+        _check_same_items(validation.fold_in, data, "validation", "the training data")
+        _check_same_items(validation.targets, data, "validation targets", "the training data")
+        if validation.n_users_with_targets == 0:
+            raise ValueError(
+                f"validation has no user with targets ({validation.n_users} users, none with a "
+                "target): it cannot choose an epoch; give held-out users enough interactions "
+                "(split_users' min_target_user_count, holdout_fraction) or pass no validation"
+            )
 
 
 def _batch_tensor(matrix: sp.csr_array, rows: np.ndarray, device: torch.device) -> Tensor:
@@ -245,9 +297,12 @@ class Trainer:
             only in distributed training.
 
     Raises:
-        ValueError: empty data, a vocabulary mismatch with ``validation``, or
+        ValueError: empty data, a vocabulary mismatch with ``validation`` (other item ids, or
+            the same in another order), a ``validation`` with no user with targets, or
             ``distributed=True`` without a process group or for a model or trainer that does
             not support it.
+        TypeError: an argument of the wrong type (e.g. a ``Split`` for ``data``, a dict for
+            ``config`` or ``options``).
     """
 
     #: Weights loaded into the fresh model when training starts from scratch (a warm start);
@@ -263,13 +318,9 @@ class Trainer:
         options: RunOptions | None = None,
         on_epoch: EpochCallback | None = None,
     ) -> None:
+        _check_train_arguments(data, config, validation, options, on_epoch)
         if data.n_users == 0 or data.nnz == 0:
             raise ValueError("cannot train on an empty matrix (no training users)")
-        if validation is not None and validation.fold_in.n_items != data.n_items:
-            raise ValueError(
-                f"validation has {validation.fold_in.n_items} items but training data has "
-                f"{data.n_items}: both must share the training item vocabulary"
-            )
         self.data = data
         self.config = config
         self.validation = validation
@@ -759,11 +810,15 @@ def train(
             checkpoint is resumed.
 
     Raises:
-        ValueError: empty data, a vocabulary mismatch with ``validation``, or distributed
-            training without a process group.
+        ValueError: empty data, a vocabulary mismatch with ``validation`` (other item ids, or
+            the same in another order), a ``validation`` with no user with targets, or
+            distributed training without a process group.
+        TypeError: an argument of the wrong type (e.g. a ``Split`` for ``data``: pass
+            ``split.train``; a dict for ``config`` or ``options``).
         CheckpointMismatchError: the checkpoint directory holds another run's checkpoint.
         FloatingPointError: the loss became NaN or infinite.
     """
+    _check_train_arguments(data, config, validation, options, on_epoch)
     trainer_cls = TRAINER_TYPES.get(config.model, Trainer)
     trainer = trainer_cls(data, config, validation=validation, options=options, on_epoch=on_epoch)
     trainer.initial_state = initial_state

@@ -407,15 +407,15 @@ def test_rankers_satisfy_protocol(rng: np.random.Generator) -> None:
     assert isinstance(ItemItemRanker(rng.random((3, 3))), Ranker)
 
 
-def test_fold_in_item_never_counts_as_hit() -> None:
-    # The user's fold-in item 0 is also (wrongly) a target and the ranker scores it highest.
+def test_a_fold_in_item_that_is_also_a_target_is_refused() -> None:
+    # The user's fold-in item 0 is also (wrongly) a target: masked as seen, it could never be a
+    # hit, so the split is refused instead of scored low (fold-in masking itself is tested by
+    # test_ranker_scoring_fold_in_highest_gets_correct_results).
     ranker = FixedRanker(np.array([10.0, 1.0, 2.0]))
     fold_in = sp.csr_array(np.array([[1, 0, 0]], dtype=np.float32))
     targets = sp.csr_array(np.array([[1, 0, 0]], dtype=np.float32))
-    result = evaluate(ranker, fold_in, targets, ks=(1, 3))
-    assert result.per_user["recall@1"][0] == 0.0
-    assert result.per_user["hit_rate@3"][0] == 0.0
-    assert result.per_user["precision@3"][0] == 0.0
+    with pytest.raises(ValueError, match="overlap"):
+        evaluate(ranker, fold_in, targets, ks=(1, 3))
     # The ranker's own tensor is left untouched.
     assert torch.isfinite(ranker.item_scores).all()
 

@@ -400,10 +400,8 @@ def test_tune_help_names_the_default_experiment(capsys: pytest.CaptureFixture[st
         main(["tune", "--help"])
     assert info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert (
-        "MLflow experiment (default: <[mlflow] experiment of the config, else recvae-<dataset>>-tune"
-        in text
-    )
+    default = "<[mlflow] experiment of the config, else recvae-<dataset>>-tune"
+    assert f"MLflow experiment (default: {default}" in text
 
 
 def test_a_study_cannot_resume_with_other_settings(prepared: PreparedData, tmp_path: Path) -> None:
