@@ -841,7 +841,9 @@ class Recommender:
                 f"calibrating anomaly percentiles needs at least 20 non-empty histories, "
                 f"got {n_users}"
             )
-        reference = self._build_anomaly_reference(matrix, source="held-out", seed=seed)
+        from recvae.config import _check_seed
+
+        reference = self._build_anomaly_reference(matrix, source="held-out", seed=_check_seed(seed))
         self.meta["anomaly_reference"] = reference.to_dict()
 
     def anomaly_scores(

@@ -381,8 +381,10 @@ def check_exploration(temperature: float, seed: int | None) -> None:
         or temperature < 0
     ):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | np.integer)):
-        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    if seed is not None:
+        from recvae.config import _check_seed
+
+        _check_seed(seed)  # an int in [0, 2**63): torch's generator takes no more
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -551,7 +553,16 @@ def align_to_vocabulary(data: Interactions, recommender: Recommender) -> sp.csr_
         dtype=np.int64,
     )
     known = np.flatnonzero(positions >= 0)
-    if len(known) < data.n_items:
+    if len(known) == 0 and data.n_items and recommender.n_items:
+        given = "str" if data.item_ids.dtype == object else "int"
+        expected = "str" if recommender.item_ids.dtype == object else "int"
+        if given != expected:
+            raise ValueError(
+                f"the data's item ids are {given} but the model's are {expected}: no item is "
+                f"known to the model (convert the ids with {expected}(...) first)"
+            )
+        logger.warning("none of the %d item(s) is known to the model", data.n_items)
+    elif len(known) < data.n_items:
         logger.info("%d item(s) unknown to the model dropped", data.n_items - len(known))
     coo = sp.coo_array(data.matrix[:, known])
     return sp.csr_array(

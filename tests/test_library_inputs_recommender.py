@@ -324,3 +324,35 @@ def test_from_polars_names_a_pandas_frame_and_the_fix() -> None:
     frame = pandas.DataFrame({"user_id": [1, 2], "item_id": [3, 4]})
     with pytest.raises(DataError, match=r"got a pandas DataFrame.*polars.from_pandas\(df\)"):
         Interactions.from_polars(frame)
+
+
+def test_exploration_and_calibration_seeds_are_checked_up_front() -> None:
+    import recvae
+
+    data = recvae.load_dataset("ml-latest-small")
+    split = recvae.split_users(data, n_heldout=60, seed=1)
+    config = recvae.MultVAEConfig(epochs=1, latent_dim=8, hidden_dims=(16,))
+    rec = recvae.train(split.train, config, options=recvae.RunOptions(device="cpu", progress=False))
+    for seed in (-1, 2**70, 1.5, "x"):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\)"):
+            rec.recommend_from_history([1, 50], k=3, explore=True, seed=seed)
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\)"):
+            rec.calibrate_anomalies(split.test.fold_in.matrix, seed=seed)
+
+
+def test_anomalous_users_refuses_item_ids_of_the_other_type() -> None:
+    import numpy as np
+
+    import recvae
+
+    data = recvae.load_dataset("ml-latest-small")
+    split = recvae.split_users(data, n_heldout=60, seed=1)
+    config = recvae.MultVAEConfig(epochs=1, latent_dim=8, hidden_dims=(16,))
+    rec = recvae.train(split.train, config, options=recvae.RunOptions(device="cpu", progress=False))
+    held = split.test.fold_in
+    as_text = recvae.Interactions(
+        held.matrix, held.user_ids, held.item_ids.astype(str).astype(object)
+    )
+    with pytest.raises(ValueError, match="the data's item ids are str but the model's are int"):
+        recvae.anomalous_users(rec, as_text, 50)
+    assert recvae.anomalous_users(rec, held, 50).dtype == np.bool_
