@@ -300,8 +300,12 @@ class Recommender:
             known_idx: list[int] = []
             known_w: list[float] = []
             unknown: list[Any] = []
+            index = self.vocab.item_index
             for j, item in enumerate(items):
-                idx = self._item_position(f"history {row}", item)
+                try:
+                    idx = index(item)
+                except TypeError:  # unhashable (a list in place of an id)
+                    idx = self._item_position(f"history {row}", item)  # raises, naming it
                 if idx is None:
                     unknown.append(item)
                     continue
@@ -1154,6 +1158,8 @@ def _id_list(name: str, value: Any) -> list[Any]:
                 f"shape {tuple(value.shape)}"
             )
         return list(value.tolist())
+    if type(value) is list and set(map(type, value)) <= {int, str}:
+        return value  # the common case (JSON ids), without a conversion per id
     if sp.issparse(value) or isinstance(value, Mapping) or not isinstance(value, Iterable):
         raise TypeError(
             f"{name} must be a sequence of item ids, got {type(value).__name__}"
