@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ from recvae.evaluation import (
     Ranker,
     _check_ranker,
     _check_same_items,
+    _number_list,
     hit_rate_at_k,
     mask_history,
     mrr_at_k,
@@ -38,7 +39,7 @@ from recvae.evaluation import (
     recall_at_k,
 )
 from recvae.recommender import resolve_device
-from recvae.split import HeldOut, Split
+from recvae.split import HeldOut, _check_held_out
 
 __all__ = [
     "Blend",
@@ -277,13 +278,7 @@ def select_blend_weight(
         TypeError: ``weights`` is not a sequence of numbers, ``batch_size`` is not an int,
             ``validation`` is not a ``HeldOut``, or a ranker is not a ranker.
     """
-    if isinstance(weights, str | bytes) or not isinstance(weights, Iterable):
-        raise TypeError(f"weights must be a sequence of numbers such as [0.5], got {weights!r}")
-    weights = list(weights)
-    wrong = [w for w in weights if not isinstance(w, numbers.Real) or isinstance(w, bool)]
-    if wrong:
-        raise TypeError(f"every weight must be a number, got {wrong}")
-    candidates = [float(w) for w in weights]
+    candidates = _number_list(weights, "weights")
     if not candidates:
         raise ValueError("weights must hold at least one candidate")
     bad = [w for w in candidates if not (0.0 <= w <= 1.0)]
@@ -295,13 +290,7 @@ def select_blend_weight(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batch_size = int(batch_size)
-    if isinstance(validation, Split):
-        raise TypeError("validation must be a HeldOut, got a Split: pass split.validation")
-    if not isinstance(validation, HeldOut):
-        raise TypeError(
-            f"validation must be a HeldOut (fold-in and targets, e.g. split.validation), got "
-            f"{type(validation).__name__}"
-        )
+    _check_held_out(validation)
     scorer = Blend(first, second, candidates[0], normalization=normalization, device=device)
     _check_same_items(validation, first, "validation", "the first ranker")
     if validation.n_users_with_targets == 0:

@@ -19,7 +19,6 @@ items every member ranks moderately high.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -27,7 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from recvae.evaluation import Ranker, _check_ranker, _check_same_items
+from recvae.evaluation import Ranker, _check_ranker, _check_same_items, _number_list
 from recvae.recommender import resolve_device
 
 __all__ = ["Ensemble"]
@@ -74,13 +73,7 @@ class Ensemble:
             raise ValueError(f"combine must be 'log_softmax' or 'softmax', got {combine!r}")
         if weights is None:
             weights = [1.0] * len(members)
-        if isinstance(weights, str | bytes) or not isinstance(weights, Iterable):
-            raise TypeError(f"weights must be a sequence of numbers, got {weights!r}")
-        weights = list(weights)
-        wrong = [w for w in weights if not isinstance(w, numbers.Real) or isinstance(w, bool)]
-        if wrong:
-            raise TypeError(f"every weight must be a number, got {wrong}")
-        weights = [float(w) for w in weights]
+        weights = _number_list(weights, "weights", "[1.0, 1.0]")
         if len(weights) != len(members):
             raise ValueError(f"{len(weights)} weights given for {len(members)} members")
         if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:

@@ -128,6 +128,20 @@ def _check_ranker(ranker: Any, argument: str) -> None:
         )
 
 
+def _number_list(value: Any, argument: str, example: str = "[0.5]") -> list[float]:
+    """``value`` as a list of floats; a ``TypeError`` naming ``argument`` for anything but a
+    sequence of real numbers (a str, a scalar, a bool among them)."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"{argument} must be a sequence of numbers such as {example}, got {value!r}"
+        )
+    values = list(value)
+    wrong = [v for v in values if not isinstance(v, numbers.Real) or isinstance(v, bool)]
+    if wrong:
+        raise TypeError(f"every entry of {argument} must be a number, got {wrong}")
+    return [float(v) for v in values]
+
+
 def _check_same_items(first: Any, second: Any, first_name: str, second_name: str) -> None:
     """Raise unless ``first`` and ``second`` score or hold the same items in the same order.
 

@@ -207,3 +207,14 @@ def split_fold_in(
         return out
 
     return part(~is_target), part(is_target)
+
+
+def _check_held_out(value: Any, argument: str = "validation") -> None:
+    """Raise a ``TypeError`` naming ``argument`` unless ``value`` is a :class:`HeldOut`."""
+    if isinstance(value, Split):
+        raise TypeError(f"{argument} must be a HeldOut, got a Split: pass split.{argument}")
+    if not isinstance(value, HeldOut):
+        raise TypeError(
+            f"{argument} must be a HeldOut (fold-in and targets, e.g. split.validation), got "
+            f"{type(value).__name__}"
+        )

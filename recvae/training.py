@@ -50,7 +50,7 @@ from recvae.model import (
     sparse_multinomial_nll,
 )
 from recvae.recommender import Recommender, resolve_device
-from recvae.split import HeldOut, Split
+from recvae.split import HeldOut, Split, _check_held_out
 
 __all__ = [
     "train",
@@ -121,13 +121,7 @@ def _check_train_arguments(
             + hint
         )
     if validation is not None:
-        if isinstance(validation, Split):
-            raise TypeError("validation must be a HeldOut, got a Split: pass split.validation")
-        if not isinstance(validation, HeldOut):
-            raise TypeError(
-                f"validation must be a HeldOut (fold-in and targets, e.g. split.validation), "
-                f"got {type(validation).__name__}"
-            )
+        _check_held_out(validation)
     if options is not None and not isinstance(options, RunOptions):
         hint = " (use RunOptions(**options))" if isinstance(options, Mapping) else ""
         raise TypeError(f"options must be a RunOptions, got {type(options).__name__}{hint}")

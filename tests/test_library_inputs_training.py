@@ -342,13 +342,13 @@ def test_selections_name_wrongly_typed_candidates(
 ) -> None:
     with pytest.raises(TypeError, match="weights must be a sequence of numbers"):
         select_blend_weight(rec, ease, split.validation, weights="0.5")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="every weight must be a number"):
+    with pytest.raises(TypeError, match="every entry of weights must be a number"):
         select_blend_weight(rec, ease, split.validation, weights=["0.5"])  # type: ignore[list-item]
     with pytest.raises(TypeError, match="lambdas must be a sequence of numbers"):
         select_ease_lambda(split.train, split.validation, 100)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="every lambda must be a number"):
         select_ease_lambda(split.train, split.validation, ["100"])  # type: ignore[list-item]
-    with pytest.raises(TypeError, match="every weight must be a number"):
+    with pytest.raises(TypeError, match="every entry of weights must be a number"):
         Ensemble([rec, ease], weights=["1", "1"])  # type: ignore[list-item]
     selection = select_blend_weight(rec, ease, split.validation, weights=np.array([0.0, 0.5]))
     assert selection.best in (0.0, 0.5)
