@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-# The seeds a torch generator takes (it keeps 64 unsigned bits).
+# The seeds the library takes for a sample (as the HTTP API: a non-negative int64).
 MAX_SEED = 2**63 - 1  # the library's and the HTTP API's limit
 
 
