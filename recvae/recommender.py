@@ -1152,12 +1152,7 @@ def _id_list(name: str, value: Any) -> list[Any]:
             f"read character by character): wrap one id in a list, e.g. [{value!r}]"
         )
     if isinstance(value, torch.Tensor | np.ndarray):
-        if value.ndim != 1:
-            raise TypeError(
-                f"{name} must be a one-dimensional sequence of item ids, got an array of "
-                f"shape {tuple(value.shape)}"
-            )
-        return list(value.tolist())
+        return _array_list(name, value, "item ids")
     if type(value) is list and set(map(type, value)) <= {int, str}:
         return value  # the common case (JSON ids), without a conversion per id
     if sp.issparse(value) or isinstance(value, Mapping) or not isinstance(value, Iterable):
@@ -1166,6 +1161,16 @@ def _id_list(name: str, value: Any) -> list[Any]:
             + ("" if sp.issparse(value) or isinstance(value, Mapping) else f" {value!r}")
         )
     return [_scalar(item) for item in value]
+
+
+def _array_list(name: str, value: torch.Tensor | np.ndarray, what: str) -> list[Any]:
+    """A one-dimensional tensor or array as a list of Python scalars."""
+    if value.ndim != 1:
+        raise TypeError(
+            f"{name} must be a one-dimensional sequence of {what}, got an array of shape "
+            f"{tuple(value.shape)}"
+        )
+    return list(value.tolist())
 
 
 def _weight_list(name: str, value: Any) -> list[Any] | None:
@@ -1179,12 +1184,7 @@ def _weight_list(name: str, value: Any) -> list[Any] | None:
     if isinstance(value, str | bytes) or sp.issparse(value) or isinstance(value, Mapping):
         raise TypeError(f"{name} must be a sequence of numbers, got {type(value).__name__}")
     if isinstance(value, torch.Tensor | np.ndarray):
-        if value.ndim != 1:
-            raise TypeError(
-                f"{name} must be a one-dimensional sequence of numbers, got shape "
-                f"{tuple(value.shape)}"
-            )
-        return list(value.tolist())
+        return _array_list(name, value, "numbers")
     if not isinstance(value, Iterable):
         raise TypeError(
             f"{name} must be a sequence of numbers (one per item), got "
