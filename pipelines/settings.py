@@ -38,6 +38,7 @@ class DataSettings:
     rating_col: str | None = None
     threshold: float | None = 3.5
     separator: str | None = None
+    has_header: bool = True  # False: columns are 0-based positions ("0", "1", ...)
 
     def __post_init__(self) -> None:
         _check_types(self, "data")
@@ -122,7 +123,8 @@ class JobSettings:
 
 def option_flag(field_name: str) -> str:
     """The command-line flag of a ``[data]`` or ``[protocol]`` field (``path`` is ``--data``)."""
-    return "--data" if field_name == "path" else "--" + field_name.replace("_", "-")
+    special = {"path": "--data", "has_header": "--no-header"}
+    return special.get(field_name) or "--" + field_name.replace("_", "-")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -242,12 +244,15 @@ def load_data(data: DataSettings, *, min_user_count: int = 5) -> tuple[Interacti
     if data.path:
         interactions = load_interactions(
             data.path,
-            user_col=data.user_col,
-            item_col=data.item_col,
-            rating_col=data.rating_col,
+            user_col=_file_column(data.user_col, data, "user_col"),
+            item_col=_file_column(data.item_col, data, "item_col"),
+            rating_col=None
+            if data.rating_col is None
+            else _file_column(data.rating_col, data, "rating_col"),
             threshold=data.threshold if data.rating_col else None,
             min_user_count=min_user_count,
             separator=data.separator,
+            has_header=data.has_header,
         )
         return interactions, None
     if not data.dataset:
@@ -255,6 +260,24 @@ def load_data(data: DataSettings, *, min_user_count: int = 5) -> tuple[Interacti
     spec = get_dataset_spec(data.dataset)
     interactions = load_dataset(data.dataset, data.data_dir, min_user_count=min_user_count)
     return interactions, spec.n_heldout
+
+
+def _file_column(column: str, data: DataSettings, field_name: str) -> str | int:
+    """A column of a ``--data`` file: its header name, or its 0-based position (``"0"``) in a
+    file without a header (``--no-header``).
+
+    Raises:
+        ValueError: a file without a header and a column that is not a position.
+    """
+    if data.has_header:
+        return column
+    if not column.isdigit():
+        raise ValueError(
+            f"[data] {field_name} ({option_flag(field_name)}) is {column!r}, but the file has "
+            "no header (--no-header): name its columns by 0-based position, e.g. --user-col 0 "
+            "--item-col 1 --rating-col 2"
+        )
+    return int(column)
 
 
 def default_n_heldout(n_users: int) -> int:

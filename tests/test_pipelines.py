@@ -393,3 +393,35 @@ def test_train_logs_and_registers_where_the_config_says(
     assert code == 2 and "--alias needs a registered model" in err
     code, _, err = _run(["train", "--registered-model", "m", "--no-track"], capsys)
     assert code == 2 and "registering needs MLflow tracking, which is off" in err
+
+
+def test_a_file_without_a_header_is_read_by_column_position(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import random
+
+    rng = random.Random(1)
+    lines = [
+        f"{u}::{i}::{rng.choice([2, 4, 5])}::{978300000 + u}"
+        for u in range(1, 121)
+        for i in rng.sample(range(1, 60), 10)
+    ]
+    data = tmp_path / "ratings.dat"
+    data.write_text("\n".join(lines) + "\n")
+    positives = {(u, i) for u, i, r, _ in (line.split("::") for line in lines) if int(r) > 3.5}
+    argv = ["train", "--data", str(data), "--separator", "::", "--no-header", "--epochs", "1"]
+    argv += ["--no-track", "--no-progress", "--n-heldout", "10", "--min-user-count", "1"]
+    run = tmp_path / "run"
+    code, out, err = _run(
+        [*argv, "--user-col", "0", "--item-col", "1", "--rating-col", "2", "-o", str(run)], capsys
+    )
+    assert code == 0, err
+    meta = json.loads((run / "bundle" / "meta.json").read_text())
+    assert meta["job"]["data"]["has_header"] is False
+    # Every line is data: the first one is not taken as a header.
+    n_users = len({u for u, _ in positives})
+    assert f"{n_users - 20} train users" in out
+    code, _, err = _run([*argv, "-o", str(tmp_path / "named")], capsys)
+    assert code == 2 and "name its columns by 0-based position, e.g. --user-col 0" in err
+    code, _, err = _run(["train", "--dataset", "ml-latest-small", "--no-header"], capsys)
+    assert code == 2 and "--no-header only apply to an interaction file" in err

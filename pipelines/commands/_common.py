@@ -73,6 +73,14 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--threshold", type=float, help="ratings above this are positives (default 3.5)"
     )
     group.add_argument("--separator", help="CSV separator of --data (default: from extension)")
+    group.add_argument(
+        "--no-header",
+        dest="has_header",
+        action="store_false",
+        default=None,
+        help="--data has no header line: give the columns as 0-based positions "
+        "(--user-col 0 --item-col 1 [--rating-col 2])",
+    )
 
 
 def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,9 +126,10 @@ DATA_ARGS = {
     "rating_col": "rating_col",
     "threshold": "threshold",
     "separator": "separator",
+    "has_header": "has_header",
 }
 # The fields that describe an interaction file (--data); a built-in dataset has its own.
-_FILE_FIELDS = ("user_col", "item_col", "rating_col", "threshold", "separator")
+_FILE_FIELDS = ("user_col", "item_col", "rating_col", "threshold", "separator", "has_header")
 
 
 def _check_data_flags(
