@@ -225,6 +225,19 @@ class Tracker:
 
         return run_exists(run_id)
 
+    def close_stale_run(self, run_id: str) -> None:
+        """End ``run_id`` as KILLED if it is still RUNNING: a run whose process was killed
+        (``kill -9``, out of memory) never ended itself."""
+
+        def call() -> None:
+            from mlflow import MlflowClient
+
+            client = MlflowClient()
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, "KILLED")
+
+        self._guard("close_stale_run", call)
+
     # ------------------------------------------------------------------ logging
     def log_params(self, params: Mapping[str, Any], *, prefix: str = "") -> None:
         """Log params (nested dicts flatten to dotted keys)."""

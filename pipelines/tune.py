@@ -627,6 +627,10 @@ def run_tune(
                     "base": settings.spec.config.to_dict(),
                 }
             )
+        for trial in study.get_trials(deepcopy=False):
+            child = trial.user_attrs.get("mlflow_run_id")
+            if child and trial.user_attrs.get("interrupted"):
+                tracker.close_stale_run(child)  # a killed trial's run never ended itself
         best_so_far = _best_value(study)
         quiet = _QuietInterruptedTrials()
 
@@ -650,7 +654,9 @@ def run_tune(
             trial.set_user_attr("config", _jsonable(config.to_dict()))
             with tracker.run(
                 f"trial-{trial.number}", nested=True, tags={**tags, "trial": str(trial.number)}
-            ):
+            ) as child_id:
+                if child_id:
+                    trial.set_user_attr("mlflow_run_id", child_id)
                 tracker.log_params({"trial": trial.number, **spec.params()})
                 ranker, seconds = _fit(
                     spec,

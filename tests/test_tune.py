@@ -468,3 +468,34 @@ def test_tune_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "(scored before; reused)" in capsys.readouterr().out
     assert main([*argv[:-2], "-o", str(tmp_path / "x"), "--model", "bpr"]) == 2
     assert "no search space for 'bpr'" in capsys.readouterr().err
+
+
+def test_a_killed_trials_mlflow_run_is_ended_killed_on_resume(
+    prepared: PreparedData, tmp_path: Path, mlflow_uri: str
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking_hooks import Tracker
+
+    tracker = Tracker(enabled=True, tracking_uri=mlflow_uri, experiment="tune-killed")
+    one = {"tune": {**EASE_TUNE["tune"], "n_trials": 1}}
+    first = run_tune(
+        _job(), tune_from_dict(one), tracker=tracker, output_dir=tmp_path, prepared=prepared
+    )
+    # What kill -9 mid-trial leaves: the trial RUNNING in the study, its child run RUNNING.
+    client = MlflowClient()
+    child = client.create_run(
+        tracker.experiment_id, tags={"mlflow.parentRunId": str(first.run_id)}
+    ).info.run_id
+    study = optuna.load_study(study_name=tune.STUDY_NAME, storage=f"sqlite:///{tmp_path}/optuna.db")
+    stale = study.ask()
+    stale.suggest_float("regularization", 0.5, 500.0, log=True)
+    study._storage.set_trial_user_attr(stale._trial_id, "mlflow_run_id", child)
+    assert client.get_run(child).info.status == "RUNNING"
+    two = {"tune": {**EASE_TUNE["tune"], "n_trials": 2}}
+    run_tune(_job(), tune_from_dict(two), tracker=tracker, output_dir=tmp_path, prepared=prepared)
+    assert client.get_run(child).info.status == "KILLED"
+    trials = optuna.load_study(
+        study_name=tune.STUDY_NAME, storage=f"sqlite:///{tmp_path}/optuna.db"
+    ).get_trials()
+    assert all("mlflow_run_id" in t.user_attrs for t in trials)  # every trial names its run
