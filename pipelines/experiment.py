@@ -279,7 +279,7 @@ class ExperimentSettings:
             ValueError: ``epochs < 1``.
         """
         specs = tuple(
-            dataclasses.replace(spec, config=spec.config.replace(epochs=epochs))  # type: ignore[call-arg]
+            dataclasses.replace(spec, config=spec.config.replace(epochs=epochs))
             if spec.is_autoencoder
             else spec
             for spec in self.models
