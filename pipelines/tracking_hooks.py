@@ -230,11 +230,9 @@ class Tracker:
         (``kill -9``, out of memory) never ended itself."""
 
         def call() -> None:
-            from mlflow import MlflowClient
+            from recvae.tracking import end_stale_run
 
-            client = MlflowClient()
-            if client.get_run(run_id).info.status == "RUNNING":
-                client.set_terminated(run_id, "KILLED")
+            end_stale_run(run_id)
 
         self._guard("close_stale_run", call)
 

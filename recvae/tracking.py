@@ -571,6 +571,15 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def end_stale_run(run_id: str, status: str = "KILLED") -> None:
+    """End ``run_id`` with ``status`` if it is still RUNNING: the run of a process that was
+    killed (``kill -9``, out of memory) never ended itself."""
+    _open_store()
+    client = MlflowClient()
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status)
+
+
 def run_exists(run_id: str) -> bool:
     """Whether the store holds a run with this id."""
     _open_store()

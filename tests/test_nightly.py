@@ -1335,3 +1335,23 @@ def test_cli_state_dir_and_summary_problems(
     record = json.loads(summary.read_text())
     assert record["status"] == "error" and record["exit_code"] == 2
     assert record["date"] == backlog and "older than the last completed" in record["reason"]
+
+
+def test_a_refused_night_records_the_exit_code_of_its_cause(tmp_path: Path) -> None:
+    from pipelines.cli import Terminated
+    from pipelines.commands.retrain import _write_refusal
+
+    day = date(2024, 3, 1)
+    for exc, status, code in (
+        (Terminated(), "interrupted", 143),
+        (KeyboardInterrupt(), "interrupted", 130),
+        (ValueError("bad config"), "error", 2),
+        (RuntimeError("broke"), "error", 1),
+    ):
+        _write_refusal(tmp_path / "s.json", day, exc)
+        record = json.loads((tmp_path / "s.json").read_text())
+        assert (record["status"], record["exit_code"], record["date"]) == (
+            status,
+            code,
+            "2024-03-01",
+        )

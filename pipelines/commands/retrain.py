@@ -14,8 +14,6 @@ Exit codes: 0 promoted, 3 champion kept, 4 data rejected, 5 another run holds th
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 from datetime import date
@@ -182,21 +180,20 @@ def _check_writable_folder(folder: Path, what: str) -> None:
 def _write_refusal(path: Path, day: date | None, exc: BaseException) -> None:
     """The scheduler's summary for a night that never ran (bad input, interruption), so that
     it never shows the previous night's outcome instead."""
-    from pipelines.nightly.job import default_date
+    from pipelines.cli import Terminated
+    from pipelines.nightly.job import _write_json, default_date
 
     interrupted = isinstance(exc, KeyboardInterrupt)
     usage = isinstance(exc, ValueError | FileNotFoundError | NotADirectoryError)
+    code = 143 if isinstance(exc, Terminated) else 130 if interrupted else 2 if usage else 1
     record = {
         "date": (day or default_date()).isoformat(),
         "status": "interrupted" if interrupted else "error",
-        "exit_code": 130 if interrupted else (2 if usage else 1),
+        "exit_code": code,
         "reason": str(exc) or type(exc).__name__,
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        _write_json(path, record)
     except OSError:
         pass  # the error itself is what the user sees; the probe above refused bad paths
 

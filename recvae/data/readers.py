@@ -562,8 +562,8 @@ def _check_columns(raw: pl.DataFrame, names: dict[str, str], source: str) -> Non
         if marker and base in used:
             raise DataError(
                 f"{source}: the header names the column {base!r} more than once; rename the "
-                "duplicate so that it is clear which one holds the "
-                f"{used[base]} ids" + (" values" if used[base] in ("rating", "timestamp") else "")
+                f"duplicate so that it is clear which one holds the {used[base]} "
+                + ("ids" if used[base] in ("user", "item") else "values")
             )
 
 
@@ -606,7 +606,7 @@ def _id_column(series: pl.Series, column: str | int, source: str) -> pl.Series:
     """
     if series.dtype == pl.String or series.dtype == pl.Categorical:
         text = series.cast(pl.String).str.strip_chars()
-        text = pl.Series(series.name, text).set(text.is_in(list(_NULL_TOKENS)), None)
+        text = text.set(text.is_in(list(_NULL_TOKENS)), None)
         _no_missing_ids(text, column, source, markers=True)
         as_int = text.cast(pl.Int64, strict=False)
         if as_int.null_count() == 0 and (as_int.cast(pl.String) == text).all():
