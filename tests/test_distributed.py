@@ -8,6 +8,7 @@ once per rank), so the comparison checks the real thing, not a special case.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import socket
@@ -68,6 +69,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
+    # A crash in C++ (gloo) prints where each thread was instead of a bare signal name.
+    faulthandler.enable()
     from recvae import distributed as dist_utils
     from recvae.training import Trainer
 
@@ -90,6 +93,11 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 (Path(out_dir) / f"{name}.json").write_text(
                     json.dumps({"history": _untimed(rec.meta["history"])})
                 )
+            # The DDP wrapper holds the process group: release it before the group goes.
+            del trainer, rec
+        # As pipelines.train_ddp: the ranks leave together (rank 0 was still writing files
+        # while rank 1 tore its group down; CI once saw rank 1 abort in gloo there).
+        dist_utils.barrier()
     finally:
         dist_utils.destroy()
 
