@@ -21,6 +21,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
+from recvae import _durable
 from recvae.config import ModelConfig, config_from_dict
 from recvae.data.interactions import Interactions, UnknownUserError, _id_kind
 from recvae.evaluation import topk_indices
@@ -964,6 +965,8 @@ class Recommender:
                 "model_version": version,
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            # On the disk before the name: a power loss must not leave a bundle of empty files.
+            _durable.fsync_tree(tmp)
             if target.exists():
                 old = target.with_name(f".{target.name}.old")
                 if old.exists():
@@ -973,6 +976,7 @@ class Recommender:
                 shutil.rmtree(old)
             else:
                 tmp.rename(target)
+            _durable.fsync_dir(target.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -994,6 +998,14 @@ class Recommender:
         """
         root = Path(path).expanduser()
         if not root.is_dir():
+            previous = root.with_name(f".{root.name}.old")
+            if not root.exists() and (previous / "meta.json").is_file():
+                # save() moves the old bundle aside, then renames the new one in: a crash
+                # between the two renames leaves only the old one, under this name.
+                raise BundleError(
+                    f"no model bundle at {root}: a save that was replacing it was interrupted; "
+                    f"the previous bundle is intact at {previous} (rename it back to use it)"
+                )
             raise BundleError(f"no model bundle at {root} (expected a directory)")
         meta_path = root / "meta.json"
         if not meta_path.is_file():

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import pickle
 import time
 from collections.abc import Callable, Mapping
@@ -35,7 +34,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 
-from recvae import cpu_runtime
+from recvae import _durable, cpu_runtime
 from recvae import distributed as dist_utils
 from recvae.config import ModelConfig, MultVAEConfig, RunOptions
 from recvae.data.interactions import Interactions
@@ -410,13 +409,14 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """Write the checkpoint atomically (temp file + rename); only rank 0 writes."""
+        """Write the checkpoint atomically and durably (flushed temp file + rename); only rank 0
+        writes."""
         if self.checkpoint_path is None or not self.is_main:
             return
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint_path.with_suffix(".tmp")
         torch.save(self._checkpoint_payload(), tmp)
-        os.replace(tmp, self.checkpoint_path)
+        _durable.replace(tmp, self.checkpoint_path)
 
     def try_resume(self) -> bool:
         """Restore from the checkpoint when one exists; return whether it did.

@@ -208,3 +208,29 @@ def mlflow_uri(tmp_path: Path, request: pytest.FixtureRequest) -> str:
     database = tmp_path / "mlflow.db"
     shutil.copyfile(template, database)
     return f"sqlite:///{database}"
+
+
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record ``("fsync", path)`` for every ``os.fsync`` and ``("rename", target)`` for every
+    rename/replace, in order (Linux: the path of an fd is read from /proc)."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("reading the path of an open file needs /proc (Linux)")
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        events.append(("rename", str(Path(dst).resolve())))
+        real_replace(src, dst, *args, **kwargs)
+
+    def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        events.append(("rename", str(Path(dst).resolve())))
+        real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
+    return events

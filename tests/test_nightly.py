@@ -1355,3 +1355,18 @@ def test_a_refused_night_records_the_exit_code_of_its_cause(tmp_path: Path) -> N
             code,
             "2024-03-01",
         )
+
+
+def test_records_are_on_the_disk_before_they_take_their_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.nightly.job import _write_json
+    from tests.conftest import record_fsyncs
+
+    events = record_fsyncs(monkeypatch)
+    target = tmp_path / "state" / "last.json"
+    _write_json(target, {"outcome": "promoted"})
+    assert json.loads(target.read_text()) == {"outcome": "promoted"}
+    [(kind, tmp), *rest] = events
+    assert kind == "fsync" and Path(tmp).name.startswith(".last.json.")
+    assert rest == [("rename", str(target.resolve())), ("fsync", str(target.parent.resolve()))]

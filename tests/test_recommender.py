@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -162,3 +163,49 @@ def test_string_ids_round_trip(tmp_path: Path) -> None:
     loaded = Recommender.load(rec.save(tmp_path / "s"))
     out = loaded.recommend(["u3"], k=2)
     assert all(isinstance(i, str) and i.startswith("item-") for i in out.item_ids[0])
+
+
+def test_save_flushes_every_file_before_the_bundle_takes_its_name(
+    rec: Recommender, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import record_fsyncs
+
+    path = rec.save(tmp_path / "b")
+    events = record_fsyncs(monkeypatch)
+    rec.save(path, overwrite=True)
+    target = str(path.resolve())
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    assert renames and events[renames[-1]] == ("rename", target)
+    before = [Path(p) for kind, p in events[: renames[0]] if kind == "fsync"]
+    # Every file of the new bundle and its directory reach the disk before any rename ...
+    files = {p.name for p in before if p.parent.name.endswith(".tmp")}
+    assert files == {p.name for p in path.iterdir()}
+    assert any(p.name.endswith(".tmp") and p.parent == path.parent.resolve() for p in before)
+    # ... and the renames themselves after them (the parent directory is flushed last).
+    assert events[-1] == ("fsync", str(path.parent.resolve()))
+    assert Recommender.load(path).version == rec.version
+
+
+def test_an_interrupted_replacement_says_where_the_previous_bundle_is(
+    rec: Recommender, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = rec.save(tmp_path / "b")
+    real_rename = os.rename
+
+    def crash_on_the_second_rename(src: object, dst: object) -> None:
+        if str(src).endswith(".tmp"):
+            raise OSError("simulated crash between the two renames")
+        real_rename(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", crash_on_the_second_rename)
+    with pytest.raises(OSError, match="simulated"):
+        rec.save(path, overwrite=True)
+    monkeypatch.undo()
+    previous = tmp_path / ".b.old"
+    with pytest.raises(
+        BundleError, match=r"interrupted; the previous bundle is intact at .*b\.old"
+    ):
+        Recommender.load(path)
+    assert Recommender.load(previous).version == rec.version
+    # Only a leftover temp bundle is cleaned up; nothing else is in the folder.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.old"]

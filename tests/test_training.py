@@ -167,6 +167,20 @@ def test_checkpoint_of_another_config_is_refused(tmp_path: Path) -> None:
         train(data, small_vae_config(epochs=2, latent_dim=4), options=opts)
 
 
+def test_the_checkpoint_is_on_the_disk_before_it_takes_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import record_fsyncs
+
+    data, _ = make_checkerboard()
+    opts = RunOptions(device="cpu", progress=False, checkpoint_dir=str(tmp_path))
+    events = record_fsyncs(monkeypatch)
+    train(data, small_vae_config(epochs=1), options=opts)
+    target = str((tmp_path / "checkpoint.pt").resolve())
+    tmp = str((tmp_path / "checkpoint.tmp").resolve())
+    assert events == [("fsync", tmp), ("rename", target), ("fsync", str(tmp_path.resolve()))]
+
+
 def test_a_garbage_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
     data, _ = make_checkerboard()
     opts = RunOptions(device="cpu", progress=False, checkpoint_dir=str(tmp_path))

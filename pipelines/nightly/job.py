@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.nightly.lock import LockBusyError, RunLock
 from pipelines.nightly.settings import NightlySettings
+from recvae import _durable
 
 if TYPE_CHECKING:
     from recvae.recommender import Recommender
@@ -125,11 +126,11 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
+    """Write JSON atomically and durably (flushed temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    _durable.replace(tmp, path)
 
 
 def _now() -> str:
