@@ -17,7 +17,8 @@ __all__ = ["fsync_dir", "fsync_file", "fsync_tree", "replace"]
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
     """Flush a written file's data and metadata to the disk."""
-    fd = os.open(path, os.O_RDONLY)
+    # Windows' _commit refuses a read-only descriptor.
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
