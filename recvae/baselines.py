@@ -23,7 +23,10 @@ about 20 times lastfm's work, were not run there. :func:`select_ease_lambda` kee
 while it tries the next candidate when the matrix fits in 2 GiB (peak two matrices; the whole
 lastfm experiment peaked at 4.8 GB resident), and refits the winner otherwise (one matrix). A CUDA
 device (``EASE(config, device="cuda")``) runs the same algebra in torch (Cholesky, then
-``cholesky_inverse``), which needs about twice the matrix in GPU memory.
+``cholesky_inverse``), which needs about twice the matrix in GPU memory. Before allocating the
+dense matrix, ``fit`` (and :func:`select_ease_lambda`, :func:`ease_weights`) compares its size
+with the memory available on the device and raises a ``ValueError`` giving both when it does not
+fit, instead of a ``MemoryError`` or the kernel's OOM killer midway.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -96,6 +100,11 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    """A real number other than NaN and +-inf (an infinite rate or weight gives NaN factors)."""
+    return _is_number(value) and math.isfinite(value)
 
 
 # ------------------------------------------------------------------------------ configs
@@ -184,8 +193,15 @@ class ALSConfig(BaselineConfig):
     def __post_init__(self) -> None:
         check_field_types(self)
         _check(_is_int(self.factors) and self.factors >= 1, "factors", "must be an int >= 1")
-        _check(self.regularization >= 0, "regularization", "must be >= 0")
-        _check(self.alpha > 0, "alpha", "must be > 0")
+        # lambda = 0 leaves the fold-in's ridge system singular whenever the item factors do not
+        # span the factor space (factors > n_items, or collinear factors): implicit then fails
+        # in score(), after a whole training run.
+        _check(
+            _is_finite(self.regularization) and self.regularization > 0,
+            "regularization",
+            "must be a finite number > 0",
+        )
+        _check(_is_finite(self.alpha) and self.alpha > 0, "alpha", "must be a finite number > 0")
         _check(_is_int(self.iterations) and self.iterations >= 1, "iterations", "an int >= 1")
         _check(isinstance(self.use_cg, bool), "use_cg", "must be true or false")
         _check(
@@ -219,8 +235,16 @@ class BPRConfig(BaselineConfig):
     def __post_init__(self) -> None:
         check_field_types(self)
         _check(_is_int(self.factors) and self.factors >= 1, "factors", "must be an int >= 1")
-        _check(self.learning_rate > 0, "learning_rate", "must be > 0")
-        _check(self.regularization >= 0, "regularization", "must be >= 0")
+        _check(
+            _is_finite(self.learning_rate) and self.learning_rate > 0,
+            "learning_rate",
+            "must be a finite number > 0",
+        )
+        _check(
+            _is_finite(self.regularization) and self.regularization >= 0,
+            "regularization",
+            "must be a finite number >= 0",
+        )
         _check(_is_int(self.iterations) and self.iterations >= 1, "iterations", "an int >= 1")
         _check(
             isinstance(self.verify_negative_samples, bool),
@@ -235,7 +259,11 @@ class BPRConfig(BaselineConfig):
             "fold_in_samples",
             "an int >= 1",
         )
-        _check(self.fold_in_learning_rate > 0, "fold_in_learning_rate", "must be > 0")
+        _check(
+            _is_finite(self.fold_in_learning_rate) and self.fold_in_learning_rate > 0,
+            "fold_in_learning_rate",
+            "must be a finite number > 0",
+        )
         _check(
             _is_int(self.seed) and 0 <= self.seed < SEED_LIMIT,
             "seed",
@@ -263,8 +291,8 @@ class ItemKNNConfig(BaselineConfig):
             "must be cosine, bm25 or tfidf",
         )
         _check(_is_int(self.neighbours) and self.neighbours >= 1, "neighbours", "an int >= 1")
-        _check(self.bm25_k1 >= 0, "bm25_k1", "must be >= 0")
-        _check(0.0 <= self.bm25_b <= 1.0, "bm25_b", "must be in [0, 1]")
+        _check(_is_finite(self.bm25_k1) and self.bm25_k1 >= 0, "bm25_k1", "must be a finite >= 0")
+        _check(_is_finite(self.bm25_b) and 0.0 <= self.bm25_b <= 1.0, "bm25_b", "must be in [0, 1]")
 
 
 def baseline_config_from_dict(data: dict[str, Any]) -> BaselineConfig:
@@ -318,12 +346,44 @@ def _check_nonempty(train: Interactions, name: str) -> None:
         raise ValueError(f"cannot fit {name} on an empty matrix")
 
 
+_HISTORY_VALUES = "history values must be finite and >= 0"  # as the VAE's score() says
+
+
 def _check_histories(histories: sp.csr_array, n_items: int) -> sp.csr_array:
+    """The fold-in histories as a canonical float32 CSR copy, checked.
+
+    Every baseline reads them the way the VAE's ``score`` does (it densifies them): duplicate
+    entries are summed, explicit zeros are no interaction (and :func:`recvae.evaluate` does not
+    mask them), and the indices end up sorted. The caller's matrix is never modified.
+
+    Raises:
+        ValueError: ``histories`` is not a 2-D scipy sparse matrix with ``n_items`` columns, or
+            holds a negative, NaN or infinite value (also after conversion to float32).
+    """
+    if isinstance(histories, Interactions):
+        raise ValueError("histories is an Interactions: pass its matrix (data.matrix)")
     if not sp.issparse(histories):
-        raise ValueError("histories must be a scipy sparse matrix (n_users, n_items)")
-    if histories.shape[1] != n_items:
+        raise ValueError(
+            "histories must be a scipy sparse matrix (n_users, n_items), got "
+            f"{type(histories).__name__}"
+        )
+    if histories.ndim != 2 or histories.shape[1] != n_items:
         raise ValueError(f"histories must have shape (n, {n_items}), got {histories.shape}")
-    return sp.csr_array(histories)
+    matrix = sp.csr_array(histories)
+    data = np.asarray(matrix.data)
+    if data.dtype.kind not in "biuf":
+        raise ValueError(f"history values must be real numbers, got dtype {data.dtype}")
+    n_negative = int(np.count_nonzero(data < 0))
+    if n_negative:
+        raise ValueError(f"{_HISTORY_VALUES}: {n_negative} entries are negative")
+    matrix = matrix.astype(np.float32, copy=True)  # a copy: the caller's arrays stay untouched
+    matrix.sum_duplicates()
+    n_bad = int(np.count_nonzero(~np.isfinite(matrix.data)))
+    if n_bad:
+        raise ValueError(f"{_HISTORY_VALUES}: {n_bad} entries are NaN or infinite (as float32)")
+    matrix.eliminate_zeros()
+    matrix.sort_indices()
+    return matrix
 
 
 # ------------------------------------------------------------------------------ popularity
@@ -372,7 +432,8 @@ class Popularity:
             ``(n_users, n_items)`` float32 tensor (a broadcast view: copy before writing).
 
         Raises:
-            ValueError: Not fitted, or the histories have the wrong width.
+            ValueError: Not fitted, the histories have the wrong width, or hold a negative,
+                NaN or infinite value.
         """
         histories = _check_histories(histories, self.n_items)
         assert self.counts is not None
@@ -386,6 +447,107 @@ def _ease_dtype(config: EASEConfig, n_items: int) -> np.dtype[Any]:
     if config.dtype == "float32":
         return np.dtype(np.float32)
     return np.dtype(np.float64 if n_items**2 * 8 <= _FLOAT64_MAX_BYTES else np.float32)
+
+
+def _read_int(path: str, key: str | None = None) -> int | None:
+    """An integer from a ``/proc`` or cgroup file (the value after ``key``, in kB for
+    ``/proc/meminfo``), or None when the file is missing or says ``max``."""
+    try:
+        with open(path, encoding="ascii") as file:
+            for line in file:
+                if key is None:
+                    text = line.strip()
+                    return int(text) if text.isdigit() else None
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+# cgroup v2, then v1: (folder, limit file, usage file, inactive page cache key in memory.stat).
+_CGROUP_MEMORY_FILES: list[tuple[str, str, str, str]] = [
+    ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+    ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+     "total_inactive_file"),
+]  # fmt: skip
+
+
+def _read_stat(path: str, key: str) -> int | None:
+    """The value of ``key`` in a cgroup ``memory.stat`` file (bytes), or None."""
+    try:
+        with open(path, encoding="ascii") as file:
+            for line in file:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _available_memory_bytes(device: torch.device) -> int | None:
+    """Memory that a new allocation can use on ``device`` now, or None if unknown.
+
+    CPU: the kernel's ``MemAvailable``, bounded by a cgroup (container) limit less its working
+    set (usage less inactive page cache), or the physical memory where neither is readable.
+    CUDA: the free memory torch reports.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    known: list[int] = []
+    available = _read_int("/proc/meminfo", "MemAvailable:")
+    if available is not None:
+        known.append(available)
+    for folder, limit_name, usage_name, inactive_key in _CGROUP_MEMORY_FILES:
+        limit = _read_int(f"{folder}/{limit_name}")
+        usage = _read_int(f"{folder}/{usage_name}")
+        if limit is None or usage is None or limit >= 2**60:
+            continue
+        # The usage counts the page cache, which the kernel reclaims before it kills anyone:
+        # less its inactive part it is the container's working set (as Kubernetes counts it).
+        inactive = _read_stat(f"{folder}/memory.stat", inactive_key) or 0
+        known.append(max(limit - max(usage - inactive, 0), 0))
+    if not known:
+        try:
+            known.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, ValueError, OSError):  # pragma: no cover - not a POSIX system
+            return None
+    return min(known)
+
+
+def _check_ease_memory(
+    n_items: int, dtype: np.dtype[Any], device: torch.device, n_matrices: int = 1
+) -> None:
+    """Refuse, before allocating it, a dense EASE matrix that does not fit in memory.
+
+    ``n_items^2`` floats are allocated at once and then all touched by the factorization: with
+    too little memory that is a ``MemoryError`` at best and the kernel's OOM killer at worst.
+
+    Raises:
+        ValueError: ``n_matrices`` dense ``n_items x n_items`` matrices of ``dtype`` exceed the
+            memory available on ``device``; the message gives both sizes.
+    """
+    available = _available_memory_bytes(device)
+    needed = n_matrices * n_items**2 * np.dtype(dtype).itemsize
+    if available is None or needed <= available:
+        return
+    what = "a dense" if n_matrices == 1 else f"{n_matrices} dense"
+    raise ValueError(
+        f"EASE needs {what} {n_items:,} x {n_items:,} {np.dtype(dtype)} matrix "
+        f"({_format_bytes(needed)}) but only {_format_bytes(available)} of memory is available "
+        f"on {device}; use dtype='float32', fewer items (e.g. drop rare ones) or more memory"
+    )
+
+
+def _format_bytes(n_bytes: int) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:.1f} {unit}"
+    return f"{n_bytes} bytes"
 
 
 def _sparse_gram(matrix: sp.csr_array, dtype: np.dtype[Any]) -> sp.csr_array:
@@ -427,23 +589,27 @@ def ease_weights(
         ``B``, ``(n_items, n_items)`` of ``dtype``.
 
     Raises:
-        ValueError: ``regularization`` is not positive, the matrix is not square, or it is not
-            positive definite (which a Gram matrix plus ``lambda I`` always is, unless it holds
-            NaN or infinite values).
+        ValueError: ``regularization`` is not a finite positive number, the matrix is not
+            square, the dense copy it needs would not fit in the available memory (checked
+            before allocating it), or it is not positive definite (which a Gram matrix plus
+            ``lambda I`` always is, unless it holds NaN or infinite values).
     """
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-    if not regularization > 0:
-        raise ValueError(f"regularization must be > 0, got {regularization}")
+    if not (_is_number(regularization) and math.isfinite(regularization) and regularization > 0):
+        raise ValueError(f"regularization must be a finite number > 0, got {regularization!r}")
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"the Gram matrix must be square, got shape {gram.shape}")
     n = gram.shape[0]
+    in_place = isinstance(gram, np.ndarray) and gram.dtype == dtype and gram.flags.c_contiguous
+    if not in_place:
+        _check_ease_memory(n, dtype, torch.device("cpu"))
     if sp.issparse(gram):
         weights = np.zeros((n, n), dtype=dtype)
         sp.csr_array(gram).astype(dtype).toarray(out=weights)
-    elif isinstance(gram, np.ndarray) and gram.dtype == dtype and gram.flags.c_contiguous:
-        weights = gram
+    elif in_place:
+        weights = cast(NDArray[np.floating[Any]], gram)
     else:
         weights = np.ascontiguousarray(gram, dtype=dtype)
     weights[np.diag_indices(n)] += dtype.type(regularization)
@@ -475,6 +641,7 @@ def _ease_weights_torch(
 ) -> torch.Tensor:
     """EASE's ``B`` computed by torch on ``device`` (needs about twice the matrix there)."""
     n = gram.shape[0]
+    _check_ease_memory(n, np.dtype(np.float64 if dtype == torch.float64 else np.float32), device, 2)
     coo = sp.coo_array(gram)
     dense = torch.zeros((n, n), dtype=dtype, device=device)  # (n_items, n_items)
     dense[
@@ -528,11 +695,14 @@ class EASE:
             ``self``.
 
         Raises:
-            ValueError: The training matrix is empty.
+            ValueError: The training matrix is empty, or the dense ``n_items x n_items`` matrix
+                would not fit in the memory available on the device (checked before any work).
             TypeError: ``train`` is not an ``Interactions`` (e.g. its matrix, or a split).
         """
         _check_nonempty(train, "EASE")
         dtype = _ease_dtype(self.config, train.n_items)
+        self.weights = None  # free the previous matrix before measuring the memory left
+        _check_ease_memory(train.n_items, dtype, self.device, 1 if self.device.type == "cpu" else 2)
         self._fit_gram(_sparse_gram(train.matrix, dtype), dtype)
         self.item_ids = train.item_ids
         return self
@@ -568,7 +738,8 @@ class EASE:
             ``(n_users, n_items)`` scores (NumPy on the CPU path, a tensor on a CUDA device).
 
         Raises:
-            ValueError: Not fitted, or the histories have the wrong width.
+            ValueError: Not fitted, the histories have the wrong width, or hold a negative,
+                NaN or infinite value.
         """
         histories = _check_histories(histories, self.n_items)
         weights = self.weights
@@ -631,7 +802,7 @@ def select_ease_lambda(
     Raises:
         ValueError: No candidate, a candidate <= 0, a bad metric name (checked before any
             work), a validation set over other items (or the same in another order) or
-            with no user with targets.
+            with no user with targets, or an EASE matrix that would not fit in memory.
         TypeError: ``lambdas`` is not a sequence of numbers, or ``validation`` is not a
             ``HeldOut``, or ``train`` not an ``Interactions``.
     """
@@ -662,8 +833,15 @@ def select_ease_lambda(
         )
     base = config or EASEConfig()
     dtype = _ease_dtype(base, train.n_items)
+    run_device = resolve_device(device)
+    per_fit = 1 if run_device.type == "cpu" else 2
+    _check_ease_memory(train.n_items, dtype, run_device, per_fit)
+    # Keeping the best model means a second matrix while the next candidate is fitted.
+    available = _available_memory_bytes(run_device)
+    keep_best = train.n_items**2 * dtype.itemsize <= _KEEP_BEST_MAX_BYTES and (
+        available is None or (per_fit + 1) * train.n_items**2 * dtype.itemsize <= available
+    )
     gram = _sparse_gram(train.matrix, dtype)
-    keep_best = train.n_items**2 * dtype.itemsize <= _KEEP_BEST_MAX_BYTES
     scores: dict[float, float] = {}
     best_value, best_score = candidates[0], -math.inf
     best_model: EASE | None = None

@@ -41,6 +41,7 @@ from recvae.baselines import (
     ALSConfig,
     BPRConfig,
     ItemKNNConfig,
+    _check_config,
     _check_fitted,
     _check_histories,
     _check_nonempty,
@@ -55,16 +56,17 @@ _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 def _check_threads(num_threads: int, blas_threads: int) -> None:
-    if not isinstance(num_threads, int) or num_threads < 1:
+    if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
         raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
-    if not isinstance(blas_threads, int) or blas_threads < 1:
+    if not isinstance(blas_threads, int) or isinstance(blas_threads, bool) or blas_threads < 1:
         raise ValueError(f"blas_threads must be an int >= 1, got {blas_threads!r}")
 
 
 def _as_csr_matrix(matrix: sp.csr_array, n_items: int | None = None) -> sp.csr_matrix:
     """The float32 ``csr_matrix`` with sorted indices that implicit expects.
 
-    ``n_items`` given: ``matrix`` is a batch of histories, checked as every baseline checks them.
+    ``n_items`` given: ``matrix`` is a batch of histories, checked and made canonical (duplicates
+    summed, explicit zeros dropped) as every baseline does.
     """
     if n_items is not None:
         matrix = _check_histories(matrix, n_items)
@@ -106,6 +108,7 @@ class _ImplicitRanker:
 
         Raises:
             ValueError: The training matrix is empty.
+            TypeError: ``train`` is not an ``Interactions`` (e.g. its matrix, or a split).
         """
         _check_nonempty(train, type(self).__name__)
         self._n_items = train.n_items
@@ -128,11 +131,16 @@ class ALS(_ImplicitRanker):
         config: Factors, regularization, alpha, iterations, seed.
         num_threads: implicit's threads.
         blas_threads: BLAS threads during fit and score.
+
+    Raises:
+        TypeError: ``config`` is not an :class:`ALSConfig` (e.g. a dict).
+        ValueError: ``num_threads`` or ``blas_threads`` is not an int >= 1.
     """
 
     def __init__(
         self, config: ALSConfig | None = None, *, num_threads: int = 1, blas_threads: int = 1
     ) -> None:
+        _check_config(config, ALSConfig, "ALS")
         super().__init__(num_threads=num_threads, blas_threads=blas_threads)
         self.config = config or ALSConfig()
         self.model: implicit.cpu.als.AlternatingLeastSquares | None = None
@@ -158,13 +166,17 @@ class ALS(_ImplicitRanker):
         trained item factors ``Y`` (the update ALS training makes for a user).
 
         Raises:
-            ValueError: Not fitted, or the histories have the wrong width.
+            ValueError: Not fitted, the histories have the wrong width, or hold a negative,
+                NaN or infinite value.
         """
         matrix = _as_csr_matrix(histories, self.n_items)
         assert self.model is not None
+        n_factors = int(self.model.item_factors.shape[1])
+        if matrix.shape[0] == 0:  # implicit's result cannot be reshaped then
+            return np.zeros((0, n_factors), dtype=np.float32)
         with self._limits():
             factors = self.model.recalculate_user(np.arange(matrix.shape[0]), matrix)
-        return np.asarray(factors, dtype=np.float32).reshape(matrix.shape[0], -1)
+        return np.asarray(factors, dtype=np.float32).reshape(matrix.shape[0], n_factors)
 
     def score(self, histories: sp.csr_array) -> NDArray[np.float32]:
         """``w_u . y_i`` for every item, with ``w_u`` folded in from the history.
@@ -176,7 +188,8 @@ class ALS(_ImplicitRanker):
             ``(n_users, n_items)`` float32 scores.
 
         Raises:
-            ValueError: Not fitted, or the histories have the wrong width.
+            ValueError: Not fitted, the histories have the wrong width, or hold a negative,
+                NaN or infinite value.
         """
         users = self.user_factors(histories)
         assert self.model is not None
@@ -224,11 +237,16 @@ class BPR(_ImplicitRanker):
         config: Factors, SGD settings, fold-in settings, seed.
         num_threads: implicit's threads (1 keeps training deterministic).
         blas_threads: BLAS threads during fit and score.
+
+    Raises:
+        TypeError: ``config`` is not an :class:`BPRConfig` (e.g. a dict).
+        ValueError: ``num_threads`` or ``blas_threads`` is not an int >= 1.
     """
 
     def __init__(
         self, config: BPRConfig | None = None, *, num_threads: int = 1, blas_threads: int = 1
     ) -> None:
+        _check_config(config, BPRConfig, "BPR")
         super().__init__(num_threads=num_threads, blas_threads=blas_threads)
         self.config = config or BPRConfig()
         self.model: implicit.cpu.bpr.BayesianPersonalizedRanking | None = None
@@ -260,7 +278,8 @@ class BPR(_ImplicitRanker):
         docstring). Users with an empty history keep ``w = 0`` (scores are the item biases).
 
         Raises:
-            ValueError: Not fitted, or the histories have the wrong width.
+            ValueError: Not fitted, the histories have the wrong width, or hold a negative,
+                NaN or infinite value.
         """
         matrix = _as_csr_matrix(histories, self.n_items)
         cfg = self.config
@@ -312,7 +331,8 @@ class BPR(_ImplicitRanker):
             ``(n_users, n_items)`` float32 scores.
 
         Raises:
-            ValueError: Not fitted, or the histories have the wrong width.
+            ValueError: Not fitted, the histories have the wrong width, or hold a negative,
+                NaN or infinite value.
         """
         users = self.user_factors(histories)
         items, bias = self._item_parts()
@@ -327,11 +347,16 @@ class ItemKNN(_ImplicitRanker):
         config: Similarity, neighbours and BM25 parameters.
         num_threads: implicit's threads.
         blas_threads: BLAS threads during fit and score.
+
+    Raises:
+        TypeError: ``config`` is not an :class:`ItemKNNConfig` (e.g. a dict).
+        ValueError: ``num_threads`` or ``blas_threads`` is not an int >= 1.
     """
 
     def __init__(
         self, config: ItemKNNConfig | None = None, *, num_threads: int = 1, blas_threads: int = 1
     ) -> None:
+        _check_config(config, ItemKNNConfig, "ItemKNN")
         super().__init__(num_threads=num_threads, blas_threads=blas_threads)
         self.config = config or ItemKNNConfig()
         self.similarity: sp.csr_array | None = None
@@ -368,7 +393,8 @@ class ItemKNN(_ImplicitRanker):
             ``(n_users, n_items)`` float32 scores.
 
         Raises:
-            ValueError: Not fitted, or the histories have the wrong width.
+            ValueError: Not fitted, the histories have the wrong width, or hold a negative,
+                NaN or infinite value.
         """
         matrix = sp.csr_array(_as_csr_matrix(histories, self.n_items))
         assert self.similarity is not None

@@ -96,7 +96,9 @@ def _as_scores_tensor(scores: ScoresLike) -> torch.Tensor:
     if tensor.ndim != 2:
         raise ValueError(f"scores must be 2-D (n_users, n_items), got shape {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
-        tensor = tensor.to(torch.float32)
+        # float64 keeps integer scores (e.g. counts) exact up to 2**53; float32 would merge
+        # distinct values above 2**24 into ties.
+        tensor = tensor.to(torch.float64)
     return tensor.detach()
 
 
@@ -913,11 +915,12 @@ def evaluate(
         )
     if isinstance(ks, str | bytes) or not isinstance(ks, Iterable):
         raise TypeError(f"ks must be a sequence of ints such as (20, 50, 100), got {ks!r}")
-    ks = [int(k) for k in ks]
+    ks = list(ks)
     if not ks:
         raise ValueError("ks must not be empty")
     for k in ks:
-        _check_k(k)
+        _check_k(k)  # before int(): 2.7, "20" or True must not pass as 2, 20 or 1
+    ks = [int(k) for k in ks]
     if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
         raise TypeError(f"batch_size must be an int, got {batch_size!r}")
     if batch_size < 1:
@@ -964,7 +967,14 @@ def evaluate(
                 f"ranker.score returned shape {tuple(raw_t.shape)} for histories of shape "
                 f"{histories.shape}"
             )
-        dtype = raw_t.dtype if raw_t.dtype in (torch.float32, torch.float64) else torch.float32
+        # Integer scores go to float64 (exact up to 2**53), other floats at least to float32.
+        dtype = (
+            raw_t.dtype
+            if raw_t.dtype in (torch.float32, torch.float64)
+            else torch.float32
+            if raw_t.is_floating_point()
+            else torch.float64
+        )
         with torch.no_grad():
             # Always copy: the ranker may hand back a cached or expanded tensor we must not mask.
             scores = raw_t.detach().to(device=device, dtype=dtype, copy=True).contiguous()

@@ -105,18 +105,9 @@ def split_users(
     """
     if not isinstance(data, Interactions):
         raise TypeError(f"data must be an Interactions, got {type(data).__name__}")
-    if not isinstance(n_heldout, int | np.integer) or n_heldout < 1:
+    if not isinstance(n_heldout, int | np.integer) or isinstance(n_heldout, bool) or n_heldout < 1:
         raise ValueError(f"n_heldout must be an int >= 1, got {n_heldout!r}")
-    if not isinstance(holdout_fraction, numbers.Real) or isinstance(holdout_fraction, bool):
-        raise TypeError(f"holdout_fraction must be a number in (0, 1), got {holdout_fraction!r}")
-    if not 0.0 < holdout_fraction < 1.0:
-        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
-    if not isinstance(min_target_user_count, numbers.Integral) or isinstance(
-        min_target_user_count, bool
-    ):
-        raise TypeError(f"min_target_user_count must be an int >= 0, got {min_target_user_count!r}")
-    if min_target_user_count < 0:
-        raise ValueError(f"min_target_user_count must be >= 0, got {min_target_user_count}")
+    _check_fold_in_arguments(holdout_fraction, min_target_user_count, "min_target_user_count")
     seed = _check_seed(seed, "seed")
     n_train = data.n_users - 2 * n_heldout
     if n_train < 1:
@@ -174,6 +165,20 @@ def split_users(
     )
 
 
+def _check_fold_in_arguments(
+    holdout_fraction: Any, min_user_count: Any, count_name: str = "min_user_count"
+) -> None:
+    """Raise unless ``holdout_fraction`` is a number in (0, 1) and the count an int >= 0."""
+    if not isinstance(holdout_fraction, numbers.Real) or isinstance(holdout_fraction, bool):
+        raise TypeError(f"holdout_fraction must be a number in (0, 1), got {holdout_fraction!r}")
+    if not 0.0 < float(holdout_fraction) < 1.0:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    if not isinstance(min_user_count, numbers.Integral) or isinstance(min_user_count, bool):
+        raise TypeError(f"{count_name} must be an int >= 0, got {min_user_count!r}")
+    if min_user_count < 0:
+        raise ValueError(f"{count_name} must be >= 0, got {min_user_count}")
+
+
 def split_fold_in(
     matrix: sp.csr_array,
     *,
@@ -184,9 +189,40 @@ def split_fold_in(
     """Split each row's positives into (fold-in, targets), vectorized.
 
     A row with ``n >= min_user_count`` positives gets ``int(holdout_fraction * n)`` targets drawn
-    uniformly at random; other rows keep everything as fold-in.
+    uniformly at random; other rows keep everything as fold-in. A positive is a distinct
+    (row, column) pair with a nonzero value: duplicate entries count once (else one item could
+    land in both parts) and explicit zeros not at all. Both parts are binary float32.
+
+    Args:
+        matrix: ``(n_users, n_items)`` sparse matrix of positives (not modified).
+        holdout_fraction: Share of a row's positives that become targets, in (0, 1).
+        rng: The generator of the target draw.
+        min_user_count: Rows with fewer positives get no target.
+
+    Returns:
+        ``(fold_in, targets)``, disjoint, of the shape of ``matrix``.
+
+    Raises:
+        TypeError: ``matrix`` is not a scipy sparse matrix, ``rng`` not a NumPy
+            ``Generator``, or an argument not a number.
+        ValueError: ``holdout_fraction`` outside (0, 1), ``min_user_count`` negative, or a
+            negative, NaN or infinite value in ``matrix``.
     """
-    matrix = sp.csr_array(matrix)
+    if not sp.issparse(matrix) or matrix.ndim != 2:
+        raise TypeError(f"matrix must be a 2-D scipy sparse matrix, got {type(matrix).__name__}")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got "
+            f"{type(rng).__name__}"
+        )
+    _check_fold_in_arguments(holdout_fraction, min_user_count)
+    matrix = sp.csr_array(matrix).astype(np.float64, copy=True)  # never touch the caller's
+    n_bad = int(np.count_nonzero(~np.isfinite(matrix.data) | (matrix.data < 0)))
+    if n_bad:
+        raise ValueError(f"matrix has {n_bad} negative, NaN or infinite value(s)")
+    matrix.sum_duplicates()
+    matrix.eliminate_zeros()
+    matrix.data[:] = 1.0
     matrix.sort_indices()
     counts = np.diff(matrix.indptr)
     n_targets = np.where(counts >= min_user_count, (holdout_fraction * counts).astype(np.int64), 0)
