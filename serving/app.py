@@ -15,9 +15,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.batching import MicroBatcher
-from serving.guards import RequestGuard, StartupError, validation_error
+from serving.guards import RequestGuard, StartupError, http_error, validation_error
 from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.routes import router
 from serving.settings import ServingSettings
@@ -117,6 +118,7 @@ def create_app(
     app.state.batcher = batcher
     app.include_router(router)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     # Inside the metrics middleware (added later = outer), so that its 413, 415 and 500 answers
     # are counted. The 500 is the last resort: the fuzz tests must never reach it.
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)

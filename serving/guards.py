@@ -11,6 +11,8 @@
   default handler fails (a 500) when it echoes them back.
 - It also shortens a start-up that failed because the model did not load to its one-line
   reason (no traceback).
+- :func:`http_error` answers FastAPI's 400 for a body it could not parse with the reason (not
+  UTF-8, nested too deeply, a number too long), not just "There was an error parsing the body".
 - :func:`reject_unknown_query` is a router dependency: a query parameter the route does not
   declare is a 422 naming it, as an unknown field of a body is.
 """
@@ -23,8 +25,9 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,6 +37,7 @@ __all__ = [
     "BodyTooLarge",
     "StartupError",
     "validation_error",
+    "http_error",
     "reject_unknown_query",
 ]
 
@@ -212,6 +216,34 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         errors.append(error)
     content = _json_safe(jsonable_encoder(errors))
     return JSONResponse(status_code=422, content={"detail": content})
+
+
+# FastAPI's 400 when reading a body as JSON raised something other than a JSON syntax error
+# (which is a 422); the original error is its ``__cause__``.
+_FASTAPI_PARSE_ERROR = "There was an error parsing the body"
+
+
+def _unparsable_body(cause: BaseException) -> str:
+    """Why a body could not be parsed, for the client."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"request body is not UTF-8 encoded JSON: {cause.reason} at byte {cause.start} "
+            f"(send JSON in UTF-8)"
+        )
+    if isinstance(cause, RecursionError):
+        return "request body JSON is nested too deeply to parse"
+    reason = str(cause).split(";", 1)[0] or type(cause).__name__
+    return f"request body could not be parsed as JSON: {reason[:200]}"
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's ``HTTPException`` handler, except that a body that could not be parsed gets a
+    400 naming the reason (FastAPI says only "There was an error parsing the body")."""
+    assert isinstance(exc, HTTPException)
+    cause = exc.__cause__
+    if exc.status_code == 400 and exc.detail == _FASTAPI_PARSE_ERROR and cause is not None:
+        return JSONResponse(status_code=400, content={"detail": _unparsable_body(cause)})
+    return await http_exception_handler(request, exc)
 
 
 _DECLARED: dict[int, frozenset[str]] = {}  # id(route) -> its query parameter names

@@ -65,8 +65,16 @@ router = APIRouter(dependencies=[Depends(reject_unknown_query)])
 _NOT_READY: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "No model is loaded yet."}
 }
+# What the request guard (serving/guards.py) answers on every route that takes a body.
 _UNREADABLE_BODY: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "The body could not be read (e.g. not UTF-8)."}
+    400: {"model": ErrorResponse, "description": "The body could not be read (e.g. not UTF-8)."},
+    413: {"model": ErrorResponse, "description": "The body is over the server's size limit."},
+    415: {"model": ErrorResponse, "description": "The body is not declared application/json."},
+}
+# Routes without parameters still answer 422 for an unknown query parameter
+# (reject_unknown_query); FastAPI documents a 422 only where a route declares input.
+_UNKNOWN_QUERY: dict[int | str, dict[str, Any]] = {
+    422: {"model": ValidationErrorResponse, "description": "An unknown query parameter."}
 }
 _K_QUERY = Query(ge=1, description="Number of items, 1 to max_k (default: the server's default_k).")
 _PATH_ID = Path(min_length=1, max_length=256)
@@ -167,7 +175,13 @@ def _count(metrics: ServingMetrics, results: Sequence[HistoryResult], *, explore
 
 
 # ---------------------------------------------------------------------------- probes
-@router.get("/healthz", response_model=HealthResponse, tags=["probes"], summary="Liveness")
+@router.get(
+    "/healthz",
+    response_model=HealthResponse,
+    tags=["probes"],
+    summary="Liveness",
+    responses=_UNKNOWN_QUERY,
+)
 async def healthz() -> HealthResponse:
     """The process is up and its event loop answers."""
     return HealthResponse()
@@ -178,7 +192,7 @@ async def healthz() -> HealthResponse:
     response_model=ReadyResponse,
     tags=["probes"],
     summary="Readiness",
-    responses=_NOT_READY,
+    responses={**_NOT_READY, **_UNKNOWN_QUERY},
 )
 async def readyz(state: StateDep) -> ReadyResponse | JSONResponse:
     """200 once a model is loaded and serving, 503 before."""
@@ -205,7 +219,10 @@ router.add_api_route(
     tags=["probes"],
     summary="Prometheus metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Metrics."}},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Metrics."},
+        **_UNKNOWN_QUERY,
+    },
 )
 async def metrics_endpoint(state: StateDep) -> Response:
     """Request counts and latency histograms by route template and status, model info,
@@ -433,7 +450,7 @@ def similar_items(
     response_model=ModelInfo,
     tags=["model"],
     summary="The served model",
-    responses=_NOT_READY,
+    responses={**_NOT_READY, **_UNKNOWN_QUERY},
 )
 def model_info(context: ContextDep) -> ModelInfo:
     """Version, training metrics, catalog size and provenance of the model being served."""

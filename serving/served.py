@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 
 from recvae.evaluation import topk_indices
 from recvae.model import SparseBatch
-from recvae.recommender import BundleError, Recommender
+from recvae.recommender import _SAFE_NORM, BundleError, Recommender
 from recvae.vae_tools import (
     check_exploration,
     make_generator,
@@ -251,19 +251,20 @@ class ServedModel:
             ValueError: a history's weights do not match its length.
         """
         lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
-        flat_weights: NDArray[np.float32] | None = None
+        flat_weights: NDArray[np.float64] | None = None
         if weights is not None and any(w is not None for w in weights):
             for r, (history, row_weights) in enumerate(zip(histories, weights, strict=True)):
                 if row_weights is not None and len(row_weights) != len(history):
                     raise ValueError(
                         f"history {r}: {len(row_weights)} weights for {len(history)} items"
                     )
+            # float64 until each history is rescaled: float32 would turn a tiny weight into 0.
             flat_weights = np.fromiter(
                 itertools.chain.from_iterable(
                     (1.0,) * len(h) if w is None else w
                     for h, w in zip(histories, weights, strict=True)
                 ),
-                dtype=np.float32,
+                dtype=np.float64,
                 count=int(lengths.sum()),
             )
         flat = list(itertools.chain.from_iterable(histories))
@@ -277,7 +278,7 @@ class ServedModel:
         values = (
             np.ones(int(found.sum()), dtype=np.float32)
             if flat_weights is None
-            else flat_weights[found]
+            else _safe_row_weights(row[found], flat_weights[found], len(histories))
         )
         return row[found], col[found], values, unknown
 
@@ -630,6 +631,38 @@ def _warm_anomaly_references(recommender: Recommender, source: str) -> None:
         source,
         time.perf_counter() - start,
     )
+
+
+def _safe_row_weights(
+    rows: NDArray[np.int64], weights: NDArray[np.float64], n_rows: int
+) -> NDArray[np.float32]:
+    """Known-item weights as float32, each history divided by its largest weight when its L2
+    norm lies outside ``_SAFE_NORM``.
+
+    The encoder L2-normalizes a history, so only relative weights matter; but float32 turns a
+    weight below about 1e-45 into 0 (and a norm below 1e-12 is clamped), and such a history
+    would be scored as if it were empty. This is ``Recommender.histories_matrix``'s rule, so a
+    served answer is the library's.
+
+    Args:
+        rows: History of each entry, non-decreasing.
+        weights: Positive weight of each entry (known items only).
+        n_rows: Number of histories.
+
+    Returns:
+        The weights to feed the encoder, entry for entry.
+    """
+    counts = np.bincount(rows, minlength=n_rows)
+    peak = np.ones(n_rows, dtype=np.float64)
+    present = np.flatnonzero(counts)
+    if len(present):
+        starts = (np.cumsum(counts) - counts)[present]
+        peak[present] = np.maximum.reduceat(weights, starts)
+    peak[peak <= 0] = 1.0  # weights are validated positive; never divide by zero
+    scaled = weights / peak[rows]
+    norm = peak * np.sqrt(np.bincount(rows, weights=np.square(scaled), minlength=n_rows))
+    rescale = (norm < _SAFE_NORM[0]) | (norm > _SAFE_NORM[1])
+    return np.where(rescale[rows], scaled, weights).astype(np.float32)
 
 
 def _dedupe_max(

@@ -173,15 +173,16 @@ class ModelState:
             except Exception as exc:
                 self.metrics.record_reload(None)
                 self.last_error = f"{target}: {exc}"
+                # %r: the location comes from a request, and must not forge log lines.
                 if self._current is not None:
                     logger.error(
-                        "loading model from %s failed (still serving %s): %s",
-                        target,
+                        "loading model from %r failed (still serving %s): %s",
+                        target.location,
                         self._current.version,
                         exc,
                     )
                 else:
-                    logger.error("loading model from %s failed: %s", target, exc)
+                    logger.error("loading model from %r failed: %s", target.location, exc)
                 raise ReloadError(str(exc)) from exc
             previous = self._current
             self._current = served  # the atomic swap
@@ -243,7 +244,9 @@ class ModelState:
             # Download the exact version the alias named a moment ago, not whatever it names
             # by the time the download starts.
             resolved = f"models:/{parsed[0]}/{registry_version}"
-        with tempfile.TemporaryDirectory(prefix="recvae-serve-") as tmp:
+        # A failed download can leave files that the clean-up then fails on: that error must
+        # not replace the download's own.
+        with tempfile.TemporaryDirectory(prefix="recvae-serve-", ignore_cleanup_errors=True) as tmp:
             bundle = tracking.resolve_bundle(resolved, dst=Path(tmp))
             recommender = Recommender.load(bundle)  # reads everything into memory
         return ServedModel.build(recommender, source=uri, registry_version=registry_version)
