@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.settings import JobSettings
@@ -15,11 +16,24 @@ def run_evaluate(
     part: str = "test",
     ks: tuple[int, ...] = (20, 50, 100),
     device: str = "cpu",
+    warn: Callable[[str], None] | None = None,
 ) -> str:
     """Score ``bundle`` on the split that ``job`` describes; return a printable table.
 
     The bundle's item vocabulary decides the columns: held-out items it does not know are
     dropped from fold-in and targets (they could not be ranked anyway).
+
+    Args:
+        bundle: The model bundle directory.
+        job: The data and protocol of the split.
+        part: ``"test"`` or ``"validation"``.
+        ks: The cut-offs.
+        device: Where to score.
+        warn: Called with a message when the data differs from the data the bundle recorded
+            (its fingerprint): the split is then not the training split.
+
+    Raises:
+        ValueError: the bundle shares no item with the data, or bad data or settings.
     """
     import numpy as np
 
@@ -27,7 +41,18 @@ def run_evaluate(
     from recvae.recommender import Recommender
 
     rec = Recommender.load(bundle, device=device)
-    split = prepare(job).split
+    prepared = prepare(job)
+    split = prepared.split
+    # Only a bundle that recorded its job (recvae train, tune, experiment) holds the
+    # fingerprint of the whole data; the library's Trainer records that of its training matrix.
+    trained_on = rec.meta.get("data_fingerprint") if isinstance(rec.meta.get("job"), dict) else None
+    if warn is not None and isinstance(trained_on, str) and trained_on != prepared.fingerprint:
+        warn(
+            f"the data of {job.data.name} differs from the data the bundle was trained on "
+            f"(fingerprint {prepared.fingerprint[:12]}, trained with {trained_on[:12]}): the "
+            "file changed since training, so the split is not the training split and the "
+            f"{part} users may include users the model was trained on (inflated metrics)"
+        )
     heldout = split.test if part == "test" else split.validation
     # Map the split's item vocabulary onto the bundle's.
     positions = np.asarray(

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import posixpath
 import re
 import time
@@ -137,17 +138,23 @@ def check_alias(alias: str) -> None:
 
 
 def output_dir_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be a run directory (it or a parent is a file), or None when it can.
+    """Why ``path`` cannot be a run directory (it or a parent is a file, or the nearest existing
+    folder cannot be written), or None when it can.
 
     Checked before the data is loaded, so the mistake costs nothing.
     """
     for candidate in (path, *path.parents):
         if candidate.exists():
-            if candidate.is_dir():
-                return None
-            if candidate == path:
-                return f"{path} is an existing file, not a directory; pass a directory"
-            return f"{path}: {candidate} is a file, not a directory"
+            if not candidate.is_dir():
+                if candidate == path:
+                    return f"{path} is an existing file, not a directory; pass a directory"
+                return f"{path}: {candidate} is a file, not a directory"
+            if not os.access(candidate, os.W_OK | os.X_OK):
+                where = "" if candidate == path else f": {candidate}"
+                return (
+                    f"{path}{where} is not writable (permission denied or a read-only file system)"
+                )
+            return None
     return None
 
 
@@ -630,6 +637,43 @@ def _previous_labels(out: Path) -> set[str]:
         return set()
 
 
+def _other_data_problem(out: Path, prepared: PreparedData) -> str | None:
+    """Why ``out`` cannot take this experiment: its ``results.json`` records an experiment on
+    other data or another split (None when it records none, or this one's).
+
+    A rerun into the same folder resumes the autoencoders and rewrites the comparison, so the
+    earlier run must be on the same data and split; otherwise its tables would be overwritten
+    and its bundles and checkpoints mixed with this run's.
+    """
+    try:
+        previous = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(previous, dict):
+        return None
+    recorded = previous.get("data_fingerprint")
+    split = json.loads(json.dumps(_json_safe(prepared.split.summary())))
+    if isinstance(recorded, str) and recorded != prepared.fingerprint:
+        difference = (
+            f"other data ({previous.get('dataset')}, fingerprint {recorded[:12]}; this run: "
+            f"{prepared.name}, {prepared.fingerprint[:12]})"
+        )
+    elif isinstance(previous.get("split"), dict) and previous["split"] != split:
+        changed = sorted(
+            key
+            for key in split.keys() | previous["split"].keys()
+            if split.get(key) != previous["split"].get(key)
+        )
+        difference = f"another split of {prepared.name} ({', '.join(changed)} differ)"
+    else:
+        return None
+    return (
+        f"the output directory {out} holds an experiment on {difference}: rerunning into it "
+        "would overwrite its comparison and mix its bundles and checkpoints with this run's; "
+        "pass another --output"
+    )
+
+
 def registration_problem(settings: ExperimentSettings) -> str | None:
     """Why ``settings.registered_model`` would register nothing, or None when it would.
 
@@ -924,7 +968,15 @@ def run_experiment(
     prepared = prepared or prepare(job)
     split = prepared.split
     out = Path(output_dir or settings.output_dir or default_experiment_dir(prepared.name))
-    out.mkdir(parents=True, exist_ok=True)
+    problem = _other_data_problem(out, prepared)
+    if problem is not None:
+        raise ValueError(problem)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"cannot create the output directory {out}: {exc.strerror or exc}"
+        ) from None
     leftover = _previous_labels(out) - {spec.label for spec in settings.models}
     if leftover:
         say(

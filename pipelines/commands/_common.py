@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -128,6 +129,8 @@ DATA_ARGS = {
     "separator": "separator",
     "has_header": "has_header",
 }
+# What makes a --data value a pattern or a URL rather than one path (checked by the reader).
+GLOB_OR_URL = re.compile(r"[*?\[]|://")
 # The fields that describe an interaction file (--data); a built-in dataset has its own.
 _FILE_FIELDS = ("user_col", "item_col", "rating_col", "threshold", "separator", "has_header")
 
@@ -151,6 +154,12 @@ def _check_data_flags(
     data_dir = getattr(args, "data_dir", None)
     if data_dir and not Path(data_dir).is_dir():
         raise ValueError(f"--data-dir {data_dir}: no such folder")
+    path = getattr(args, "data", None)
+    # Before any other check of the data: a mistyped path must be named as such, not as data
+    # other than a bundle's (its name is the file's stem). Glob patterns and URLs are left to
+    # the reader.
+    if path and not GLOB_OR_URL.search(str(path)) and not Path(path).exists():
+        raise ValueError(f"--data {path}: no such file or folder")
     given = [option_flag(f) for f in _FILE_FIELDS if getattr(args, f, None) is not None]
     if not (getattr(args, "data", None) or job.data.path or (recorded and recorded.path)):
         if given:

@@ -8,10 +8,17 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.commands._common import DATA_ARGS, add_job_arguments, job_from_args
+from pipelines.commands._common import (
+    DATA_ARGS,
+    GLOB_OR_URL,
+    add_job_arguments,
+    job_from_args,
+)
 
 if TYPE_CHECKING:
     from pipelines.settings import JobSettings
+
+DEFAULT_KS = "20,50,100"
 
 
 def register(subparsers: Any) -> None:
@@ -29,7 +36,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("bundle", type=Path, help="model bundle directory")
     add_job_arguments(parser)
     parser.add_argument("--part", choices=["test", "validation"], default="test")
-    parser.add_argument("--ks", default="20,50,100", help="cut-offs, comma separated")
+    parser.add_argument(
+        "--ks",
+        help="cut-offs, comma separated, each at most the bundle's number of items "
+        "(default 20,50,100)",
+    )
     parser.add_argument("--device", default="cpu")
     add_allow_other_dataset_argument(parser)
     parser.set_defaults(func=run_command)
@@ -50,7 +61,7 @@ def run_command(args: argparse.Namespace) -> int:
     from recvae.recommender import Recommender
 
     try:
-        ks = tuple(int(k) for k in str(args.ks).split(",") if k.strip())
+        ks = tuple(int(k) for k in str(args.ks or DEFAULT_KS).split(",") if k.strip())
     except ValueError:
         ks = ()
     if not ks or min(ks) < 1:
@@ -60,6 +71,15 @@ def run_command(args: argparse.Namespace) -> int:
         meta = Recommender.read_meta(args.bundle)
     except ValueError:  # not a bundle, or unreadable: run_evaluate's load says which
         meta = {}
+    n_items = meta.get("n_items")
+    # A cut-off past the catalog ranks nothing more, but costs memory in proportion to it (a
+    # typo such as 1000000000000 runs out of memory after the data is loaded). The default
+    # cut-offs stay valid on small catalogs.
+    if args.ks is not None and isinstance(n_items, int) and max(ks) > n_items:
+        raise ValueError(
+            f"--ks {max(ks)}: the bundle {args.bundle} ranks only {n_items} items; give "
+            f"cut-offs up to {n_items}"
+        )
     job, changed = bundle_job(args, meta, verb="evaluate")
     if changed:
         print(
@@ -68,9 +88,20 @@ def run_command(args: argparse.Namespace) -> int:
             "on (inflated metrics); omit these settings to re-create the training split",
             file=sys.stderr,
         )
-    report = run_evaluate(args.bundle, job, part=args.part, ks=ks, device=args.device)
+    report = run_evaluate(
+        args.bundle,
+        job,
+        part=args.part,
+        ks=ks,
+        device=args.device,
+        warn=None if changed else _warn,
+    )
     print(report)
     return 0
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def bundle_job(
@@ -130,6 +161,20 @@ def bundle_job(
         if "dataset" in explicit_data and "path" not in explicit_data:
             overrides["path"] = None  # a dataset asked for by name replaces a recorded file
         data = dataclasses.replace(DataSettings(**recorded_data), **overrides)
+    recorded_path = recorded_data.get("path")
+    if (
+        "path" not in explicit_data
+        and data.path
+        and data.path == recorded_path
+        and not GLOB_OR_URL.search(data.path)
+        and not Path(data.path).exists()
+    ):
+        where = "" if Path(data.path).is_absolute() else f" from {Path.cwd()}"
+        raise CLIError(
+            f"the bundle {args.bundle} was trained on the file {data.path}, which is not "
+            f"found{where} (a relative path is read from the working directory): pass the file "
+            "with --data PATH"
+        )
     recorded_name = meta.get("dataset")
     other = isinstance(recorded_name, str) and data.name != recorded_name
     if other and not getattr(args, "allow_other_dataset", False):

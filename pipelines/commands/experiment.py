@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.commands._common import (
     add_config_argument,
@@ -15,6 +15,10 @@ from pipelines.commands._common import (
     replace_given,
 )
 from pipelines.tracking_hooks import add_tracking_arguments
+
+if TYPE_CHECKING:
+    from pipelines.experiment import ExperimentSettings
+    from pipelines.settings import JobSettings
 
 DEFAULT_PRESET = "ml-latest-small"
 
@@ -58,7 +62,7 @@ def run_command(args: argparse.Namespace) -> int:
         registration_problem,
         run_experiment,
     )
-    from pipelines.settings import read_toml
+    from pipelines.settings import job_from_dict, read_toml
     from pipelines.tracking_hooks import make_tracker
 
     if args.epochs is not None and args.epochs < 1:
@@ -86,6 +90,9 @@ def run_command(args: argparse.Namespace) -> int:
         registered_model=args.registered_model,
         alias=args.alias,
     )
+    settings, names_note = _names_for_data(
+        settings, args, config_data=job_from_dict(raw).data.name, job=job
+    )
     if args.alias is not None and settings.registered_model is None:
         raise CLIError("--alias needs a registered model: pass --registered-model NAME")
     # A name from the config may sit unused (tracking off, a subset of models); one asked for
@@ -105,6 +112,8 @@ def run_command(args: argparse.Namespace) -> int:
         experiment=args.experiment_name or settings.experiment_name or f"recvae-{job.data.name}",
         artifact_location=settings.artifact_location,
     )
+    if names_note and tracker.enabled:
+        print(f"note: {names_note}", file=sys.stderr)
     if asked and not tracker.enabled:
         raise CLIError(
             f"{' '.join(asked)}: registering needs MLflow tracking, which is off (--no-track "
@@ -137,6 +146,42 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"failed: {', '.join(outcome.failures)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _names_for_data(
+    settings: ExperimentSettings, args: argparse.Namespace, *, config_data: str, job: JobSettings
+) -> tuple[ExperimentSettings, str | None]:
+    """The settings without the config's ``[mlflow]`` experiment and registered model names
+    when the flags run it on other data than the config's (``--dataset``/``--data``).
+
+    Those names belong to the config's dataset (``recvae-ml-latest-small`` in the default
+    preset): logging another dataset's runs under them, and moving their registry alias to a
+    bundle with other item ids, would mix models that cannot replace each other. A name given
+    on the command line is kept.
+
+    Returns:
+        The settings, and a note on the names dropped (None when none was).
+    """
+    import dataclasses
+
+    if job.data.name == config_data:
+        return settings, None
+    drop_experiment = settings.experiment_name is not None and args.experiment_name is None
+    drop_registered = settings.registered_model is not None and args.registered_model is None
+    if not (drop_experiment or drop_registered):
+        return settings, None
+    note = (
+        f"the config's [mlflow] names are for {config_data}, not {job.data.name}: "
+        f"logging to the experiment {args.experiment_name or f'recvae-{job.data.name}'}"
+        + ("" if args.registered_model else " and registering no model")
+        + " (--experiment-name, --registered-model choose others)"
+    )
+    kept = dataclasses.replace(
+        settings,
+        experiment_name=None if drop_experiment else settings.experiment_name,
+        registered_model=None if drop_registered else settings.registered_model,
+    )
+    return kept, note
 
 
 def _report(message: str) -> None:

@@ -1,0 +1,218 @@
+"""Regression tests from an audit of ``recvae evaluate``, ``recommend`` and ``experiment``: bad
+input ends in one ``recvae: error:`` line, and a run never overwrites another run's results."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pipelines.experiment as experiment
+import pipelines.tracking_hooks as tracking_hooks
+from pipelines.cli import main
+from pipelines.experiment import experiment_from_dict, run_experiment
+from pipelines.settings import JobSettings
+from pipelines.train_job import PreparedData
+from recvae.data import planted_interactions
+from recvae.split import split_users
+from tests.conftest import run_cli, write_interactions_csv
+
+
+def _one_line_error(err: str) -> str:
+    text = err.strip()
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    assert text.startswith("recvae: error: "), text
+    return text
+
+
+@pytest.fixture(scope="module")
+def csv_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``(interaction CSV, bundle)``: a one-epoch Mult-VAE trained on a planted CSV (30 items)."""
+    folder = tmp_path_factory.mktemp("audit")
+    data = planted_interactions(n_users=120, n_items=30, n_clusters=3, p_in=0.4, seed=3)
+    path = write_interactions_csv(data, folder / "log.csv")
+    argv = ["train", "--data", str(path), "--epochs", "1", "--no-progress", "--device", "cpu"]
+    assert main([*argv, "--n-heldout", "10", "-o", str(folder / "run")]) == 0
+    return path, folder / "run" / "bundle"
+
+
+# ---------------------------------------------------------------------------------- evaluate
+def test_evaluate_refuses_a_cut_off_beyond_the_catalog_in_one_line(
+    csv_run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It ran out of memory after loading the data (1e12), or crashed with a traceback (1e23).
+    _, bundle = csv_run
+    capsys.readouterr()
+    for ks in ("1000000000000", "20,99999999999999999999999"):
+        code, _, err = run_cli(["evaluate", str(bundle), "--ks", ks], capsys)
+        assert code == 2
+        assert "ranks only 30 items" in _one_line_error(err)
+    code, out, _ = run_cli(["evaluate", str(bundle), "--ks", "30"], capsys)
+    assert code == 0 and "| recall@30 |" in out
+
+
+def test_evaluate_names_a_missing_data_file_not_another_dataset(
+    csv_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A mistyped path was reported as "the bundle was trained on log, not lgo".
+    _, bundle = csv_run
+    capsys.readouterr()
+    missing = tmp_path / "lgo.csv"
+    for command in ("evaluate", "anomalies"):
+        code, _, err = run_cli([command, str(bundle), "--data", str(missing)], capsys)
+        assert code == 2
+        assert _one_line_error(err) == f"recvae: error: --data {missing}: no such file or folder"
+
+
+def test_evaluate_warns_when_the_training_file_changed_since_training(
+    csv_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The same path with other content re-split silently: test users could be training users.
+    path, bundle = csv_run
+    capsys.readouterr()
+    code, _, err = run_cli(["evaluate", str(bundle)], capsys)
+    assert code == 0 and "warning" not in err
+    original = path.read_text()
+    try:
+        extra = "".join(f"9999,{item}\n" for item in range(8))
+        path.write_text(original + extra)
+        code, out, err = run_cli(["evaluate", str(bundle)], capsys)
+    finally:
+        path.write_text(original)
+    assert code == 0 and "test users" in out
+    assert "differs from the data the bundle was trained on" in err
+
+
+def test_evaluate_does_not_warn_for_a_bundle_that_recorded_no_job(
+    csv_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A bundle saved by the library (or the nightly job) records its training matrix's
+    # fingerprint, not the data file's: that must not read as "the file changed".
+    import json
+    import shutil
+
+    path, bundle = csv_run
+    library = tmp_path / "library-bundle"
+    shutil.copytree(bundle, library)
+    meta = json.loads((library / "meta.json").read_text())
+    del meta["job"]
+    meta["data_fingerprint"] = "0123456789abcdef"  # as Trainer records it: another matrix
+    (library / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    code, out, err = run_cli(["evaluate", str(library), "--data", str(path)], capsys)
+    assert code == 0 and "test users" in out, err
+    assert "differs from the data" not in err
+
+
+def test_evaluate_names_a_recorded_relative_data_file_missing_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `recvae train --data log.csv` records "log.csv"; evaluated from another folder the error
+    # was a bare "data file not found: log.csv", with no hint that --data moves it.
+    data = planted_interactions(n_users=80, n_items=20, n_clusters=2, seed=6)
+    write_interactions_csv(data, tmp_path / "log.csv")
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--data", "log.csv", "--epochs", "1", "--no-progress", "--n-heldout", "8"]
+    assert run_cli([*argv, "--device", "cpu", "-o", "run"], capsys)[0] == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for command in ("evaluate", "anomalies"):
+        code, _, err = run_cli([command, "../run/bundle"], capsys)
+        assert code == 2
+        message = _one_line_error(err)
+        assert f"trained on the file log.csv, which is not found from {elsewhere}" in message
+        assert "--data PATH" in message
+    code, out, _ = run_cli(["evaluate", "../run/bundle", "--data", "../log.csv"], capsys)
+    assert code == 0 and "test users" in out
+
+
+# ------------------------------------------------------------------------------- experiment
+def _prepared(seed: int, *, split_seed: int = 11) -> PreparedData:
+    data = planted_interactions(n_users=150, n_items=30, n_clusters=3, p_in=0.4, seed=seed)
+    split = split_users(data, n_heldout=20, seed=split_seed)
+    return PreparedData(split=split, name="planted", fingerprint=data.fingerprint())
+
+
+def _popularity() -> Any:
+    return experiment_from_dict({"experiment": {"plots": False}, "models": {"popularity": {}}})
+
+
+def test_experiment_refuses_an_output_holding_an_experiment_on_other_data(
+    tmp_path: Path,
+) -> None:
+    # A rerun with --dataset/--data changed overwrote comparison.md/.csv and results.json of the
+    # earlier experiment and left its bundles beside the new results.
+    job = JobSettings(run={"device": "cpu", "progress": False})
+    run_experiment(job, _popularity(), output_dir=tmp_path, prepared=_prepared(1))
+    before = {name: (tmp_path / name).read_bytes() for name in ("comparison.md", "results.json")}
+    with pytest.raises(ValueError, match="holds an experiment on other data"):
+        run_experiment(job, _popularity(), output_dir=tmp_path, prepared=_prepared(2))
+    with pytest.raises(ValueError, match="another split of planted"):
+        run_experiment(job, _popularity(), output_dir=tmp_path, prepared=_prepared(1, split_seed=4))
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    # The same data and split still resume into the folder.
+    run_experiment(job, _popularity(), output_dir=tmp_path, prepared=_prepared(1))
+
+
+def test_experiment_reports_an_unwritable_output_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A read-only --output ended in a PermissionError traceback after the data was loaded.
+    # (Permissions are simulated: root may write anywhere.)
+    real_access, real_mkdir = os.access, Path.mkdir
+    out = tmp_path / "run"
+    argv = ["experiment", "--models", "popularity", "--no-track", "-o", str(out)]
+
+    def read_only(path: Any, mode: int, *args: Any, **kwargs: Any) -> bool:
+        if Path(path) == tmp_path and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", read_only)
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and "is not writable" in _one_line_error(err)
+    assert not out.exists()
+    monkeypatch.undo()
+
+    def refuse(self: Path, *args: Any, **kwargs: Any) -> None:
+        if self == out:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2
+    assert "cannot create the output directory" in _one_line_error(err)
+
+
+def test_experiment_on_other_data_does_not_use_the_presets_mlflow_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `recvae experiment --data log.csv` logged to recvae-ml-latest-small and moved the
+    # registry alias models:/recvae-ml-latest-small@staging to a bundle of log.csv.
+    data = planted_interactions(n_users=60, n_items=20, n_clusters=2, seed=4)
+    path = write_interactions_csv(data, tmp_path / "log.csv")
+    seen: dict[str, Any] = {}
+
+    def tracker(**kwargs: Any) -> tracking_hooks.Tracker:
+        seen["experiment"] = kwargs["experiment"]
+        return tracking_hooks.Tracker.disabled()
+
+    def stop(job: JobSettings, settings: Any, **kwargs: Any) -> Any:
+        seen["registered_model"] = settings.registered_model
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(tracking_hooks, "make_tracker", tracker)
+    monkeypatch.setattr(experiment, "run_experiment", stop)
+    argv = ["experiment", "--data", str(path), "--models", "multvae", "-o", str(tmp_path / "x")]
+    assert run_cli(argv, capsys)[0] == 2
+    assert seen == {"experiment": "recvae-log", "registered_model": None}
+    # The preset's own dataset keeps the preset's names.
+    assert run_cli(["experiment", "--models", "multvae", "-o", str(tmp_path / "y")], capsys)[0] == 2
+    assert seen == {
+        "experiment": "recvae-ml-latest-small",
+        "registered_model": "recvae-ml-latest-small",
+    }
