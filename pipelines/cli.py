@@ -147,12 +147,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:
         print(f"recvae: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+    except (
+        ValueError,
+        FileNotFoundError,
+        IsADirectoryError,
+        NotADirectoryError,
+        PermissionError,
+    ) as exc:
         if args.verbose >= 2:
             raise
         print(f"recvae: error: {exc}", file=sys.stderr)
         return 2
     except ConnectionError as exc:  # e.g. no tracking server at the address given
+        print(f"recvae: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the machine's: a full disk, a read-only file system, an I/O error
+        if args.verbose >= 2:
+            raise
         print(f"recvae: error: {exc}", file=sys.stderr)
         return 1
     except FloatingPointError as exc:  # training diverged: not a usage error

@@ -216,3 +216,28 @@ def test_experiment_on_other_data_does_not_use_the_presets_mlflow_names(
         "experiment": "recvae-ml-latest-small",
         "registered_model": "recvae-ml-latest-small",
     }
+
+
+# ---------------------------------------------------------------------------------- OS errors
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (PermissionError(13, "Permission denied", "/data/log.csv"), 2),
+        (OSError(28, "No space left on device", "/runs/bundle/weights.pt"), 1),
+        (OSError(30, "Read-only file system", "/runs"), 1),
+    ],
+)
+def test_an_os_error_is_one_line_naming_the_file(
+    error: OSError, code: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An unreadable file or a full disk gave a traceback (only missing files were handled).
+    import pipelines.commands.datasets as datasets
+
+    def fail(args: Any) -> int:
+        raise error
+
+    monkeypatch.setattr(datasets, "run_command", fail)
+    got, _, err = run_cli(["datasets"], capsys)
+    assert got == code
+    assert _one_line_error(err) == f"recvae: error: {error}"
+    assert str(error.filename) in err and "Traceback" not in err
