@@ -101,7 +101,9 @@ def normalize_scores(
         ValueError: The shapes differ, the method is unknown or the scores contain NaN.
     """
     s = scores if isinstance(scores, torch.Tensor) else torch.from_numpy(np.asarray(scores))
-    s = s.detach().to(torch.float32)
+    s = s.detach()
+    if not s.is_floating_point():
+        s = s.to(torch.float64)
     if s.ndim != 2 or tuple(s.shape) != tuple(histories.shape):
         raise ValueError(
             f"scores shape {tuple(s.shape)} does not match histories shape {tuple(histories.shape)}"
@@ -114,6 +116,15 @@ def normalize_scores(
     eligible = finite & ~_history_mask(histories, s.device)  # (n_users, n_items)
     # A user whose every item is in the history falls back to all finite items.
     eligible = torch.where(eligible.any(dim=1, keepdim=True), eligible, finite)
+    # Both normalizations ignore a positive per-user factor: dividing by the largest eligible
+    # |score| (in the input's precision) keeps the float32 sums and squares below from
+    # overflowing (scores near 1e19 and up would all become 0) or underflowing.
+    peak = torch.where(eligible, s.abs(), torch.zeros((), dtype=s.dtype, device=s.device))
+    peak = peak.amax(dim=1, keepdim=True)  # (n_users, 1)
+    s = (s / torch.where(peak > 0, peak, torch.ones_like(peak))).to(torch.float32)
+    # Scaling can push an ineligible (history) score past float32's range: it stays excluded.
+    finite = torch.isfinite(s)
+    eligible = eligible & finite
     count = eligible.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)  # (n_users, 1)
     clean = torch.where(eligible, s, torch.zeros((), device=s.device))
     if method == "zscore":

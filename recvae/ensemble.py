@@ -78,9 +78,13 @@ class Ensemble:
             raise ValueError(f"{len(weights)} weights given for {len(members)} members")
         if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(f"weights must be finite, non-negative and not all 0, got {weights}")
-        total = sum(weights)
+        # Scale by the largest weight first: the sum of huge weights would overflow to inf
+        # and turn every normalized weight into 0.
+        peak = max(weights)
+        scaled = [w / peak for w in weights]
+        total = sum(scaled)
         self.members = members
-        self.weights = [w / total for w in weights]
+        self.weights = [w / total for w in scaled]
         self.combine: Combine = combine
         self.device = resolve_device(device)
 
@@ -98,9 +102,16 @@ class Ensemble:
     def score(self, histories: sp.csr_array) -> torch.Tensor:
         """Combined log-probabilities, ``(n_users, n_items)`` float32 (history items not masked).
 
-        Members of weight 0 are not asked to score; an item any other member scores ``-inf``
-        stays ``-inf``.
+        Members of weight 0 are not asked to score. With ``"log_softmax"`` an item any other
+        member scores ``-inf`` stays ``-inf``; with ``"softmax"`` such a member gives the item
+        probability 0 and the mixture keeps it if another member allows it. A member that scores
+        a whole row ``-inf`` gives that row probability 0 everywhere (not NaN).
+
+        Raises:
+            ValueError: a member returned scores of another shape than
+                ``(n_histories, n_items)``.
         """
+        n_users = int(histories.shape[0])
         total: torch.Tensor | None = None
         for member, weight in zip(self.members, self.weights, strict=True):
             if weight == 0:
@@ -108,14 +119,22 @@ class Ensemble:
             raw: Any = member.score(histories)
             s = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(np.asarray(raw))
             s = s.to(self.device, dtype=torch.float32)
-            if s.dim() != 2 or s.shape[1] != self.n_items:
+            if s.dim() != 2 or s.shape[0] != n_users or s.shape[1] != self.n_items:
                 raise ValueError(
                     f"{type(member).__name__} returned scores of shape {tuple(s.shape)}, "
-                    f"expected (n, {self.n_items})"
+                    f"expected ({n_users}, {self.n_items})"
                 )
-            s = torch.log_softmax(s, dim=-1)
+            excluded = s == -math.inf  # (n_users, n_items)
+            s = torch.log_softmax(s, dim=-1)  # (n_users, n_items)
+            # A row the member scores -inf everywhere has no distribution (log_softmax gives
+            # NaN there); all its items are excluded.
+            s = s.masked_fill(excluded.all(dim=1, keepdim=True), -math.inf)
             if self.combine == "softmax":
-                s = torch.exp(s)
-            total = weight * s if total is None else total + weight * s
+                # log sum_m w_m p_m accumulated in log space: exp(log p) underflows to 0 (and its
+                # log to -inf) for items below about e^-104 in float32.
+                s = s + math.log(weight)
+                total = s if total is None else torch.logaddexp(total, s)
+            else:
+                total = weight * s if total is None else total + weight * s
         assert total is not None
-        return torch.log(total) if self.combine == "softmax" else total
+        return total

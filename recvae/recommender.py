@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -205,17 +205,23 @@ class Recommender:
         if isinstance(histories, Interactions):
             raise TypeError("histories is an Interactions: pass its matrix (data.matrix)")
         if isinstance(histories, torch.Tensor):
-            x = histories.to(self.device, dtype=torch.float32)
-        elif sp.issparse(histories):
-            dense = cast(sp.csr_array, histories).toarray()
-            x = torch.from_numpy(np.asarray(dense, dtype=np.float32)).to(self.device)
-        else:
-            x = torch.as_tensor(np.asarray(histories, dtype=np.float32), device=self.device)
-        if x.dim() != 2 or x.shape[1] != self.n_items:
-            raise ValueError(f"histories must have shape (n, {self.n_items}), got {tuple(x.shape)}")
-        if x.numel() and bool((~torch.isfinite(x) | (x < 0)).any()):
-            raise ValueError(f"{_HISTORY_VALUES} (as float32)")
-        return x
+            x = histories.to(self.device)
+            if x.dim() != 2 or x.shape[1] != self.n_items:
+                raise ValueError(
+                    f"histories must have shape (n, {self.n_items}), got {tuple(x.shape)}"
+                )
+            if x.numel() and bool((~torch.isfinite(x) | (x < 0)).any()):
+                raise ValueError(_HISTORY_VALUES)
+            return _safe_rows_tensor(x)
+        if not sp.issparse(histories):
+            array = np.asarray(histories)
+            if array.ndim != 2 or array.shape[1] != self.n_items:
+                raise ValueError(
+                    f"histories must have shape (n, {self.n_items}), got {array.shape}"
+                )
+        # Checked, canonical, and rescaled where float32 would misbehave (as lists of ids are).
+        matrix, _ = self._as_history_matrix(histories if sp.issparse(histories) else array)
+        return torch.from_numpy(matrix.toarray()).to(self.device)
 
     def score(self, histories: sp.csr_array | NDArray[Any] | torch.Tensor) -> torch.Tensor:
         """Scores (logits) of every item for each history row, from ``z = mu``.
@@ -612,14 +618,22 @@ class Recommender:
     ) -> tuple[sp.csr_array, tuple[tuple[Any, ...], ...]]:
         """A CSR matrix (checked) from a matrix or from lists of external item ids."""
         if sp.issparse(histories) or isinstance(histories, np.ndarray):
-            matrix = sp.csr_array(histories, dtype=np.float32)
+            # float64 first: float32 would overflow (or flush to 0) weights that, rescaled
+            # below, are fine; a copy, so that the caller's matrix is never changed.
+            matrix = sp.csr_array(histories, dtype=np.float64, copy=True)
             if matrix.ndim != 2 or matrix.shape[1] != self.n_items:
                 raise ValueError(
                     f"histories must have shape (n, {self.n_items}), got {matrix.shape}"
                 )
             if matrix.nnz and (not np.all(np.isfinite(matrix.data)) or matrix.data.min() < 0):
                 raise ValueError(_HISTORY_VALUES)
-            return matrix, ()
+            # Canonical rows: a duplicate entry is one item (the dense view sums it), a stored
+            # zero none (it must not count towards a history's length).
+            matrix.sum_duplicates()
+            matrix.eliminate_zeros()
+            rows = np.repeat(np.arange(matrix.shape[0], dtype=np.int64), np.diff(matrix.indptr))
+            data = safe_row_weights(rows, np.asarray(matrix.data), matrix.shape[0])
+            return sp.csr_array((data, matrix.indices, matrix.indptr), shape=matrix.shape), ()
         if isinstance(histories, str | bytes):
             raise ValueError("histories must be a matrix or a sequence of item-id sequences")
         for row, items in enumerate(histories):
@@ -638,7 +652,8 @@ class Recommender:
             return None
         if not self._variational():
             raise ValueError(
-                f"explore needs a model with a posterior (multvae); '{self.config.model}' has none"
+                "explore needs a model with a posterior (multvae or recvae); "
+                f"'{self.config.model}' has none"
             )
         return make_generator(seed)
 
@@ -711,7 +726,7 @@ class Recommender:
         """
         if not self._variational():
             raise ValueError(
-                f"confidence needs a model with a posterior (multvae); "
+                f"confidence needs a model with a posterior (multvae or recvae); "
                 f"'{self.config.model}' has none"
             )
         matrix, _ = self._as_history_matrix(histories)
@@ -1236,6 +1251,53 @@ def _scalar(value: Any) -> Any:
     if isinstance(value, torch.Tensor | np.ndarray) and value.ndim == 0:
         return value.item()
     return _py(value)
+
+
+def safe_row_weights(
+    rows: NDArray[np.int64], weights: NDArray[np.float64], n_rows: int
+) -> NDArray[np.float32]:
+    """Entry weights as float32, each row divided by its largest weight when its L2 norm lies
+    outside ``_SAFE_NORM`` (the rule of :func:`_safe_weights`, for many rows at once).
+
+    The models L2-normalize a history, so only relative weights matter; but float32 squares
+    overflow above about 1.8e19 and vanish below about 1e-23, and such a history would be
+    scored as if it were empty. Rows inside the range keep their weights exactly.
+
+    Args:
+        rows: Row of each entry, non-decreasing.
+        weights: Non-negative float64 weight of each entry.
+        n_rows: Number of rows.
+
+    Returns:
+        The float32 weights, entry for entry.
+    """
+    counts = np.bincount(rows, minlength=n_rows)
+    peak = np.ones(n_rows, dtype=np.float64)
+    present = np.flatnonzero(counts)
+    if len(present):
+        starts = (np.cumsum(counts) - counts)[present]
+        peak[present] = np.maximum.reduceat(weights, starts)
+    peak[peak <= 0] = 1.0  # an all-zero row: nothing to rescale, never divide by zero
+    scaled = weights / peak[rows]
+    norm = peak * np.sqrt(np.bincount(rows, weights=np.square(scaled), minlength=n_rows))
+    rescale = (norm < _SAFE_NORM[0]) | (norm > _SAFE_NORM[1])
+    return np.where(rescale[rows], scaled, weights).astype(np.float32)
+
+
+def _safe_rows_tensor(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32, each row whose L2 norm lies outside ``_SAFE_NORM`` divided by its
+    largest value first (in float64): the rule of :func:`safe_row_weights` for a dense tensor.
+    """
+    if not x.numel():
+        return x.to(torch.float32)
+    x64 = x.to(torch.float64)  # (batch, n_items)
+    peak = x64.amax(dim=1, keepdim=True)  # (batch, 1)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    norm = peak * torch.linalg.vector_norm(x64 / peak, dim=1, keepdim=True)  # (batch, 1)
+    rescale = (norm < _SAFE_NORM[0]) | (norm > _SAFE_NORM[1])
+    if not bool(rescale.any()):
+        return x.to(torch.float32)
+    return torch.where(rescale, x64 / peak, x64).to(torch.float32)
 
 
 def _safe_weights(weights: NDArray[np.float64]) -> NDArray[np.float32]:

@@ -334,6 +334,9 @@ class ItemInput(nn.Module):
     def forward(self, x: Tensor, *, dropout: float = 0.0) -> Tensor:
         """``dropout(x / ||x||_2) @ W + b`` for a dense or torch sparse (COO/CSR) ``x``.
 
+        The norm is taken after dividing each row by its largest absolute value, so weights
+        whose squares overflow float32 (above about 1.8e19) still give the right direction.
+
         Args:
             x: ``(batch, n_items)`` histories.
             dropout: Input dropout probability (0 for none).
@@ -342,11 +345,19 @@ class ItemInput(nn.Module):
             ``(batch, hidden_dim)``.
         """
         if not _is_sparse(x):
+            # Dividing by the row's largest |x_ui| first changes nothing mathematically (and
+            # nothing at all for a binary row) but keeps the squares of large weights finite:
+            # F.normalize alone turns a row of 1e20 weights into an all-zero (empty) history.
+            peak = x.abs().amax(dim=1, keepdim=True)  # (batch, 1)
+            x = x / torch.where(peak > 0, peak, torch.ones_like(peak))
             h = F.dropout(F.normalize(x, p=2.0, dim=1), p=dropout, training=dropout > 0)
             return torch.addmm(self.bias, h, self.weight)  # (batch, hidden)
         # Sparse path (training on large catalogs): only the nonzeros are touched.
         rows, cols, values, counts = _csr_parts(x)
         values = values.to(self.weight.dtype)  # (nnz,)
+        peaks = torch.zeros(counts.numel(), dtype=values.dtype, device=x.device)
+        peaks = peaks.scatter_reduce(0, rows, values.abs(), reduce="amax")  # (batch,)
+        values = values / torch.where(peaks > 0, peaks, torch.ones_like(peaks))[rows]
         norms = torch.zeros(counts.numel(), dtype=values.dtype, device=x.device)
         norms = norms.index_add(0, rows, values.pow(2)).sqrt().clamp_min(1e-12)  # (batch,)
         values = F.dropout(values / norms[rows], p=dropout, training=dropout > 0)

@@ -148,14 +148,22 @@ class AnomalyScores:
             n: Return at most this many (all when None).
 
         Raises:
-            ValueError: ``n`` is negative.
+            ValueError: ``n`` is not an int >= 0.
         """
-        if n is not None and n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0):
+            raise ValueError(f"n must be an int >= 0 or None, got {n!r}")
         percentile = np.where(np.isnan(self.percentiles), -np.inf, self.percentiles)
         score = np.where(np.isnan(self.scores), -np.inf, self.scores)
         order = np.lexsort((-score, -percentile))  # last key is the primary one
-        return order[:n].astype(np.int64) if n is not None else order.astype(np.int64)
+        return order[: int(n)].astype(np.int64) if n is not None else order.astype(np.int64)
+
+
+def _check_same_shape(scores: NDArray[Any], lengths: NDArray[np.integer[Any]]) -> None:
+    if scores.shape != np.shape(lengths):
+        raise ValueError(
+            f"scores and lengths must have the same shape, got {scores.shape} and "
+            f"{np.shape(lengths)}"
+        )
 
 
 def length_bins(lengths: NDArray[np.integer[Any]]) -> NDArray[np.int64]:
@@ -195,9 +203,10 @@ class AnomalyReference:
         """Build from reference histories' scores and lengths (NaN scores are ignored).
 
         Raises:
-            ValueError: no finite score.
+            ValueError: no finite score, or ``scores`` and ``lengths`` differ in shape.
         """
         scores = np.asarray(scores, dtype=np.float64)
+        _check_same_shape(scores, lengths)
         bins = length_bins(lengths)
         keep = np.isfinite(scores) & (bins >= 0)
         scores, bins = scores[keep], bins[keep]
@@ -223,8 +232,12 @@ class AnomalyReference:
 
         Linear between quantiles; 0 below the bin's minimum and 100 above its maximum.
         Non-decreasing in the score for a fixed length. NaN for a NaN score or length 0.
+
+        Raises:
+            ValueError: ``scores`` and ``lengths`` differ in shape.
         """
         scores = np.asarray(scores, dtype=np.float64)
+        _check_same_shape(scores, lengths)
         bins = length_bins(lengths)
         out = np.full(scores.shape, np.nan)
         levels = np.linspace(0.0, 100.0, N_QUANTILES)
@@ -249,7 +262,10 @@ class AnomalyReference:
         """Inverse of :meth:`to_dict`.
 
         Raises:
-            ValueError: the dict is malformed or was made with other length bins.
+            ValueError: the dict is malformed (a missing key, an unknown ``source``, a negative
+                ``n_users``, ``counts`` of the wrong shape or negative, a non-finite
+                ``median_score``, or quantiles that are not a finite non-decreasing
+                ``(n_bins, N_QUANTILES)`` array) or was made with other length bins.
         """
         try:
             if list(data["length_bin_edges"]) != list(LENGTH_BIN_EDGES):
@@ -265,6 +281,20 @@ class AnomalyReference:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"the stored anomaly reference is malformed: {exc}") from exc
+        problem = None
+        if reference.source not in ("training", "held-out"):
+            problem = f"source must be 'training' or 'held-out', got {reference.source!r}"
+        elif reference.n_users < 0:
+            problem = f"n_users must be >= 0, got {reference.n_users}"
+        elif counts.shape != (len(LENGTH_BIN_EDGES),) or np.any(counts < 0):
+            problem = (
+                f"counts must be {len(LENGTH_BIN_EDGES)} non-negative ints, got shape "
+                f"{counts.shape}"
+            )
+        elif not math.isfinite(reference.median_score):
+            problem = f"median_score must be finite, got {reference.median_score}"
+        if problem is not None:
+            raise ValueError(f"the stored anomaly reference is malformed: {problem}")
         shape = (len(LENGTH_BIN_EDGES), N_QUANTILES)
         if (
             quantiles.shape != shape
@@ -286,7 +316,7 @@ def reference_histories(
     The sub-history of a user with ``L`` items has ``floor(exp(U(0, log(L + 1))))`` (clipped to
     ``[1, L]``) of them, drawn without replacement, so lengths are spread log-uniformly and short
     histories are represented. Users with an empty history are skipped; at most ``max_users``
-    users are used (a seeded sample).
+    users are used (a seeded sample). Stored zeros are not history items and are dropped.
 
     Args:
         matrix: ``(n_users, n_items)`` histories (values are kept).
@@ -296,7 +326,11 @@ def reference_histories(
     Returns:
         ``(histories (2 * n_used, n_items), n_used)``: the full rows, then the sub-histories.
     """
-    matrix = sp.csr_array(matrix)
+    # Canonical rows (no explicit zeros, no duplicate entries): a stored zero is not a history
+    # item, and would otherwise count towards the length and be drawn into the sub-history.
+    matrix = sp.csr_array(matrix, copy=True)
+    matrix.sum_duplicates()
+    matrix.eliminate_zeros()
     rng = np.random.default_rng(seed)
     users = np.flatnonzero(np.diff(matrix.indptr) > 0)
     if len(users) > max_users:
@@ -388,12 +422,19 @@ def check_exploration(temperature: float, seed: int | None) -> None:
 
 
 def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator seeded with ``seed`` (a fresh random seed when None)."""
+    """A CPU generator seeded with ``seed`` (a fresh random seed when None).
+
+    Raises:
+        ValueError: ``seed`` is not an int in ``[0, 2**63)`` (a float or a bool is refused,
+            not truncated).
+    """
     generator = torch.Generator(device="cpu")
     if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(int(seed))
+        from recvae.config import _check_seed
+
+        generator.manual_seed(_check_seed(seed))
     return generator
 
 
@@ -413,7 +454,17 @@ def sample_latent(
 
     Returns:
         ``(batch, latent)`` latent codes.
+
+    Raises:
+        ValueError: ``temperature`` is not a finite number >= 0, or ``logvar`` does not have
+            ``mu``'s shape.
     """
+    check_exploration(temperature, None)
+    if tuple(logvar.shape) != tuple(mu.shape):
+        raise ValueError(
+            f"mu and logvar must have the same shape, got {tuple(mu.shape)} and "
+            f"{tuple(logvar.shape)}"
+        )
     if temperature == 0:
         return mu
     eps = torch.randn(tuple(mu.shape), generator=generator, dtype=torch.float32)  # (batch, latent)

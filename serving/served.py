@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 
 from recvae.evaluation import topk_indices
 from recvae.model import SparseBatch
-from recvae.recommender import _SAFE_NORM, BundleError, Recommender
+from recvae.recommender import BundleError, Recommender, safe_row_weights
 from recvae.vae_tools import (
     check_exploration,
     make_generator,
@@ -278,7 +278,7 @@ class ServedModel:
         values = (
             np.ones(int(found.sum()), dtype=np.float32)
             if flat_weights is None
-            else _safe_row_weights(row[found], flat_weights[found], len(histories))
+            else safe_row_weights(row[found], flat_weights[found], len(histories))
         )
         return row[found], col[found], values, unknown
 
@@ -631,38 +631,6 @@ def _warm_anomaly_references(recommender: Recommender, source: str) -> None:
         source,
         time.perf_counter() - start,
     )
-
-
-def _safe_row_weights(
-    rows: NDArray[np.int64], weights: NDArray[np.float64], n_rows: int
-) -> NDArray[np.float32]:
-    """Known-item weights as float32, each history divided by its largest weight when its L2
-    norm lies outside ``_SAFE_NORM``.
-
-    The encoder L2-normalizes a history, so only relative weights matter; but float32 turns a
-    weight below about 1e-45 into 0 (and a norm below 1e-12 is clamped), and such a history
-    would be scored as if it were empty. This is ``Recommender.histories_matrix``'s rule, so a
-    served answer is the library's.
-
-    Args:
-        rows: History of each entry, non-decreasing.
-        weights: Positive weight of each entry (known items only).
-        n_rows: Number of histories.
-
-    Returns:
-        The weights to feed the encoder, entry for entry.
-    """
-    counts = np.bincount(rows, minlength=n_rows)
-    peak = np.ones(n_rows, dtype=np.float64)
-    present = np.flatnonzero(counts)
-    if len(present):
-        starts = (np.cumsum(counts) - counts)[present]
-        peak[present] = np.maximum.reduceat(weights, starts)
-    peak[peak <= 0] = 1.0  # weights are validated positive; never divide by zero
-    scaled = weights / peak[rows]
-    norm = peak * np.sqrt(np.bincount(rows, weights=np.square(scaled), minlength=n_rows))
-    rescale = (norm < _SAFE_NORM[0]) | (norm > _SAFE_NORM[1])
-    return np.where(rescale[rows], scaled, weights).astype(np.float32)
 
 
 def _dedupe_max(

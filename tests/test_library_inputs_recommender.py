@@ -356,3 +356,35 @@ def test_anomalous_users_refuses_item_ids_of_the_other_type() -> None:
     with pytest.raises(ValueError, match="the data's item ids are str but the model's are int"):
         recvae.anomalous_users(rec, as_text, 50)
     assert recvae.anomalous_users(rec, held, 50).dtype == np.bool_
+
+
+# ------------------------------------------------------------------ weights float32 cannot hold
+@pytest.mark.parametrize("scale", [1e20, 1e30, 1e-30])
+def test_a_matrix_of_huge_or_tiny_weights_scores_as_its_direction(
+    rec: Recommender, scale: float
+) -> None:
+    """Only relative weights matter (the encoder L2-normalizes a history). A matrix of weights
+    near 1e20 overflowed float32's squares, and one near 1e-30 underflowed them, so the model
+    saw an empty history; lists of ids with weights were already rescaled."""
+    users = rec.user_ids[:4].tolist()
+    binary = sp.csr_array(rec.train_matrix[[rec.vocab.user_index(u) for u in users]])
+    expected = rec.score(binary)
+    scaled = sp.csr_array(binary * scale, dtype=np.float64)
+    for histories in (scaled, scaled.toarray(), torch.from_numpy(scaled.toarray())):
+        torch.testing.assert_close(rec.score(histories), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(rec.confidence(scaled), rec.confidence(binary), rtol=1e-5)
+    # The caller's matrix is left as it was.
+    assert scaled.data.max() == pytest.approx(scale)
+
+
+def test_a_stored_zero_is_no_history_item(rec: Recommender) -> None:
+    history = rec.user_history(rec.user_ids[0])
+    positions = [rec.vocab.item_index(i) for i in history.tolist()]
+    row = np.zeros(len(positions) + 1, dtype=np.int64)
+    cols = np.asarray([*positions, (max(positions) + 1) % rec.n_items])
+    vals = np.asarray([1.0] * len(positions) + [0.0])  # a stored zero at the end
+    with_zero = sp.csr_array((vals, (row, cols)), shape=(1, rec.n_items))
+    plain = sp.csr_array((vals[:-1], (row[:-1], cols[:-1])), shape=(1, rec.n_items))
+    with_zero_scores = rec.anomaly_scores(with_zero)
+    assert with_zero_scores.history_lengths.tolist() == [len(positions)]
+    np.testing.assert_allclose(with_zero_scores.scores, rec.anomaly_scores(plain).scores)
