@@ -132,11 +132,14 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such file or preset.
-        ValueError: the file is not valid TOML.
+        ValueError: the path is a folder, or the file cannot be read or is not valid TOML.
     """
     p = Path(path)
-    if not p.exists() and not p.suffix and (CONFIG_DIR / f"{p}.toml").exists():
-        p = CONFIG_DIR / f"{p}.toml"
+    preset = CONFIG_DIR / f"{p}.toml"
+    # A bare name is a preset unless a file of that name exists: a folder of that name (e.g.
+    # the dataset folder ml-1m/ in the working directory) is never a config file.
+    if not p.is_file() and not p.suffix and preset.is_file():
+        p = preset
     if p.is_dir():
         raise ValueError(f"config file {path} is a folder; give a .toml file")
     if not p.is_file():
@@ -148,6 +151,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {p} is not UTF-8 text: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"config file {p} is not valid TOML: {exc}") from exc
+    except OSError as exc:  # permission denied, an I/O error: a message, not a traceback
+        raise ValueError(f"config file {p} cannot be read: {exc.strerror or exc}") from exc
 
 
 def table(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -171,13 +176,17 @@ def check_known_keys(section: Mapping[str, Any], valid: Iterable[str], where: st
     """Reject keys of the TOML table ``[where]`` that are not in ``valid``.
 
     Raises:
-        ValueError: Naming the unknown keys and the valid ones.
+        ValueError: Naming the unknown keys, the nearest valid name of each mistyped one and
+            the valid ones.
     """
+    from recvae.config import did_you_mean
+
     names = set(valid)
     unknown = sorted(set(section) - names)
     if unknown:
         raise ValueError(
-            f"unknown key(s) in [{where}]: {', '.join(unknown)} (valid: {', '.join(sorted(names))})"
+            f"unknown key(s) in [{where}]: {', '.join(unknown)}{did_you_mean(unknown, names)} "
+            f"(valid: {', '.join(sorted(names))})"
         )
 
 
@@ -204,7 +213,12 @@ def job_from_dict(raw: dict[str, Any]) -> JobSettings:
     }
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise ValueError(f"unknown section(s) in config: {', '.join(unknown)}")
+        from recvae.config import did_you_mean
+
+        raise ValueError(
+            f"unknown section(s) in config: {', '.join(unknown)}{did_you_mean(unknown, allowed)} "
+            f"(valid: {', '.join(sorted(allowed))})"
+        )
     for name in raw:
         table(raw, name)
     from recvae.config import RunOptions

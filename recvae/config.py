@@ -8,6 +8,7 @@ appear in TOML presets, in MLflow params and in a bundle's ``config.json``; ``to
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import json
 import math
@@ -16,6 +17,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
@@ -26,6 +28,7 @@ __all__ = [
     "RunOptions",
     "config_from_dict",
     "check_field_types",
+    "did_you_mean",
     "register_config",
     "CONFIG_TYPES",
 ]
@@ -39,6 +42,29 @@ def register_config(cls: type[ModelConfig]) -> type[ModelConfig]:
     """Class decorator: make a config type loadable by its ``model`` name."""
     CONFIG_TYPES[cls.model] = cls
     return cls
+
+
+def did_you_mean(unknown: Iterable[str], valid: Iterable[str]) -> str:
+    """A hint for mistyped names: ``"; did you mean 'epochs'?"`` (or
+    ``"; did you mean 'epochs' for 'epoch', 'seed' for 'sed'?"``), or ``""`` when no unknown
+    name is close to a valid one.
+
+    Args:
+        unknown: The names that were not recognized.
+        valid: The names that would have been.
+    """
+    names = [str(name) for name in unknown]
+    choices = sorted(set(valid))
+    pairs = []
+    for name in names:
+        match = difflib.get_close_matches(name, choices, n=1)
+        if match:
+            pairs.append((name, match[0]))
+    if not pairs:
+        return ""
+    if len(names) == 1:
+        return f"; did you mean '{pairs[0][1]}'?"
+    return "; did you mean " + ", ".join(f"'{m}' for '{n}'" for n, m in pairs) + "?"
 
 
 def _check(condition: bool, name: str, message: str) -> None:
@@ -238,17 +264,21 @@ def _config_fields_from_dict(cls: type[_NamedConfig], data: dict[str, Any]) -> d
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(
-            f"unknown config field(s) for {cls.model}: {', '.join(unknown)} "
-            f"(valid: {', '.join(sorted(names)) or 'none'})"
+            f"unknown config field(s) for {cls.model}: {', '.join(unknown)}"
+            f"{did_you_mean(unknown, names)} (valid: {', '.join(sorted(names)) or 'none'})"
         )
     return data
 
 
 def _replace_config(config: _ConfigT, changes: dict[str, Any]) -> _ConfigT:
     """``dataclasses.replace`` that names unknown fields in a ``ValueError``."""
-    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(config)})
+    names = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(changes) - names)
     if unknown:
-        raise ValueError(f"unknown config field(s) for {config.model}: {', '.join(unknown)}")
+        raise ValueError(
+            f"unknown config field(s) for {config.model}: {', '.join(unknown)}"
+            f"{did_you_mean(unknown, names)}"
+        )
     return dataclasses.replace(config, **changes)
 
 
@@ -263,7 +293,9 @@ class ModelConfig:
     learning_rate: float = 1e-3  # Adam step size
     weight_decay: float = 0.0  # L2 penalty lambda * sum(W**2) on weight matrices (paper style)
     dropout: float = 0.5  # dropout on the normalized input (the "denoising")
-    patience: int | None = None  # stop after this many epochs without a better validation NDCG
+    # Stop after this many validations (one every RunOptions.validate_every epochs) without a
+    # better validation score.
+    patience: int | None = None
     select_metric: str = "ndcg@100"  # validation metric that picks the best epoch
     seed: int = 98765  # seeds weights, shuffling, dropout and sampling
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,20 +18,29 @@ if TYPE_CHECKING:
     from pipelines.settings import JobSettings
     from pipelines.tracking_hooks import Tracker
 
+logger = logging.getLogger(__name__)
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train Mult-VAE/Mult-DAE, evaluate on test users, save a model bundle",
+        help="train Mult-VAE, Mult-DAE or RecVAE, evaluate on test users, save a model bundle",
         description=(
             "Train a model with the strong-generalization protocol: validation users pick the "
             "best epoch, test users are scored once at the end. Rerunning with the same "
-            "--output resumes from the last checkpoint."
+            "--output and settings resumes from the last checkpoint; an --output that holds "
+            "another run (a bundle without its checkpoint, or the checkpoint of other settings "
+            "or data) is refused unless --overwrite is given."
         ),
     )
     add_job_arguments(parser)
     model = parser.add_argument_group("model and training (override the config)")
-    model.add_argument("--model", choices=["multvae", "multdae", "recvae"], help="default multvae")
+    model.add_argument(
+        "--model",
+        choices=["multvae", "multdae", "recvae"],
+        help="default multvae (or the config's); a config's [model] table written for another "
+        "model is then not used: give its settings as flags",
+    )
     model.add_argument("--epochs", type=int)
     model.add_argument("--batch-size", type=int)
     model.add_argument("--learning-rate", "--lr", type=float, dest="learning_rate")
@@ -42,7 +54,12 @@ def register(subparsers: Any) -> None:
     )
     model.add_argument("--dropout", type=float)
     model.add_argument("--latent-dim", type=int)
-    model.add_argument("--patience", type=int, help="early stopping patience in epochs")
+    model.add_argument(
+        "--patience",
+        type=int,
+        help="early stopping: validations without a better score (one per epoch, or per "
+        "[run] validate_every epochs)",
+    )
     model.add_argument(
         "--model-seed", type=int, dest="model_seed", help="seed of weights, shuffling and sampling"
     )
@@ -55,6 +72,12 @@ def register(subparsers: Any) -> None:
         type=Path,
         help="run directory (bundle, checkpoints, metrics.json); "
         "default runs/<dataset>-<model>-<time>",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --output that holds another run: its checkpoint is deleted "
+        "before training and its bundle replaced at the end (default: refuse)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast (GPU speed)")
@@ -94,8 +117,19 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def train_job_from_args(args: argparse.Namespace, *, distributed: bool = False) -> JobSettings:
-    """The job that ``recvae train`` (or its torchrun twin, with ``distributed``) runs."""
+    """The job that ``recvae train`` (or its torchrun twin, with ``distributed``) runs.
+
+    ``--model`` naming another model than the config's ``[model]`` table replaces that table
+    (its settings were chosen for the other model, and many are not fields of this one); the
+    dropped settings are logged.
+
+    Raises:
+        ValueError: settings that would be ignored: ``--beta-max`` or ``anneal_steps`` with a
+            beta search, ``[run] checkpoint_dir`` (``recvae train`` checkpoints into
+            ``--output``), or ``--overwrite`` in distributed training.
+    """
     overrides = model_overrides(args)
+    given = {key: value for key, value in overrides.items() if value is not None}
     run = {
         "device": args.device,
         "num_threads": args.threads,
@@ -105,12 +139,54 @@ def train_job_from_args(args: argparse.Namespace, *, distributed: bool = False) 
     }
     if distributed:
         run["distributed"] = True
-    job = job_from_args(args, model=overrides, run=run)
-    if args.model and job.model.get("model") != args.model:
-        # Switching model type drops fields that belong to the other config.
-        job.model.clear()
-        job.model.update({k: v for k, v in overrides.items() if v is not None})
+        if getattr(args, "overwrite", False):
+            raise ValueError(
+                "--overwrite is not supported in distributed training: delete the run's "
+                "checkpoints folder (<--output>/checkpoints) instead"
+            )
+    # The config's own model first: with --model applied, a switch could not be seen.
+    job = job_from_args(args, model={k: v for k, v in given.items() if k != "model"}, run=run)
+    configured = job.model.get("model", "multvae")
+    if args.model and configured != args.model:
+        dropped = sorted(set(job.model) - set(given) - {"model"})
+        if dropped:
+            logger.warning(
+                "--model %s: the config's [model] table is for %s; its settings %s are not used "
+                "(give them as flags)",
+                args.model,
+                configured,
+                ", ".join(dropped),
+            )
+        job = dataclasses.replace(job, model=dict(given))
+    elif args.model:
+        job = dataclasses.replace(job, model={**job.model, "model": args.model})
+    _check_ignored_settings(args, job)
     return job
+
+
+def _check_ignored_settings(args: argparse.Namespace, job: JobSettings) -> None:
+    """Refuse settings of a train job that would have no effect (README: such a flag is an
+    error, not silently ignored).
+
+    Raises:
+        ValueError: naming the setting and why it has no effect.
+    """
+    if job.model.get("beta_search"):
+        if args.beta_max is not None:
+            raise ValueError(
+                "--beta-max has no effect with a beta search (--beta-search or [model] "
+                "beta_search = true), which anneals beta to 1.0: drop one of them"
+            )
+        if job.model.get("anneal_steps") is not None:
+            raise ValueError(
+                "anneal_steps (--anneal-steps) has no effect with a beta search (--beta-search or "
+                "[model] beta_search = true), which anneals over the whole run: drop one of them"
+            )
+    if job.run.get("checkpoint_dir") is not None:
+        raise ValueError(
+            "[run] checkpoint_dir is not used by `recvae train`: checkpoints go to "
+            "<--output>/checkpoints; remove the key"
+        )
 
 
 @dataclass(frozen=True)
@@ -132,10 +208,21 @@ def train_tracking(args: argparse.Namespace, job: JobSettings) -> TrainTracking:
             asked for on the command line with tracking off, or a store that cannot be opened.
     """
     from pipelines.experiment import check_alias, check_registered_model_name, mlflow_from_dict
-    from pipelines.settings import read_toml
+    from pipelines.settings import job_from_dict, read_toml
     from pipelines.tracking_hooks import make_tracker
 
-    section = mlflow_from_dict(read_toml(args.config)) if args.config else {}
+    raw = read_toml(args.config) if args.config else {}
+    section = mlflow_from_dict(raw) if args.config else {}
+    # The config's experiment and registered model name its own dataset: a run on other data
+    # (--dataset, --data) must not log under them or move their alias (as `experiment`).
+    config_data = job_from_dict(raw).data.name if args.config else job.data.name
+    dropped = []
+    if config_data != job.data.name:
+        if section.get("experiment") and not args.experiment_name:
+            dropped.append("experiment")
+        if section.get("registered_model") and not args.registered_model:
+            dropped.append("registered_model")
+        section = {k: v for k, v in section.items() if k not in (*dropped, "alias")}
     registered = args.registered_model or section.get("registered_model")
     alias = args.alias or section.get("alias")
     if alias is not None and registered is None:
@@ -150,6 +237,13 @@ def train_tracking(args: argparse.Namespace, job: JobSettings) -> TrainTracking:
         experiment=args.experiment_name or section.get("experiment") or f"recvae-{job.data.name}",
         artifact_location=section.get("artifact_location"),
     )
+    if dropped and tracker.enabled:
+        print(
+            f"note: the config's [mlflow] {' and '.join(dropped)} name {config_data}'s runs, "
+            f"not {job.data.name}'s: not used (--experiment-name, --registered-model choose "
+            "others)",
+            file=sys.stderr,
+        )
     if not tracker.enabled:
         if args.registered_model is not None:
             raise ValueError(
@@ -165,21 +259,38 @@ def run_command(args: argparse.Namespace) -> int:
         from pipelines.train_ddp import run_distributed
 
         return run_distributed(args)
-    from pipelines.experiment import output_dir_problem, tracked_train
-    from pipelines.train_job import metric_rows
+    from pipelines.experiment import tracked_train
+    from pipelines.train_job import default_output_dir, metric_rows, prepare
 
     job = train_job_from_args(args)
-    if args.output is not None and (problem := output_dir_problem(Path(args.output))):
-        raise ValueError(f"--output {problem}")
+    out = Path(args.output) if args.output is not None else None
+    out = out or default_output_dir(job, str(job.model.get("model", "multvae")))
+    where = "--output" if args.output is not None else "run directory (default; pass --output)"
+    preflight(job, out, overwrite=args.overwrite, where=where)
     tracking = train_tracking(args, job)
     tracker = tracking.tracker
-    outcome = tracked_train(
-        job,
-        tracker=tracker,
-        output_dir=args.output,
-        registered_model=tracking.registered_model,
-        alias=tracking.alias,
-    )
+    prepared = prepare(job)
+    if args.overwrite:
+        _start_over(out)
+    try:
+        outcome = tracked_train(
+            job,
+            tracker=tracker,
+            output_dir=out,
+            registered_model=tracking.registered_model,
+            alias=tracking.alias,
+            prepared=prepared,
+        )
+    except OSError as exc:
+        raise _run_failure(exc, out) from exc
+    except ValueError as exc:
+        from recvae.training import CheckpointMismatchError
+
+        if isinstance(exc, CheckpointMismatchError):
+            raise ValueError(
+                _mismatch_message(out, job, prepared.split.train.fingerprint())
+            ) from exc
+        raise
     rec = outcome.recommender
     split = outcome.split.summary()
     print(
@@ -209,3 +320,111 @@ def print_tracking(tracking: TrainTracking, registered: dict[str, str] | None) -
             f"registered   models:/{registered['registered_model']}@{tracking.alias} "
             f"(version {registered['version']})"
         )
+
+
+CHECKPOINT = Path("checkpoints") / "checkpoint.pt"
+
+
+def preflight(
+    job: JobSettings, out: Path, *, overwrite: bool = False, where: str = "--output"
+) -> None:
+    """Check what can be checked before the data is loaded: the model config, the run options
+    (the device included) and the run directory ``out``.
+
+    A bundle in ``out`` is replaced at the end of a run only when the run resumes its own
+    checkpoint there, or with ``overwrite``. Messages name ``out`` as ``where`` (the flag).
+
+    Raises:
+        ValueError: an invalid config or run option, a device that is not there, an ``out``
+            that cannot be written, or one that holds another run's bundle.
+    """
+    from pipelines.experiment import output_dir_problem
+    from recvae.recommender import resolve_device
+
+    job.model_config()
+    options = job.run_options(checkpoint_dir=str(out / "checkpoints"))
+    if not options.distributed:
+        device = resolve_device(options.device)
+        _check_cuda_index(device.type, device.index)
+    if problem := output_dir_problem(out):
+        raise ValueError(f"{where} {problem}")
+    bundle = out / "bundle"
+    if bundle.exists() or bundle.is_symlink():
+        if not (bundle.is_dir() and (bundle / "meta.json").is_file()):
+            raise ValueError(
+                f"{where} {out}: {bundle} exists and is not a recvae bundle, so the run's "
+                "bundle could not be written there: pass another --output"
+            )
+        if not overwrite and not (out / CHECKPOINT).is_file():
+            raise ValueError(
+                f"{where} {out} already holds a bundle ({bundle}) and no checkpoint that this "
+                "run would resume: pass another --output, or --overwrite to replace it"
+            )
+
+
+def _check_cuda_index(device_type: str, index: int | None) -> None:
+    """Refuse ``cuda:N`` beyond the GPUs present (torch fails later, at the first tensor)."""
+    import torch
+
+    if device_type == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device 'cuda:{index}' was requested but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s) (cuda:0 to cuda:N-1)"
+        )
+
+
+def _start_over(out: Path) -> None:
+    """``--overwrite``: delete the checkpoints of the run in ``out`` (the bundle is replaced
+    atomically when the new one is saved)."""
+    checkpoints = out / "checkpoints"
+    if checkpoints.is_dir():
+        logger.warning("--overwrite: deleting %s", checkpoints)
+        shutil.rmtree(checkpoints)
+
+
+def _run_failure(exc: OSError, out: Path) -> Exception:
+    """The error to raise for an I/O error during a run (a full disk, a file system that went
+    read-only): a one-line message, exit code 1; connection errors keep their own handling."""
+    from pipelines.cli import CLIError
+
+    if isinstance(exc, ConnectionError | FileNotFoundError):
+        return exc
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = f" ({exc.filename})" if exc.filename else ""
+    return CLIError(
+        f"the run stopped on an I/O error: {reason}{where}; the last checkpoint in "
+        f"{out / 'checkpoints'} is kept: free space or fix the folder, then rerun the same "
+        "command to resume",
+        exit_code=1,
+    )
+
+
+def _mismatch_message(out: Path, job: JobSettings, fingerprint: str) -> str:
+    """Why the checkpoint in ``out`` is not this run's: the config fields that differ, or the
+    training data (``fingerprint`` is that of the training users' matrix)."""
+    import json
+
+    import torch
+
+    path = out / CHECKPOINT
+    differences = ""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        before = json.loads(saved["config"])
+        now = job.model_config().to_dict()
+        changed = [
+            f"{key} {before.get(key)!r} -> {now.get(key)!r}"
+            for key in sorted(set(before) | set(now))
+            if before.get(key) != now.get(key)
+        ]
+        if saved.get("fingerprint") != fingerprint:
+            changed.append("the training data")
+        if changed:
+            differences = f" (differs in {', '.join(changed)})"
+    except Exception:  # the message only: the mismatch itself is the error
+        logger.debug("could not read %s to name the differences", path, exc_info=True)
+    return (
+        f"--output {out} holds the checkpoint of a run with other settings or data"
+        f"{differences}: pass another --output, or --overwrite to start over "
+        f"(deletes {out / 'checkpoints'})"
+    )
