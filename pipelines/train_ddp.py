@@ -49,7 +49,12 @@ def run_distributed(args: argparse.Namespace) -> int:
     Raises:
         ValueError: not started by torchrun, bad settings, or a model without DDP support.
     """
-    from pipelines.commands.train import print_tracking, train_job_from_args, train_tracking
+    from pipelines.commands.train import (
+        preflight,
+        print_tracking,
+        train_job_from_args,
+        train_tracking,
+    )
     from pipelines.experiment import tracked_train
     from pipelines.train_job import default_output_dir, metric_rows, prepare
     from recvae import distributed as dist_utils
@@ -59,14 +64,19 @@ def run_distributed(args: argparse.Namespace) -> int:
     config = job.model_config()  # fail on bad settings before joining the group
     # Rank 0 logs to MLflow; it opens the store before the group forms, so that a store it
     # cannot open stops the launch instead of leaving the other ranks waiting.
+    # Every rank must use rank 0's directory (a default name holds a timestamp).
+    proposed = Path(args.output or default_output_dir(job, config.model))
+    if os.environ.get("RANK", "0") == "0":
+        # As `recvae train`: an output holding another run's bundle, or one that cannot be
+        # written, stops the launch before any rank loads the data.
+        where = "--output" if args.output is not None else "run directory (default; pass --output)"
+        preflight(job, proposed, where=where)
     tracking = train_tracking(args, job) if os.environ.get("RANK", "0") == "0" else None
     context = dist_utils.init_from_env(device=str(job.run.get("device", "auto")))
     try:
         prepared = prepare(job)
         split = prepared.split
-        # Every rank must use rank 0's directory (a default name holds a timestamp).
-        proposed = str(args.output or default_output_dir(job, config.model))
-        out = Path(str(dist_utils.broadcast_object(proposed)))
+        out = Path(str(dist_utils.broadcast_object(str(proposed))))
         if context.is_main:
             assert tracking is not None
             # The same call as `recvae train`: the training below joins the other ranks'.

@@ -193,3 +193,26 @@ def test_torchrun_entry_point_trains_and_saves_a_bundle(tmp_path: Path) -> None:
         cwd=REPO, env=bare, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2 and "torchrun" in done.stderr
+
+
+def test_torchrun_refuses_an_output_holding_another_runs_bundle_before_joining(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As `recvae train`: the bundle there has no checkpoint this run would resume, so the
+    # run would replace it. Refused on rank 0 before the group forms (no rank waits for it).
+    import shutil
+
+    from pipelines import train_ddp
+    from recvae import distributed as dist_utils
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_bundle, out / "bundle")
+    monkeypatch.setenv("RANK", "0")
+
+    def no_group(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the process group was joined before the output was checked")
+
+    monkeypatch.setattr(dist_utils, "init_from_env", no_group)
+    args = train_ddp.build_parser().parse_args(["train", "--epochs", "1", "-o", str(out)])
+    with pytest.raises(ValueError, match="already holds a bundle"):
+        train_ddp.run_distributed(args)
