@@ -105,7 +105,8 @@ def _check_train_arguments(
 
     Raises:
         TypeError: An argument is not of the expected type; the message names it.
-        ValueError: ``validation`` has other items than ``data``, or no user with targets.
+        ValueError: ``validation`` has other items than ``data``, or no user with targets;
+            or ``config.patience`` is set without ``validation`` (it would be ignored).
     """
     if isinstance(data, Split):
         raise TypeError("data must be an Interactions, got a Split: pass split.train")
@@ -127,6 +128,11 @@ def _check_train_arguments(
     if on_epoch is not None and not callable(on_epoch):
         raise TypeError(
             f"on_epoch must be callable as on_epoch(epoch, metrics), got {type(on_epoch).__name__}"
+        )
+    if validation is None and config.patience is not None:
+        raise ValueError(
+            f"patience={config.patience} (early stopping) needs validation users to watch: "
+            "pass validation=split.validation, or patience=None"
         )
     if validation is not None:
         _check_same_items(validation.fold_in, data, "validation", "the training data")

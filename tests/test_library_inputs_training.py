@@ -408,3 +408,13 @@ def test_item_ids_are_recorded_by_fitted_baselines(split: Split) -> None:
     chosen = select_ease_lambda(split.train, split.validation, [10.0, 100.0]).model
     assert chosen.item_ids is not None
     np.testing.assert_array_equal(chosen.item_ids, split.train.item_ids)
+
+
+def test_patience_without_validation_is_refused_not_ignored() -> None:
+    # Early stopping watches the validation users: without them it silently never stopped.
+    data, _ = make_checkerboard()
+    with pytest.raises(ValueError, match=r"patience=3 .* needs validation"):
+        train(data, small_vae_config(epochs=2, patience=3), options=OPTIONS)
+    with pytest.raises(ValueError, match="needs validation"):
+        Trainer(data, small_vae_config(epochs=2, patience=3), options=OPTIONS)
+    assert train(data, small_vae_config(epochs=1), options=OPTIONS).meta["epochs_run"] == 1
