@@ -843,7 +843,7 @@ class Recommender:
 
         Scores ``histories`` (users the model was not trained on, e.g. the validation users'
         fold-in plus targets) with one random sub-history each, and stores the length-binned
-        quantiles in ``meta["anomaly_reference"]`` (about 25 KB), which :meth:`save` writes to
+        quantiles in ``meta["anomaly_reference"]`` (about 20 KB), which :meth:`save` writes to
         ``meta.json``: no format change, an old bundle simply has no such key. Call it after the
         final weights are set; it describes these weights only.
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import polars as pl
 
-from recvae.data.interactions import DataError, Interactions
+from recvae.data.interactions import DataError, Interactions, _check_count
 from recvae.data.readers import (
     DataFileNotFound,
     interactions_from_frame,
@@ -335,23 +335,27 @@ def load_dataset(
 ) -> Interactions:
     """A built-in dataset as binary interactions, after PROTOCOL.md steps 1 and 2.
 
-    Explicit ratings are positives when ``rating > 3.5``; implicit datasets keep every
-    interaction. Duplicate pairs collapse, then users with fewer than ``min_user_count``
-    positives are dropped. Items are not filtered.
+    Explicit ratings are positives when ``rating > 3.5`` (strictly: 3.5 itself is not);
+    implicit datasets keep every interaction. Duplicate pairs collapse into one positive (a
+    pair is a positive when any of its rows is; the built-in files have no duplicates), then
+    users with fewer than ``min_user_count`` distinct positives are dropped, once. Items are
+    not filtered. Users and items are ordered by sorted id.
 
     Args:
         name: Registry name (see :func:`list_datasets`).
         data_dir: The dataset's folder or a parent of it; see :func:`load_dataset_frame`.
-        min_user_count: Minimum positives per user (5 in the protocol).
+        min_user_count: Minimum positives per user (5 in the protocol; 0 or 1 keeps all).
 
     Returns:
         The interactions.
 
     Raises:
-        ValueError: ``name`` is not a built-in dataset, or ``min_user_count`` is negative.
+        ValueError: ``name`` is not a built-in dataset, or ``min_user_count`` is not an int
+            >= 0.
         DataFileNotFound: The data cannot be found.
         DataError: The files are malformed or the filter leaves nothing.
     """
+    _check_count(min_user_count, "min_user_count")
     spec = get_dataset_spec(name)
     frame = load_dataset_frame(name, data_dir)
     interactions = interactions_from_frame(

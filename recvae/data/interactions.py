@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,6 +40,10 @@ class UnknownUserError(KeyError):
         return self.message
 
 
+_INT64_MAX = int(np.iinfo(np.int64).max)
+_INT64_MIN = int(np.iinfo(np.int64).min)
+
+
 def _as_id_array(ids: Any, name: str) -> NDArray[Any]:
     arr = np.asarray(ids)
     if arr.ndim != 1:
@@ -44,8 +51,10 @@ def _as_id_array(ids: Any, name: str) -> NDArray[Any]:
     if arr.size == 0:
         # An empty list has no type to keep (numpy makes it float64); no ids is a valid vocabulary.
         return np.zeros(0, dtype=np.int64)
-    if arr.dtype.kind in "OU":
-        # Strings (or mixed objects): keep them as Python strings for stable JSON round-trips.
+    if arr.dtype.kind == "O":
+        return _object_ids(arr, name)
+    if arr.dtype.kind == "U":
+        # Keep them as Python strings for stable JSON round-trips.
         return np.asarray([str(v) for v in arr.tolist()], dtype=object)
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)):
@@ -54,9 +63,66 @@ def _as_id_array(ids: Any, name: str) -> NDArray[Any]:
             f"{name} must be integers or strings, got {arr.dtype} values: convert integral "
             f"floats with {name}.astype(np.int64)"
         )
+    if arr.dtype.kind == "u" and int(arr.max()) > _INT64_MAX:
+        # astype(int64) would wrap such an id around to a negative one.
+        raise DataError(f"{name} holds ids above the int64 range (max {int(arr.max())})")
     if arr.dtype.kind not in "iu":
         raise DataError(f"{name} must be integers or strings, got dtype {arr.dtype}")
     return arr.astype(np.int64)
+
+
+def _object_ids(arr: NDArray[Any], name: str) -> NDArray[Any]:
+    """Ids held as Python objects: all ints stay ints (int64), strings become str.
+
+    A missing id (None, NaN) or a value that is neither an int nor a string is refused: turned
+    into text it would silently become an id such as ``"None"``.
+    """
+    values = [v.item() if isinstance(v, np.generic) else v for v in arr.tolist()]
+    n_str = 0
+    for value in values:
+        if isinstance(value, str):
+            n_str += 1
+        elif isinstance(value, bool) or not isinstance(value, int):
+            if value is None or (isinstance(value, float) and value != value):
+                raise DataError(f"{name} contains a missing id ({value!r})")
+            raise DataError(
+                f"{name} must hold ints or strings, got {type(value).__name__} value {value!r}"
+            )
+    if n_str == 0:
+        if not all(_INT64_MIN <= v <= _INT64_MAX for v in values):
+            raise DataError(f"{name} holds ids outside the int64 range")
+        return np.asarray(values, dtype=np.int64)
+    # Strings, possibly mixed with ints (numpy itself turns such a list into strings).
+    return np.asarray([str(v) for v in values], dtype=object)
+
+
+def _positions(values: Any, name: str) -> NDArray[np.int64]:
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise DataError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise DataError(f"{name} must hold integer positions, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def _check_count(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def check_filter_arguments(threshold: Any, min_user_count: Any, min_item_count: Any) -> None:
+    """Raise ``ValueError`` unless the counts are ints >= 0 and ``threshold`` is None or a
+    finite number (a string "3" compared as text; NaN dropped every row and blamed the data)."""
+    _check_count(min_user_count, "min_user_count")
+    _check_count(min_item_count, "min_item_count")
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, numbers.Real)
+        or not math.isfinite(threshold)
+    ):
+        raise ValueError(f"threshold must be a finite number or None, got {threshold!r}")
 
 
 def _check_values(matrix: sp.csr_array) -> None:
@@ -113,7 +179,16 @@ class Interactions:
             or (matrix.nnz and bool((matrix.data != 1.0).any()))
         ):
             # Normalize a copy: the caller's matrix (and any array it shares) stays untouched.
-            matrix = matrix.astype(np.float32, copy=True)
+            # Binarize before casting and summing: a positive value below float32's range, or
+            # duplicates whose integer sum wraps around to 0, is still an interaction.
+            matrix = sp.csr_array(
+                (
+                    (matrix.data != 0).astype(np.float32),
+                    matrix.indices.copy(),
+                    matrix.indptr.copy(),
+                ),
+                shape=matrix.shape,
+            )
             matrix.sum_duplicates()
             matrix.eliminate_zeros()
             matrix.data[:] = 1.0
@@ -152,17 +227,33 @@ class Interactions:
     ) -> Interactions:
         """Build interactions from a polars frame of (user, item[, rating]) rows.
 
-        Rows with ``rating > threshold`` are positives when ``rating_col`` is given (a
-        ``threshold`` of None keeps every row); duplicates collapse; then users with fewer than
-        ``min_user_count`` and items with fewer than ``min_item_count`` positives are dropped
-        (items first, then users, once). Ids keep their type; rows and columns are ordered by
-        sorted id.
+        Rows with ``rating > threshold`` (strictly) are positives when ``rating_col`` is given (a
+        ``threshold`` of None keeps every row). Duplicate (user, item) rows then collapse: a
+        pair is a positive when any of its rows is, whatever their order, so a pair rated 5 and
+        later 1 stays a positive. Then items with fewer than ``min_item_count`` positives are
+        dropped, then users with fewer than ``min_user_count`` (each filter once, items first;
+        0 keeps all). Ids keep their type; rows and columns are ordered by sorted id.
+
+        Args:
+            df: The rows.
+            user_col: Column of the external user ids (ints or strings).
+            item_col: Column of the external item ids (ints or strings).
+            rating_col: Optional column of numeric ratings.
+            threshold: Ratings strictly above it are positives; None keeps every row.
+            min_user_count: Minimum distinct positives a user needs (an int >= 0).
+            min_item_count: Minimum distinct positives an item needs (an int >= 0).
+
+        Returns:
+            The binary interactions.
 
         Raises:
+            ValueError: ``min_user_count`` or ``min_item_count`` is not an int >= 0, or
+                ``threshold`` is neither None nor a finite number.
             DataError: ``df`` is not a polars frame (a pandas one is named, with the fix), a
                 column is missing, ids or ratings are null or unparsable, or nothing is left
                 after filtering.
         """
+        check_filter_arguments(threshold, min_user_count, min_item_count)
         from recvae.data.readers import interactions_from_frame
 
         module = type(df).__module__.split(".", 1)[0]
@@ -193,9 +284,14 @@ class Interactions:
         user_ids: NDArray[Any] | None = None,
         item_ids: NDArray[Any] | None = None,
     ) -> Interactions:
-        """Build interactions from integer position pairs (ids default to the positions)."""
-        rows = np.asarray(user_idx, dtype=np.int64)
-        cols = np.asarray(item_idx, dtype=np.int64)
+        """Build interactions from integer position pairs (ids default to the positions).
+
+        Raises:
+            ValueError: the positions are not integers (floats would be truncated to another
+                position), not one-dimensional, of different lengths or out of range.
+        """
+        rows = _positions(user_idx, "user_idx")
+        cols = _positions(item_idx, "item_idx")
         data = np.ones(len(rows), dtype=np.float32)
         matrix = sp.csr_array((data, (rows, cols)), shape=(n_users, n_items))
         matrix.data[:] = 1.0
@@ -303,15 +399,50 @@ class Interactions:
         return np.bincount(self.matrix.indices, minlength=self.n_items).astype(np.int64)
 
     def fingerprint(self) -> str:
-        """A sha256 over the matrix structure and the vocabularies (identifies the data)."""
+        """A sha256 that identifies the data.
+
+        It covers the shape, where the ones are (so the order of users and items) and the ids
+        with their kind: ``1`` and ``"1"`` are different ids. It ignores what does not change
+        the data: the index dtype, how the matrix was built, the values (all ones). Stable across
+        runs, threads and platforms.
+
+        Returns:
+            64 hex digits.
+        """
         h = hashlib.sha256()
-        h.update(np.asarray(self.matrix.shape, dtype=np.int64).tobytes())
-        h.update(np.asarray(self.matrix.indptr, dtype=np.int64).tobytes())
-        h.update(np.asarray(self.matrix.indices, dtype=np.int64).tobytes())
+        h.update(np.asarray(self.matrix.shape, dtype="<i8").tobytes())
+        h.update(np.asarray(self.matrix.indptr, dtype="<i8").tobytes())
+        h.update(np.asarray(self.matrix.indices, dtype="<i8").tobytes())
         for ids in (self.user_ids, self.item_ids):
-            h.update("\x1f".join(map(str, ids.tolist())).encode())
-            h.update(b"\x1e")
+            h.update(_vocabulary_bytes(ids))
         return h.hexdigest()
+
+
+# What ``str(int)`` writes: string ids that all look like this could pass for int ids.
+_CANONICAL_INT = re.compile(r"0|-?[1-9][0-9]*")
+_SEPARATORS = ("\x1f", "\x1e", "\x00")
+
+
+def _vocabulary_bytes(ids: NDArray[Any]) -> bytes:
+    """One vocabulary's bytes for :meth:`Interactions.fingerprint`, each distinct from another's.
+
+    The historical form (ids joined by ``\\x1f``, ended by ``\\x1e``) is kept wherever it is
+    unambiguous, so that recorded fingerprints stay valid; string ids that contain a separator,
+    or that all look like integers, are written length-prefixed behind a tag (``\\x00`` never
+    occurs in the historical form).
+    """
+    values = ids.tolist()
+    if ids.dtype == object and values:
+        texts = [str(v) for v in values]
+        if all(_CANONICAL_INT.fullmatch(t) for t in texts) or any(
+            sep in t for t in texts for sep in _SEPARATORS
+        ):
+            encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
+            parts = [b"\x00str", len(encoded).to_bytes(8, "little")]
+            for chunk in encoded:
+                parts += [len(chunk).to_bytes(8, "little"), chunk]
+            return b"".join(parts)
+    return "\x1f".join(map(str, values)).encode("utf-8", "surrogatepass") + b"\x1e"
 
 
 def _id_kind(value: Any) -> str | None:

@@ -18,13 +18,13 @@ import zipfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from recvae.data.interactions import DataError, Interactions
+from recvae.data.interactions import DataError, Interactions, check_filter_arguments
 
 __all__ = [
     "DataFileNotFound",
@@ -85,12 +85,10 @@ def interactions_from_frame(
         DataError: A column is missing, an id column has nulls or an unsupported type, a rating
             is null, NaN or not a number, or no rows are left (the message says which step
             emptied the data).
-        ValueError: ``min_user_count`` or ``min_item_count`` is negative.
+        ValueError: ``min_user_count`` or ``min_item_count`` is not an int >= 0, or
+            ``threshold`` is neither None nor a finite number.
     """
-    if min_user_count < 0:
-        raise ValueError(f"min_user_count must be >= 0, got {min_user_count}")
-    if min_item_count < 0:
-        raise ValueError(f"min_item_count must be >= 0, got {min_item_count}")
+    check_filter_arguments(threshold, min_user_count, min_item_count)
     if isinstance(df, pl.LazyFrame):
         df = df.collect()
     if not isinstance(df, pl.DataFrame):
@@ -173,11 +171,19 @@ def _id_expr(df: pl.DataFrame, column: str) -> pl.Expr:
         raise DataError(f"id column {column!r} has {n_null} null value(s) out of {df.height}")
     dtype = series.dtype
     if dtype.is_integer():
+        if dtype == pl.UInt64 and int(cast(int, series.max() or 0)) > _INT64_MAX:
+            # As a file's ids: beyond int64 they are kept exactly, as text.
+            return pl.col(column).cast(pl.String)
         return pl.col(column).cast(pl.Int64)
     if dtype in (pl.String, pl.Categorical, pl.Enum):
         return pl.col(column).cast(pl.String)
     if dtype.is_float():
         integral = series.is_finite().all() and (series == series.floor()).all()
+        if integral and float(cast(float, series.abs().max() or 0.0)) > 2.0**53:
+            raise DataError(
+                f"id column {column!r} holds float ids above 2**53, which floats cannot hold "
+                "exactly (distinct ids would merge); store the ids as integers or strings"
+            )
         if integral:
             return pl.col(column).cast(pl.Int64)
         raise DataError(
