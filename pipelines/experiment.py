@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from recvae.baselines import BaselineConfig
     from recvae.config import ModelConfig
     from recvae.evaluation import EvaluationResult, Ranker
+    from recvae.split import Split
 
 logger = logging.getLogger(__name__)
 
@@ -674,6 +675,33 @@ def _other_data_problem(out: Path, prepared: PreparedData) -> str | None:
     )
 
 
+def _checkpoint_problem(out: Path, settings: ExperimentSettings, split: Split) -> str | None:
+    """Why an autoencoder of this experiment could not resume its checkpoint in ``out``
+    (written with other settings or data), or None: checked before any model is fitted, so
+    that a rerun with, say, other epochs does not fail the autoencoder only after the
+    baselines have rewritten the comparison.
+    """
+    from pipelines.train_job import checkpoint_differences
+    from recvae.config import ModelConfig as _ModelConfig
+
+    fingerprint: str | None = None
+    for spec in settings.models:
+        if not spec.is_autoencoder or not isinstance(spec.config, _ModelConfig):
+            continue
+        path = out / spec.label / "checkpoints" / "checkpoint.pt"
+        if not path.is_file():
+            continue
+        fingerprint = fingerprint or split.train.fingerprint()
+        changed = checkpoint_differences(path, spec.config, fingerprint)
+        if changed:
+            return (
+                f"{spec.label}: the checkpoint {path} was written with other settings or data "
+                f"(differs in {', '.join(changed)}), so this run could not resume it: pass "
+                f"another --output, or delete {path.parent} to train {spec.label} anew"
+            )
+    return None
+
+
 def registration_problem(settings: ExperimentSettings) -> str | None:
     """Why ``settings.registered_model`` would register nothing, or None when it would.
 
@@ -968,7 +996,7 @@ def run_experiment(
     prepared = prepared or prepare(job)
     split = prepared.split
     out = Path(output_dir or settings.output_dir or default_experiment_dir(prepared.name))
-    problem = _other_data_problem(out, prepared)
+    problem = _other_data_problem(out, prepared) or _checkpoint_problem(out, settings, split)
     if problem is not None:
         raise ValueError(problem)
     try:

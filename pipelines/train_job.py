@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines.settings import JobSettings, default_n_heldout, load_data
 
 if TYPE_CHECKING:
+    from recvae.config import ModelConfig
     from recvae.evaluation import EvaluationResult
     from recvae.recommender import Recommender
     from recvae.split import Split
@@ -62,6 +63,33 @@ def prepare(job: JobSettings) -> PreparedData:
 def default_output_dir(job: JobSettings, model: str) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{job.data.name}-{model}-{stamp}"
+
+
+def checkpoint_differences(path: Path, config: ModelConfig, fingerprint: str) -> list[str] | None:
+    """What differs between the training checkpoint at ``path`` and a run of ``config`` on the
+    training matrix of ``fingerprint``: ``"<field> <then> -> <now>"`` for each config field,
+    and ``"the training data"``. None when there is no checkpoint there or it cannot be read
+    (the trainer reports an unreadable one itself).
+    """
+    if not path.is_file():
+        return None
+    import torch
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        before = json.loads(saved["config"])
+    except Exception:  # the trainer names an unreadable checkpoint when it resumes
+        logger.debug("could not read the config of %s", path, exc_info=True)
+        return None
+    now = json.loads(config.to_json())
+    changed = [
+        f"{key} {before.get(key)!r} -> {now.get(key)!r}"
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key)
+    ]
+    if saved.get("fingerprint") != fingerprint:
+        changed.append("the training data")
+    return changed
 
 
 def run_train(

@@ -241,3 +241,24 @@ def test_an_os_error_is_one_line_naming_the_file(
     assert got == code
     assert _one_line_error(err) == f"recvae: error: {error}"
     assert str(error.filename) in err and "Traceback" not in err
+
+
+def test_experiment_rerun_with_other_settings_is_refused_before_any_model_is_fitted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The autoencoder failed on its checkpoint only after the baselines had been refitted and
+    # the comparison rewritten.
+    data = planted_interactions(n_users=80, n_items=20, n_clusters=2, seed=6)
+    path = write_interactions_csv(data, tmp_path / "log.csv")
+    out = tmp_path / "x"
+    argv = ["experiment", "--data", str(path), "--models", "popularity,multvae", "-o", str(out)]
+    flags = ["--n-heldout", "8", "--no-track"]
+    assert run_cli([*argv, *flags, "--epochs", "1"], capsys)[0] == 0
+    before = (out / "results.json").read_text()
+    code, _, err = run_cli([*argv, *flags, "--epochs", "2"], capsys)
+    assert code == 2
+    message = _one_line_error(err)
+    assert "multvae" in message and "epochs 1 -> 2" in message and "checkpoint" in message
+    assert (out / "results.json").read_text() == before
+    # The same settings still resume.
+    assert run_cli([*argv, *flags, "--epochs", "1"], capsys)[0] == 0

@@ -402,27 +402,10 @@ def _run_failure(exc: OSError, out: Path) -> Exception:
 def _mismatch_message(out: Path, job: JobSettings, fingerprint: str) -> str:
     """Why the checkpoint in ``out`` is not this run's: the config fields that differ, or the
     training data (``fingerprint`` is that of the training users' matrix)."""
-    import json
+    from pipelines.train_job import checkpoint_differences
 
-    import torch
-
-    path = out / CHECKPOINT
-    differences = ""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        before = json.loads(saved["config"])
-        now = job.model_config().to_dict()
-        changed = [
-            f"{key} {before.get(key)!r} -> {now.get(key)!r}"
-            for key in sorted(set(before) | set(now))
-            if before.get(key) != now.get(key)
-        ]
-        if saved.get("fingerprint") != fingerprint:
-            changed.append("the training data")
-        if changed:
-            differences = f" (differs in {', '.join(changed)})"
-    except Exception:  # the message only: the mismatch itself is the error
-        logger.debug("could not read %s to name the differences", path, exc_info=True)
+    changed = checkpoint_differences(out / CHECKPOINT, job.model_config(), fingerprint)
+    differences = f" (differs in {', '.join(changed)})" if changed else ""
     return (
         f"--output {out} holds the checkpoint of a run with other settings or data"
         f"{differences}: pass another --output, or --overwrite to start over "
