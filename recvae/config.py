@@ -394,13 +394,18 @@ class MultVAEConfig(ModelConfig):
 @register_config
 @dataclass(frozen=True, slots=True)
 class MultDAEConfig(ModelConfig):
-    """Mult-DAE (Liang et al. 2018): [I, 200, I], tanh, dropout 0.5, L2 weight decay 0.01."""
+    """Mult-DAE (Liang et al. 2018): [I, 200, I], tanh, dropout 0.5, L2 weight decay.
+
+    The paper's "lambda = 0.01" is the authors' notebook's ``lam=0.01 / batch_size`` on a
+    batch-mean loss plus ``2 * l2_loss`` (``sum(W**2) / 2``): ``0.01 / 500 = 2e-5`` times
+    ``sum(W**2)`` at batch 500, which is ``weight_decay`` here (0.01 was 500 times that).
+    """
 
     model: ClassVar[str] = "multdae"
 
     hidden_dims: tuple[int, ...] = ()  # hidden sizes before the code layer
     latent_dim: int = 200  # size of the code layer
-    weight_decay: float = 0.01
+    weight_decay: float = 2e-5
     activation: Literal["tanh", "relu", "sigmoid", "silu"] = "tanh"
 
     def __post_init__(self) -> None:
