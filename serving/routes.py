@@ -512,6 +512,13 @@ def reload_model(
     worker that answers reloads: use the alias poll (RECVAE_POLL_INTERVAL) there.
     """
     source = None
+    if body is not None and (body.reason or body.version or body.date):
+        logger.info(
+            "reload requested: reason %r, expected registry version %r, date %r",
+            body.reason,
+            body.version,
+            body.date,
+        )
     if body is not None and body.bundle is not None:
         source = ModelSource("bundle", body.bundle)
     elif body is not None and body.model_uri is not None:
@@ -534,6 +541,13 @@ def reload_model(
                 "model_version": None if current is None else current.version,
             },
         )
+    if body is not None and body.version is not None and outcome.registry_version is not None:
+        if str(body.version) != str(outcome.registry_version):
+            logger.warning(
+                "reload asked for registry version %r but the alias names %s now",
+                body.version,
+                outcome.registry_version,
+            )
     return ReloadResponse(
         model_version=outcome.model_version,
         previous_version=outcome.previous_version,

@@ -287,7 +287,8 @@ class ReadyResponse(_Response):
 
 
 class ReloadRequest(_Request):
-    """What to load; give at most one field. Empty: reload the current source."""
+    """What to load: ``bundle`` or ``model_uri`` (at most one; empty: reload the current
+    source), and optionally what the caller expects and why (logged)."""
 
     bundle: str | None = Field(
         default=None, min_length=1, max_length=4096, description="A bundle directory."
@@ -297,6 +298,19 @@ class ReloadRequest(_Request):
         min_length=1,
         max_length=4096,
         description="An MLflow model URI such as models:/NAME@ALIAS.",
+    )
+
+    # What the nightly job says about the reload it asks for (logged, not acted on).
+    version: str | None = Field(
+        default=None,
+        max_length=64,
+        description="The registry version the caller expects the alias to name (logged).",
+    )
+    reason: str | None = Field(
+        default=None, max_length=200, description="Why, e.g. promoted or rollback (logged)."
+    )
+    date: str | None = Field(
+        default=None, max_length=32, description="The night of a nightly promotion (logged)."
     )
 
     @model_validator(mode="after")

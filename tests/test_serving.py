@@ -1165,3 +1165,30 @@ def test_openapi_fuzzing_finds_no_server_error(tiny_bundle: Path) -> None:
 @pytest.mark.parametrize("ids", ["int", "str"])
 def test_openapi_fuzzing_long(ids: str, tiny_bundle: Path, str_bundle: Path) -> None:
     fuzz_api(tiny_bundle if ids == "int" else str_bundle, max_examples=150)
+
+
+@pytest.mark.parametrize("reason", ["promoted", "rollback"])
+def test_the_nightly_jobs_reload_request_is_accepted(
+    tiny_bundle: Path, other_bundle: Path, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The body `recvae retrain` and `rollback` send (model URI, version, reason, date) was
+    refused with a 422 (extra fields), so the server never reloaded on a promotion."""
+    from pipelines.nightly.notify import reload_payload
+
+    registry = FakeRegistry({"1": tiny_bundle, "2": other_bundle})
+    registry.version = "1"
+    uri = "models:/recvae@champion"
+    app = create_app(
+        ServingSettings(model_uri=uri, admin_token=TOKEN),
+        loader=registry.load,
+        alias_resolver=registry.resolve,
+    )
+    with TestClient(app) as c, caplog.at_level("INFO", logger="serving.routes"):
+        registry.version = "2"
+        date = "2024-05-24" if reason == "promoted" else None
+        response = c.post(
+            "/v1/admin/reload", headers=AUTH, json=reload_payload(uri, 2, reason, date)
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["registry_version"] == "2"
+        assert f"reason '{reason}'" in caplog.text

@@ -852,17 +852,17 @@ class _Night:
         registry["alias_restored"] = True
 
     def _notify(self) -> None:
-        from pipelines.nightly.notify import notify_reload
+        from pipelines.nightly.notify import notify_reload, reload_payload
 
         registry = self.summary["registry"]
         self.summary["notify"] = notify_reload(
             self.settings.deploy,
-            {
-                "model_uri": registry["model_uri"],
-                "version": registry["new_version"],
-                "reason": "promoted",
-                "date": self.day.isoformat(),
-            },
+            reload_payload(
+                registry["model_uri"],
+                registry["new_version"],
+                "promoted",
+                self.day.isoformat(),
+            ),
         )
 
 
@@ -879,7 +879,7 @@ def run_rollback(settings: NightlySettings, *, to_version: str | None = None) ->
         LockBusyError: a run is in progress.
         ValueError: nothing to roll back to.
     """
-    from pipelines.nightly.notify import notify_reload
+    from pipelines.nightly.notify import notify_reload, reload_payload
     from pipelines.nightly.registry import open_tracking, rollback
 
     state = StateDir(settings.state_dir)
@@ -895,11 +895,7 @@ def run_rollback(settings: NightlySettings, *, to_version: str | None = None) ->
         }
         record["notify"] = notify_reload(
             settings.deploy,
-            {
-                "model_uri": f"models:/{result.name}@{result.alias}",
-                "version": result.to_version,
-                "reason": "rollback",
-            },
+            reload_payload(f"models:/{result.name}@{result.alias}", result.to_version, "rollback"),
         )
         state.root.mkdir(parents=True, exist_ok=True)
         with state.rollback_log.open("a") as fh:

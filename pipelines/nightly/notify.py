@@ -17,11 +17,26 @@ from typing import Any
 
 from pipelines.nightly.settings import DeploySettings
 
-__all__ = ["RELOAD_PATH", "notify_reload"]
+__all__ = ["RELOAD_PATH", "notify_reload", "reload_payload"]
 
 logger = logging.getLogger(__name__)
 
 RELOAD_PATH = "/v1/admin/reload"
+
+
+def reload_payload(
+    model_uri: str, version: str | int | None, reason: str, date: str | None = None
+) -> dict[str, Any]:
+    """The body of the reload request (``serving.schemas.ReloadRequest``): the model to load,
+    and for the server's log the registry version the alias names, why, and the night."""
+    payload: dict[str, Any] = {
+        "model_uri": model_uri,
+        "version": None if version is None else str(version),
+        "reason": reason,
+    }
+    if date is not None:
+        payload["date"] = date
+    return payload
 
 
 def notify_reload(deploy: DeploySettings, payload: dict[str, Any]) -> dict[str, Any]:
