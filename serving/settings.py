@@ -144,6 +144,12 @@ class ServingSettings:
                 f"invalid serving setting 'poll_interval': {interval} must be 0 (off) or a "
                 "finite number of seconds >= 1"
             )
+        if interval and self.bundle is not None:
+            raise ValueError(
+                "invalid serving setting 'poll_interval': polling follows a registry alias "
+                "(RECVAE_MODEL_URI / --model models:/NAME@ALIAS); a bundle path has none (it "
+                "would be ignored): drop it, or reload with POST /v1/admin/reload"
+            )
 
     @property
     def model_source(self) -> str | None:

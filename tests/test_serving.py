@@ -1099,6 +1099,8 @@ def test_settings_from_env() -> None:
         ({"RECVAE_POLL_INTERVAL": "0.1"}, "poll_interval"),
         ({"RECVAE_POLL_INTERVAL": "nan"}, "poll_interval"),
         ({"RECVAE_BUNDLE": "/a", "RECVAE_MODEL_URI": "models:/m@x"}, "not both"),
+        # Polling follows an alias: with a bundle it was silently ignored.
+        ({"RECVAE_BUNDLE": "/a", "RECVAE_POLL_INTERVAL": "5"}, "a bundle path has none"),
     ],
 )
 def test_invalid_settings_name_the_problem(env: dict[str, str], message: str) -> None:
