@@ -272,6 +272,9 @@ def test_simulation_killed_run_resumes_from_its_checkpoint(sim: SimulationResult
     summary = json.loads((sim.config.parent / "state/runs" / row.date / "summary.json").read_text())
     assert summary["training"]["epochs_run"] == 3
     assert not (sim.config.parent / "state/runs" / row.date / "checkpoints").exists()
+    # The checkpoint's weights replaced the warm start: the summary must not claim it.
+    warm = summary["training"]["warm_start"]
+    assert warm["used"] is False and "resumed from the checkpoint after epoch 2" in warm["reason"]
 
 
 def test_simulation_concurrent_runs_cannot_both_proceed(sim: SimulationResult) -> None:
@@ -1370,3 +1373,31 @@ def test_records_are_on_the_disk_before_they_take_their_name(
     [(kind, tmp), *rest] = events
     assert kind == "fsync" and Path(tmp).name.startswith(".last.json.")
     assert rest == [("rename", str(target.resolve())), ("fsync", str(target.parent.resolve()))]
+
+
+def test_an_already_done_rerun_reports_that_nights_failed_notification_as_history(
+    sim: SimulationResult,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The rerun printed "warning: serving layer not notified: ..." as if it had just failed.
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("RECVAE_ADMIN_TOKEN", "t")
+    _tiny_lake(tmp_path / "lake", days=2)
+    config = _tiny_config(
+        tmp_path,
+        sim,
+        registered_model="recvae-notify-history",
+        deploy={"url": f"http://127.0.0.1:{port}", "timeout_s": 2},
+    )
+    assert main(["retrain", "--config", str(config), "--date", "2024-03-02"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: serving layer was not notified" in err
+    assert main(["retrain", "--config", str(config), "--date", "2024-03-02"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: that night, the serving layer was not notified" in err

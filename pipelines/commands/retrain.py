@@ -238,7 +238,12 @@ def retrain_command(args: argparse.Namespace) -> int:
             print(f"champion: {name} -> version {registry['new_version']}")
     notify = summary.get("notify") or {}
     if notify.get("ok") is False:
-        print(f"warning: serving layer not notified: {notify.get('error')}", file=sys.stderr)
+        # An "already done" rerun reads the night's summary: its failure is history, not news.
+        when = "that night, the " if outcome.already_done else ""
+        print(
+            f"warning: {when}serving layer was not notified: {notify.get('error')}",
+            file=sys.stderr,
+        )
     if outcome.status != "busy" and not outcome.already_done:
         day = str(summary.get("date"))
         print(f"summary: {settings.state_dir / 'runs' / day / 'summary.json'}")

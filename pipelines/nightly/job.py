@@ -780,6 +780,14 @@ class _Night:
             challenger = fit()
         epochs_run = int(challenger.meta.get("epochs_run", 0))
         resumed_from = epochs[0] - 1 if epochs else epochs_run
+        if resumed_from and warm.state is not None:
+            # The checkpoint's weights replaced the warm start (it applies to a fresh start).
+            warm = dataclasses.replace(
+                warm,
+                state=None,
+                reason=f"not applied: resumed from the checkpoint after epoch {resumed_from} "
+                "(a warm start applies to a fresh start only)",
+            )
         self.summary["training"] = {
             "model": config.model,
             "epochs_run": epochs_run,
