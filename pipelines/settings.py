@@ -11,6 +11,7 @@ A job is described by a TOML file (``pipelines/configs/*.toml``) and command-lin
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -153,6 +154,46 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {p} is not valid TOML: {exc}") from exc
     except OSError as exc:  # permission denied, an I/O error: a message, not a traceback
         raise ValueError(f"config file {p} cannot be read: {exc.strerror or exc}") from exc
+
+
+def to_toml(document: Mapping[str, Any]) -> str:
+    """A small TOML writer for configs: tables (nested ones as ``[a.b]``) of strings, numbers,
+    booleans and lists of them; ``None`` values are left out (TOML has no null).
+
+    Raises:
+        TypeError: a value of another type.
+    """
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            if isinstance(v, float) and not math.isfinite(v):
+                return {math.inf: "inf", -math.inf: "-inf"}.get(v, "nan")
+            return repr(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v if x is not None) + "]"
+        if isinstance(v, str):
+            return json.dumps(v)
+        raise TypeError(f"cannot write {type(v).__name__} value {v!r} as TOML")
+
+    lines: list[str] = []
+
+    def write_table(name: str, body: Mapping[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        lines.extend(
+            f"{k} = {value(v)}"
+            for k, v in body.items()
+            if v is not None and not isinstance(v, Mapping)
+        )
+        lines.append("")
+        for k, v in body.items():
+            if isinstance(v, Mapping):
+                write_table(f"{name}.{k}", v)
+
+    for name, body in document.items():
+        write_table(name, body)
+    return "\n".join(lines)
 
 
 def table(raw: Mapping[str, Any], name: str) -> dict[str, Any]:

@@ -892,6 +892,8 @@ def _finish(
     if previous and previous.get("trial") == best.number and previous.get("test"):
         say(f"best trial {best.number} was already scored on the test users: {best_file}")
         bundle = previous.get("bundle")
+        if settings.spec.is_autoencoder:
+            _write_best_toml(out, job, config_dict, best.number)
         return TuneResult(
             best_trial=best.number,
             best_params=dict(previous["params"]),
@@ -948,6 +950,8 @@ def _finish(
     tmp = best_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(best_file)
+    if spec.is_autoencoder:
+        _write_best_toml(out, job, config_dict, best.number)
     # Tags, not params: MLflow params cannot change, and a resumed study may find a new best.
     tracker.set_tags({f"best.{name}": _tag_value(v) for name, v in record["params"].items()})
     tracker.log_metrics(
@@ -1012,3 +1016,16 @@ def result_summary(result: TuneResult) -> list[str]:
         test_text = "" if test is None else f"test {test:.4f} ± {se or 0:.4f}"
         lines.append(f"  {name:<10} {val_text}{test_text}")
     return lines
+
+
+def _write_best_toml(out: Path, job: JobSettings, config: dict[str, Any], trial: int) -> None:
+    """``<out>/best.toml``: ``recvae train --config`` it to retrain the best trial's model on
+    this split with all its settings (``hidden_dims`` among them, which has no flag)."""
+    from pipelines.settings import to_toml
+
+    text = to_toml({**job.to_dict(), "model": config})
+    tmp = out / "best.toml.tmp"
+    tmp.write_text(
+        f"# The best trial ({trial}) of the study in {out}: recvae train --config this\n{text}"
+    )
+    tmp.replace(out / "best.toml")

@@ -50,11 +50,11 @@ from pipelines.nightly.settings import (
 from pipelines.nightly.simulate import (
     SimulationOptions,
     SimulationResult,
-    _toml,
     expectations,
     format_timeline,
     run_simulation,
 )
+from pipelines.settings import to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN_ENV = "RECVAE_TEST_NIGHTLY_TOKEN"
@@ -210,7 +210,7 @@ def _tiny_config(
         "run": {"device": "cpu", "num_threads": 1, "progress": False},
     }
     path = tmp / "nightly.toml"
-    path.write_text(_toml(document))
+    path.write_text(to_toml(document))
     return path
 
 

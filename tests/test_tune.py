@@ -448,6 +448,14 @@ def test_autoencoder_search_keeps_only_the_best_checkpoint(
     assert meta["dataset"] == prepared.name and meta["data_fingerprint"] == prepared.fingerprint
     assert meta["split"] == prepared.split.summary()
     assert meta["job"] == _job().to_dict()
+    # `recvae train --config <output>/best.toml` retrains exactly that model on that split.
+    from pipelines.settings import job_from_dict, read_toml
+    from recvae.config import config_from_dict
+
+    retrain = job_from_dict(read_toml(tmp_path / "best.toml"))
+    assert retrain.model_config() == config_from_dict(result.best_config)
+    assert (retrain.data, retrain.protocol) == (_job().data, _job().protocol)
+    assert retrain.model_config().hidden_dims == tuple(result.best_params["hidden_dims"])
 
 
 def test_tune_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

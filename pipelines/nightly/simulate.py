@@ -45,6 +45,7 @@ from pipelines.nightly.lake import day_start_epoch
 from pipelines.nightly.lock import LockInfo, RunLock
 from pipelines.nightly.registry import current_champion, open_tracking
 from pipelines.nightly.settings import NightlySettings, TrainingSettings, settings_from_dict
+from pipelines.settings import to_toml
 
 __all__ = [
     "SimulationOptions",
@@ -296,33 +297,6 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _toml(document: dict[str, Any]) -> str:
-    """A small TOML writer for the simulation config (tables of scalars and lists)."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return json.dumps(str(v))
-
-    lines: list[str] = []
-
-    def table(name: str, body: dict[str, Any]) -> None:
-        lines.append(f"[{name}]")
-        nested = {k: v for k, v in body.items() if isinstance(v, dict)}
-        lines.extend(f"{k} = {value(v)}" for k, v in body.items() if not isinstance(v, dict))
-        lines.append("")
-        for k, v in nested.items():
-            table(f"{name}.{k}", v)
-
-    for name, body in document.items():
-        table(name, body)
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------- scenarios
 def _subprocess_env(options: SimulationOptions) -> dict[str, str]:
     env = dict(os.environ)
@@ -541,7 +515,7 @@ def run_simulation(options: SimulationOptions) -> SimulationResult:
     settings = settings_from_dict(document)  # bad options fail here, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "nightly-sim.toml"
-    config_path.write_text(_toml(document))
+    config_path.write_text(to_toml(document))
     open_tracking(settings.mlflow)
     lake = settings.lake
     chunks = replay_days(start=options.start, n_days=options.history_days + options.days)
