@@ -925,7 +925,20 @@ def tracked_train(
         kind="train",
         model=config.model,
     )
-    with tracker.run(f"train-{prepared.name}-{config.model}", tags=tags):
+    # The MLflow run writing into `out`: a rerun after `kill -9` ends it KILLED (it stayed
+    # RUNNING forever, beside the new run that resumes the checkpoint).
+    marker = Path(out) / "mlflow_run.json"
+    if tracker.enabled and marker.is_file():
+        try:
+            previous = json.loads(marker.read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            previous = None
+        if isinstance(previous, str) and tracker.run_exists(previous):
+            tracker.close_stale_run(previous)
+    with tracker.run(f"train-{prepared.name}-{config.model}", tags=tags) as run_id:
+        if run_id is not None:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"run_id": run_id}))
         tracker.log_params({**job.to_dict(), "split": prepared.split.summary()})
         result = fit_model(
             spec,

@@ -318,3 +318,39 @@ def test_train_on_other_data_does_not_use_the_configs_mlflow_names(
         assert (seen["experiment"], tracking.registered_model) == (experiment, registered)
         note = capsys.readouterr().err
         assert ("not used" in note) == (argv[:2] == ["--data", str(path)])
+
+
+def test_a_killed_trains_mlflow_run_is_ended_killed_by_the_rerun(
+    tmp_path: Path, mlflow_uri: str
+) -> None:
+    # `kill -9` left the run RUNNING forever beside the rerun's new run.
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.experiment import tracked_train
+    from pipelines.tracking_hooks import Tracker
+
+    data = planted_interactions(n_users=80, n_items=20, n_clusters=2, seed=6)
+    path = write_interactions_csv(data, tmp_path / "log.csv")
+    job = job_from_dict(
+        {
+            "data": {"path": str(path)},
+            "protocol": {"n_heldout": 8},
+            "model": {"model": "multvae", "hidden_dims": [8], "latent_dim": 4, "epochs": 1},
+            "run": {"device": "cpu", "progress": False},
+        }
+    )
+    tracker = Tracker(enabled=True, tracking_uri=mlflow_uri, experiment="train-killed")
+    out = tmp_path / "run"
+    tracked_train(job, tracker=tracker, output_dir=out)
+    first = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient()
+    assert client.get_run(first).info.status == "FINISHED"
+    # What kill -9 leaves: the run that wrote into `out` still RUNNING.
+    killed = client.create_run(tracker.experiment_id).info.run_id
+    (out / "mlflow_run.json").write_text(json.dumps({"run_id": killed}))
+    tracked_train(job, tracker=tracker, output_dir=out)
+    assert client.get_run(killed).info.status == "KILLED"
+    second = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    assert second not in (first, killed)
+    assert client.get_run(second).info.status == "FINISHED"
+    assert client.get_run(first).info.status == "FINISHED"  # an ended run is left alone
