@@ -664,7 +664,9 @@ class Trainer:
 
     def fit(self) -> Recommender:
         """Train (resuming from a checkpoint when one exists) and return the best model."""
-        if not self.try_resume() and self.initial_state is not None:
+        resumed = self.try_resume()
+        self._resumed_from = self.state.epoch if resumed else 0
+        if not resumed and self.initial_state is not None:
             self.model.load_state_dict(self.initial_state)
         with cpu_runtime.reuse_freed_memory(self.device):
             self._fit_loop()
@@ -745,6 +747,8 @@ class Trainer:
             "history": s.history,
             "device": str(self.device),
         }
+        if getattr(self, "_resumed_from", 0):
+            meta["resumed_from_epoch"] = self._resumed_from  # the epochs before were not run now
         if self.validation is not None:
             meta[f"val_{self.config.select_metric}"] = s.best_score
             best = next((h for h in s.history if int(h["epoch"]) == s.best_epoch), None)

@@ -256,8 +256,10 @@ def test_a_rerun_with_other_settings_names_them_and_overwrite_starts_over(
     assert "the training data" not in line  # the same file and split
     code, out_text, _ = run_cli(_train_argv(log_csv, out, "--epochs", "2", "--overwrite"), capsys)
     assert code == 0 and "best epoch" in out_text and "of 2" in out_text
-    # The same command again resumes its own (finished) checkpoint: no refusal.
-    assert run_cli(_train_argv(log_csv, out, "--epochs", "2"), capsys)[0] == 0
+    assert "resumed" not in out_text  # started over
+    # The same command again resumes its own (finished) checkpoint: no refusal, and it says so.
+    code, out_text, _ = run_cli(_train_argv(log_csv, out, "--epochs", "2"), capsys)
+    assert code == 0 and "resumed      from the checkpoint after epoch 2" in out_text
 
 
 def test_an_io_error_during_the_run_is_one_line_that_says_a_rerun_resumes(
