@@ -1068,7 +1068,7 @@ def test_id_coercion() -> None:
 
 def test_settings_from_env() -> None:
     env = {
-        "RECVAE_BUNDLE": "/models/b",
+        "RECVAE_MODEL_URI": "models:/recvae@champion",
         "RECVAE_MAX_K": "200",
         "RECVAE_DEFAULT_K": "10",
         "RECVAE_POLL_INTERVAL": "30",
@@ -1078,7 +1078,7 @@ def test_settings_from_env() -> None:
         "RECVAE_MAX_BODY_BYTES": "1048576",
     }
     settings = ServingSettings.from_env(env)
-    assert settings.bundle == "/models/b"
+    assert settings.model_uri == "models:/recvae@champion" and settings.bundle is None
     assert settings.max_body_bytes == 1_048_576
     assert (settings.max_k, settings.default_k, settings.port) == (200, 10, 9000)
     assert settings.poll_interval == 30.0
