@@ -1401,3 +1401,21 @@ def test_an_already_done_rerun_reports_that_nights_failed_notification_as_histor
     assert main(["retrain", "--config", str(config), "--date", "2024-03-02"]) == 0
     err = capsys.readouterr().err
     assert "warning: that night, the serving layer was not notified" in err
+
+
+def test_both_rollback_commands_take_the_state_dir(tmp_path: Path) -> None:
+    # `recvae rollback --state-dir X` was refused (unrecognized argument) while
+    # `recvae retrain --state-dir X rollback` took it: a rollback must be able to use the
+    # job's own lock whichever form is used.
+    from pipelines.cli import build_parser, parse_args
+
+    parser = build_parser()
+    for argv in (
+        ["rollback", "--config", "nightly", "--state-dir", str(tmp_path)],
+        ["retrain", "--config", "nightly", "rollback", "--state-dir", str(tmp_path)],
+        ["retrain", "--config", "nightly", "--state-dir", str(tmp_path), "rollback"],
+    ):
+        args = parse_args(parser, argv)
+        assert Path(args.state_dir) == tmp_path, argv
+    args = parse_args(parser, ["rollback", "--config", "nightly"])
+    assert getattr(args, "state_dir", None) is None

@@ -41,6 +41,12 @@ def _add_rollback_arguments(parser: argparse.ArgumentParser) -> None:
         help="nightly config file (or preset name, e.g. nightly)",
     )
     parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="override [nightly] state_dir (its lock and rollbacks.jsonl: give the job's own)",
+    )
+    parser.add_argument(
         "--to",
         metavar="VERSION",
         help="registry version to point the alias at (default: the previous champion)",
