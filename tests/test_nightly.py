@@ -900,7 +900,14 @@ def _result(ndcg: list[float], coverage: float) -> Any:
         (([0.30, 0.32], 0.2), ([0.30, 0.31], 0.2), True, True, "within tolerance"),
         (([0.30, 0.30], 0.2), ([0.303, 0.303], 0.2), True, True, "within tolerance"),
         (([0.20, 0.22], 0.2), ([0.30, 0.31], 0.2), True, False, "challenger is worse"),
-        (([0.40, 0.40], 0.05), ([0.30, 0.31], 0.2), True, False, "coverage"),
+        # The reason says by how much (it said only "coverage").
+        (
+            ([0.40, 0.40], 0.05),
+            ([0.30, 0.31], 0.2),
+            True,
+            False,
+            "coverage (challenger coverage@100 0.0500 (floor 0.0000, 0.5 x champion's 0.2000))",
+        ),
         (([0.40, 0.40], 0.2), ([0.30, 0.31], 0.2), False, False, "finite_scores"),
         (([0.10, 0.10], 0.2), None, True, True, "no champion yet"),
         (([0.10, 0.10], 0.2), None, False, False, "no champion yet, but sanity"),

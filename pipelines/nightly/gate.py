@@ -205,7 +205,8 @@ def decide(
         chal_cov >= cov_floor,
         f"challenger {COVERAGE_METRIC} {chal_cov:.4f} ({cov_text})",
     )
-    failed = [s["check"] for s in sanity if not s["ok"]]
+    # Each failed check with its numbers: the one-line reason must say by how much.
+    failed = [f"{s['check']} ({s['message']})" for s in sanity if not s["ok"]]
     chal_metrics = metrics_of(challenger)
     if champion is None:
         if failed:
