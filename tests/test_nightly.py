@@ -1426,3 +1426,24 @@ def test_both_rollback_commands_take_the_state_dir(tmp_path: Path) -> None:
         assert Path(args.state_dir) == tmp_path, argv
     args = parse_args(parser, ["rollback", "--config", "nightly"])
     assert getattr(args, "state_dir", None) is None
+
+
+def test_a_promoted_bundle_carries_the_metrics_it_was_promoted_on(
+    sim: SimulationResult, tmp_path: Path
+) -> None:
+    # The server's /v1/model showed "metrics": {} for every nightly champion.
+    from recvae import tracking
+    from recvae.recommender import Recommender
+
+    settings = _sim_settings(sim)
+    tracking.configure_tracking(settings.mlflow.tracking_uri)
+    uri = f"models:/{settings.mlflow.registered_model}@{settings.mlflow.alias}"
+    bundle = tracking.resolve_bundle(uri, dst=tmp_path)
+    meta = Recommender.read_meta(bundle)
+    last = [r for r in sim.rows if r.status == "promoted"][-1]
+    summary = json.loads(
+        (sim.config.parent / "state/runs" / last.date / "summary.json").read_text()
+    )
+    assert meta["metrics"]["nightly_test"] == summary["gate"]["challenger"]
+    assert meta["metrics"]["nightly_test"]["ndcg@100"] > 0
+    assert Recommender.load(bundle).version == meta["model_version"]

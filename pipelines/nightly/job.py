@@ -658,8 +658,11 @@ class _Night:
             self._undo_interrupted_promotion()
             return self._finish("kept", decision.reason)
 
-        # 6. Promote, then notify.
+        # 6. Promote, then notify. The bundle carries the metrics it was promoted on (what
+        # the server's /v1/model reports); they live in meta.json, outside its content id.
         self._enter("promotion")
+        challenger.meta["metrics"] = {"nightly_test": dict(decision.challenger)}
+        challenger.save(self.state.bundle_dir(self.day), overwrite=True)
         self._promote(challenger, decision.challenger["ndcg@100"])
         self._enter("notification")
         self._notify()
