@@ -15,14 +15,18 @@ from pathlib import Path
 __all__ = ["fsync_dir", "fsync_file", "fsync_tree", "replace"]
 
 
-def fsync_file(path: str | os.PathLike[str]) -> None:
-    """Flush a written file's data and metadata to the disk."""
-    # Windows' _commit refuses a read-only descriptor.
-    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
+def _fsync(path: str | os.PathLike[str], flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a written file's data and metadata to the disk."""
+    # Windows' _commit refuses a read-only descriptor.
+    _fsync(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -30,13 +34,8 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
     A no-op on Windows, where a directory cannot be opened for this (and NTFS journals renames).
     """
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if os.name != "nt":
+        _fsync(path, os.O_RDONLY)
 
 
 def fsync_tree(root: str | os.PathLike[str]) -> None:

@@ -204,24 +204,18 @@ class Recommender:
     def _dense(self, histories: sp.csr_array | NDArray[Any] | torch.Tensor) -> torch.Tensor:
         if isinstance(histories, Interactions):
             raise TypeError("histories is an Interactions: pass its matrix (data.matrix)")
-        if isinstance(histories, torch.Tensor):
-            x = histories.to(self.device)
-            if x.dim() != 2 or x.shape[1] != self.n_items:
-                raise ValueError(
-                    f"histories must have shape (n, {self.n_items}), got {tuple(x.shape)}"
-                )
-            if x.numel() and bool((~torch.isfinite(x) | (x < 0)).any()):
-                raise ValueError(_HISTORY_VALUES)
-            return _safe_rows_tensor(x)
-        if not sp.issparse(histories):
-            array = np.asarray(histories)
-            if array.ndim != 2 or array.shape[1] != self.n_items:
-                raise ValueError(
-                    f"histories must have shape (n, {self.n_items}), got {array.shape}"
-                )
-        # Checked, canonical, and rescaled where float32 would misbehave (as lists of ids are).
-        matrix, _ = self._as_history_matrix(histories if sp.issparse(histories) else array)
-        return torch.from_numpy(matrix.toarray()).to(self.device)
+        if sp.issparse(histories):
+            # Checked, canonical, and rescaled where float32 would misbehave (as lists of ids).
+            matrix, _ = self._as_history_matrix(histories)
+            return torch.from_numpy(matrix.toarray()).to(self.device)
+        if not isinstance(histories, torch.Tensor):
+            histories = torch.as_tensor(np.asarray(histories, dtype=np.float64))
+        x = histories.to(self.device)
+        if x.dim() != 2 or x.shape[1] != self.n_items:
+            raise ValueError(f"histories must have shape (n, {self.n_items}), got {tuple(x.shape)}")
+        if x.numel() and bool((~torch.isfinite(x) | (x < 0)).any()):
+            raise ValueError(_HISTORY_VALUES)
+        return _safe_rows_tensor(x)
 
     def score(self, histories: sp.csr_array | NDArray[Any] | torch.Tensor) -> torch.Tensor:
         """Scores (logits) of every item for each history row, from ``z = mu``.
@@ -326,7 +320,8 @@ class Recommender:
                 logger.debug("history %d: %d unknown item(s) dropped", row, len(unknown))
             rows.append(np.full(len(known_idx), row, dtype=np.int64))
             cols.append(np.asarray(known_idx, dtype=np.int64))
-            vals.append(_safe_weights(np.asarray(known_w, dtype=np.float64)))
+            row_w = np.asarray(known_w, dtype=np.float64)
+            vals.append(safe_row_weights(np.zeros(len(row_w), dtype=np.int64), row_w, 1))
             unknown_all.append(tuple(unknown))
         self._check_id_types("", unknown_seen, n_known=n_known)
         if n and sum(len(r) for r in rows):
@@ -1257,7 +1252,7 @@ def safe_row_weights(
     rows: NDArray[np.int64], weights: NDArray[np.float64], n_rows: int
 ) -> NDArray[np.float32]:
     """Entry weights as float32, each row divided by its largest weight when its L2 norm lies
-    outside ``_SAFE_NORM`` (the rule of :func:`_safe_weights`, for many rows at once).
+    outside ``_SAFE_NORM``.
 
     The models L2-normalize a history, so only relative weights matter; but float32 squares
     overflow above about 1.8e19 and vanish below about 1e-23, and such a history would be
@@ -1298,17 +1293,6 @@ def _safe_rows_tensor(x: torch.Tensor) -> torch.Tensor:
     if not bool(rescale.any()):
         return x.to(torch.float32)
     return torch.where(rescale, x64 / peak, x64).to(torch.float32)
-
-
-def _safe_weights(weights: NDArray[np.float64]) -> NDArray[np.float32]:
-    """One history's weights as float32, rescaled by the largest when float32 would misbehave."""
-    if weights.size:
-        peak = float(weights.max())
-        if peak > 0:
-            norm = peak * float(np.sqrt(np.sum(np.square(weights / peak))))
-            if not _SAFE_NORM[0] <= norm <= _SAFE_NORM[1]:
-                weights = weights / peak
-    return weights.astype(np.float32)
 
 
 def _sha256(path: Path) -> str:

@@ -541,13 +541,13 @@ def reload_model(
                 "model_version": None if current is None else current.version,
             },
         )
-    if body is not None and body.version is not None and outcome.registry_version is not None:
-        if str(body.version) != str(outcome.registry_version):
-            logger.warning(
-                "reload asked for registry version %r but the alias names %s now",
-                body.version,
-                outcome.registry_version,
-            )
+    expected = None if body is None else body.version
+    if expected is not None and outcome.registry_version not in (None, expected):
+        logger.warning(
+            "reload asked for registry version %r but the alias names %s now",
+            expected,
+            outcome.registry_version,
+        )
     return ReloadResponse(
         model_version=outcome.model_version,
         previous_version=outcome.previous_version,
