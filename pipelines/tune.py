@@ -25,8 +25,10 @@ model come from its ``[models.<label>]`` table (or the type's defaults)::
 A range with integer bounds is an integer parameter. Each trial trains on the training users and
 is scored on the validation users only; it is logged as a child MLflow run of the tuning run.
 When the budget is spent, the best trial's model (its checkpoint when it is an autoencoder) is
-scored once on the test users and saved (``best.json``, ``best/bundle``); the tuning run gets
-its params as ``best.<name>`` tags (tags, unlike params, follow a new best after a resumption).
+scored once on the test users and saved (``best.json``, ``best/bundle``). The tuning run holds
+the current best after every invocation: its params as ``best.<name>`` tags (tags, unlike
+params, follow a new best after a resumption), ``best_trial``, ``best_validation_ndcg_at_100``
+and the test metrics at step = the completed trials, and ``best.json`` (and ``best.toml``).
 
 The study lives in ``<output>/optuna.db`` (sqlite): rerunning the same command resumes it,
 retrying once a trial an interruption (Ctrl-C, a killed process) cut short (from its
@@ -894,6 +896,9 @@ def _finish(
         bundle = previous.get("bundle")
         if settings.spec.is_autoencoder:
             _write_best_toml(out, job, config_dict, best.number)
+        # Again: a new tuning run (another store, or tracking off before) has none of it yet,
+        # and an earlier recording may have failed (MLflow errors do not stop the search).
+        _record_best(tracker, previous, value=best.value, n_complete=len(complete), out=out)
         return TuneResult(
             best_trial=best.number,
             best_params=dict(previous["params"]),
@@ -952,13 +957,7 @@ def _finish(
     tmp.replace(best_file)
     if spec.is_autoencoder:
         _write_best_toml(out, job, config_dict, best.number)
-    # Tags, not params: MLflow params cannot change, and a resumed study may find a new best.
-    tracker.set_tags({f"best.{name}": _tag_value(v) for name, v in record["params"].items()})
-    tracker.log_metrics(
-        {"best_trial": float(best.number), f"best_validation_{SELECT_METRIC}": float(best.value)}
-    )
-    tracker.log_metrics(test_metrics)
-    tracker.log_artifact(best_file)
+    _record_best(tracker, record, value=best.value, n_complete=len(complete), out=out)
     if bundle_path is not None:
         tracker.log_bundle(bundle_path, registered_model=registered_model, alias=alias)
     return TuneResult(
@@ -973,6 +972,36 @@ def _finish(
         seconds=0.0,
         bundle_path=bundle_path,
     )
+
+
+def _record_best(
+    tracker: Tracker, record: Mapping[str, Any], *, value: float, n_complete: int, out: Path
+) -> None:
+    """Record the current best on the tuning run, so that it reads right after any resumption.
+
+    MLflow params cannot change once logged, and a resumed study may find a new best, so the
+    best trial's params are tags ``best.<name>`` (set again on every invocation). The metrics
+    ``best_trial``, ``best_validation_ndcg_at_100`` and the test metrics are logged at step = the
+    completed trials, so their latest value is the current best and their history the best so
+    far. ``best.json`` and ``best.toml`` (autoencoders) are logged again, replacing the earlier
+    copies. A tuning run from before the best went into tags also holds ``best.*`` params: they
+    stay those of its first best (MLflow cannot change or delete them); its tags are current.
+
+    Args:
+        tracker: The tracker whose tuning run is active.
+        record: The best trial's record (``best.json``: ``trial``, ``params``, ``test``).
+        value: The best trial's validation NDCG@100.
+        n_complete: The completed trials of the study.
+        out: The study directory.
+    """
+    tracker.set_tags({f"best.{name}": _tag_value(v) for name, v in record["params"].items()})
+    best = {"best_trial": float(record["trial"]), f"best_validation_{SELECT_METRIC}": value}
+    # best.json keeps a NaN metric (a segment without users) as null: not a number to log.
+    test = {name: v for name, v in record["test"].items() if _is_number(v)}
+    tracker.log_metrics({**best, **test}, step=n_complete)
+    for name in ("best.json", "best.toml"):
+        if (out / name).is_file():
+            tracker.log_artifact(out / name)
 
 
 def _tag_value(value: Any) -> str:

@@ -335,6 +335,47 @@ def test_every_run_is_an_mlflow_run(sim: SimulationResult) -> None:
     assert int(rejected.data.tags["nightly.checks_failed"]) == 3
 
 
+def test_recvae_runs_lists_a_nightly_runs_metrics(
+    sim: SimulationResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlflow import MlflowClient
+
+    _tiny_lake(tmp_path / "lake", days=3)
+    split = {"eval_user_fraction": 0.3, "n_heldout": 20, "n_validation": 20, "min_eval_users": 5}
+    config = _tiny_config(tmp_path, sim, registered_model="recvae-runs", split=split)
+    store = load_settings(config).mlflow.tracking_uri
+    assert main(["retrain", "--config", str(config), "--date", "2024-03-03"]) == 0
+    summary = json.loads((tmp_path / "state/runs/2024-03-03/summary.json").read_text())
+    run_id = summary["mlflow"]["run_id"]
+    client = MlflowClient()
+    metrics = client.get_run(run_id).data.metrics
+    # The night's own names stay; the validation score of the epoch the challenger keeps (not
+    # the curve's last epoch) is a run-level metric too.
+    challenger = summary["gate"]["challenger"]
+    assert metrics["challenger.ndcg_at_100"] == challenger["ndcg@100"]
+    best_epoch = summary["training"]["best_epoch"]
+    history = client.get_metric_history(run_id, "train.val_ndcg_at_100")
+    (at_best,) = [m.value for m in history if m.step == best_epoch]
+    assert metrics["train.best_val_ndcg_at_100"] == at_best
+    assert metrics["train.best_epoch"] == best_epoch
+    capsys.readouterr()
+
+    assert main(["runs", "--tracking-uri", store, "--experiment", "recvae-runs"]) == 0
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    titles = [title.strip() for title in header.split("  ") if title.strip()]
+    assert titles[-5:] == ["val NDCG@100", "R@20", "R@50", "NDCG@100", "± se"]
+    cells = row.split()
+    assert "retrain-2024-03-03" in cells and "multvae" in cells
+    expected = [
+        at_best,
+        challenger["recall@20"],
+        challenger["recall@50"],
+        challenger["ndcg@100"],
+        challenger["ndcg@100_se"],
+    ]
+    assert cells[-5:] == [f"{value:.4f}" for value in expected]
+
+
 # ---------------------------------------------------------------------------------- idempotency
 def test_rerun_of_a_completed_date_does_nothing(sim: SimulationResult) -> None:
     import mlflow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -393,6 +394,99 @@ def test_a_resumed_study_that_finds_a_new_best_updates_the_tuning_runs_best(
     assert best == {f"best.{k}": str(v) for k, v in record["params"].items()}
     assert best == {"best.regularization": "20.0"}
     assert parent.metrics["best_trial"] == record["trial"] == 1
+
+
+def test_a_resumed_tuning_run_records_the_current_best_over_an_older_runs_best_params(
+    prepared: PreparedData, tmp_path: Path, mlflow_uri: str
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking_hooks import Tracker
+
+    other = tmp_path / "other"  # an empty store for the end of the test
+    other.mkdir()
+    shutil.copyfile(mlflow_uri[len("sqlite:///") :], other / "mlflow.db")
+    tracker = Tracker(enabled=True, tracking_uri=mlflow_uri, experiment="tune")
+    study = optuna.create_study(
+        study_name=tune.STUDY_NAME, storage=f"sqlite:///{tmp_path}/optuna.db", direction="maximize"
+    )
+    # Validation NDCG@100 on this split: 0.504 with regularization 0.5, 0.551 with 20.
+    study.enqueue_trial({"regularization": 0.5})
+    one = {"tune": {**EASE_TUNE["tune"], "n_trials": 1}}
+    first = run_tune(
+        _job(), tune_from_dict(one), tracker=tracker, output_dir=tmp_path, prepared=prepared
+    )
+    client = MlflowClient()
+    # A tuning run written by an older recvae, which logged the best as (immutable) params.
+    client.log_param(first.run_id, "best.regularization", "0.5")
+    study.enqueue_trial({"regularization": 20.0})
+    two = {"tune": {**EASE_TUNE["tune"], "n_trials": 2}}
+    more = run_tune(
+        _job(), tune_from_dict(two), tracker=tracker, output_dir=tmp_path, prepared=prepared
+    )
+    assert (first.best_trial, more.best_trial) == (0, 1) and more.run_id == first.run_id
+    assert more.tracking_errors == []  # the old params do not make the resumption fail
+    parent = client.get_run(more.run_id).data
+    assert parent.tags["best.regularization"] == "20.0"
+    assert parent.params["best.regularization"] == "0.5"  # MLflow cannot change it
+    # The best so far, by completed trials: the latest value is the current best.
+    values = [t["value"] for t in more.trials]
+    history = client.get_metric_history(more.run_id, "best_validation_ndcg_at_100")
+    assert [(m.step, m.value) for m in history] == [(1, values[0]), (2, values[1])]
+    history = client.get_metric_history(more.run_id, "best_trial")
+    assert [(m.step, m.value) for m in history] == [(1, 0.0), (2, 1.0)]
+    assert parent.metrics["test_ndcg_at_100"] == pytest.approx(more.test["test_ndcg@100"])
+    (artifact,) = client.list_artifacts(more.run_id)
+    logged = json.loads(Path(client.download_artifacts(more.run_id, artifact.path)).read_text())
+    assert artifact.path == "best.json" and logged["trial"] == 1
+
+    # A rerun into another store starts a new tuning run; the best was scored before and is
+    # not scored again, and the new run records it all the same.
+    elsewhere = Tracker(enabled=True, tracking_uri=f"sqlite:///{other / 'mlflow.db'}")
+    again = run_tune(
+        _job(), tune_from_dict(two), tracker=elsewhere, output_dir=tmp_path, prepared=prepared
+    )
+    assert again.test_reused and again.run_id != more.run_id and again.tracking_errors == []
+    moved = MlflowClient().get_run(again.run_id).data
+    assert {k: v for k, v in moved.tags.items() if k.startswith("best.")} == {
+        "best.regularization": "20.0"
+    }
+    assert moved.metrics["best_trial"] == 1 and moved.metrics["test_ndcg_at_100"] == pytest.approx(
+        more.test["test_ndcg@100"]
+    )
+    assert [a.path for a in MlflowClient().list_artifacts(again.run_id)] == ["best.json"]
+
+
+def test_a_tuning_run_records_the_best_autoencoders_best_toml(
+    prepared: PreparedData, tmp_path: Path, mlflow_uri: str
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking_hooks import Tracker
+
+    raw = {
+        "models": {
+            "vae": {"model": "multvae", "hidden_dims": [8], "latent_dim": 4, "batch_size": 64}
+        },
+        "tune": {
+            "model": "vae",
+            "sampler": "random",
+            "n_trials": 1,
+            "space": {"epochs": {"low": 1, "high": 2}},
+        },
+    }
+    settings = tune_from_dict(raw)
+    run_tune(_job(), settings, output_dir=tmp_path, prepared=prepared)  # tracking off
+    # The resumption (nothing left to run) records the best on its new tuning run.
+    tracker = Tracker(enabled=True, tracking_uri=mlflow_uri, experiment="tune-vae")
+    again = run_tune(_job(), settings, tracker=tracker, output_dir=tmp_path, prepared=prepared)
+    assert again.test_reused and again.tracking_errors == []
+    client = MlflowClient()
+    assert sorted(a.path for a in client.list_artifacts(again.run_id)) == ["best.json", "best.toml"]
+    logged = Path(client.download_artifacts(again.run_id, "best.toml")).read_text()
+    assert logged == (tmp_path / "best.toml").read_text()
+    tags = client.get_run(again.run_id).data.tags
+    assert tags["best.epochs"] == str(again.best_params["epochs"])
 
 
 def test_tune_help_names_the_default_experiment(capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,12 +10,25 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-_COLUMNS = (
-    ("validation_ndcg_at_100", "val NDCG@100"),
-    ("test_recall_at_20", "R@20"),
-    ("test_recall_at_50", "R@50"),
-    ("test_ndcg_at_100", "NDCG@100"),
-    ("test_ndcg_at_100_se", "± se"),
+# Each metric column: its title and the keys that fill it, the first one a run has. `recvae
+# train`, `experiment` and `tune` log the validation and test users' metrics under the first
+# names; a nightly retrain (pipelines/nightly/job.py) logs its challenger's scores on the night's
+# test users as `challenger.*` and the validation score of the epoch it keeps as
+# `train.best_val_*`. No run logs both.
+_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("val NDCG@100", ("validation_ndcg_at_100", "train.best_val_ndcg_at_100")),
+    ("R@20", ("test_recall_at_20", "challenger.recall_at_20")),
+    ("R@50", ("test_recall_at_50", "challenger.recall_at_50")),
+    ("NDCG@100", ("test_ndcg_at_100", "challenger.ndcg_at_100")),
+    ("± se", ("test_ndcg_at_100_se", "challenger.ndcg_at_100_se")),
+)
+# The model column, the first of these a run has: an experiment's label, the model type of
+# `train`/`experiment`/`tune`, a run's `model` tag, the nightly retrain's `model.model` param.
+_MODEL_KEYS: tuple[tuple[str, str], ...] = (
+    ("params", "label"),
+    ("params", "model"),
+    ("tags", "model"),
+    ("params", "model.model"),
 )
 # MLflow's largest page of search_runs (mlflow.store.tracking.SEARCH_MAX_RESULTS_THRESHOLD).
 MAX_LIMIT = 50_000
@@ -29,9 +42,11 @@ def register(subparsers: Any) -> None:
         help="list recent MLflow runs with their test metrics",
         description=(
             "List the most recent runs of the tracking store, newest first, with validation "
-            "NDCG@100 and the test metrics. Child runs (one per model of an experiment, one "
-            "per tuning trial) are indented under their parent. The MLflow UI shows the same "
-            "store: mlflow ui --backend-store-uri sqlite:///mlflow.db"
+            "NDCG@100 and the test metrics (for a nightly retrain, its challenger's: the "
+            "validation score of the epoch it keeps and its scores on the night's test users). "
+            "Child runs (one per model of an experiment, one per tuning trial) are indented "
+            "under their parent. The MLflow UI shows the same store: "
+            "mlflow ui --backend-store-uri sqlite:///mlflow.db"
         ),
     )
     parser.add_argument(
@@ -82,10 +97,10 @@ def format_runs(runs: list[Any]) -> str:
         if run.parent_run_id not in ids:
             add(run, 0)
     header = ["started (UTC)", "experiment", "run", "model", "status", "time"]
-    header += [title for _, title in _COLUMNS]
+    header += [title for title, _ in _COLUMNS]
     rows = [header]
     for run, depth in ordered:
-        model = run.params.get("label") or run.params.get("model") or run.tags.get("model", "")
+        model = _first(run, _MODEL_KEYS)
         name = ("  " * depth + ("└ " if depth else "")) + (run.name or run.run_id[:8])
         if depth == 0 and run.parent_run_id:  # its parent is beyond --limit
             name += f" (child of {run.parent_run_id[:8]})"
@@ -97,8 +112,8 @@ def format_runs(runs: list[Any]) -> str:
             run.status.lower(),
             _duration(run.start_time, run.end_time),
         ]
-        for key, _ in _COLUMNS:
-            value = run.metrics.get(key)
+        for _, keys in _COLUMNS:
+            value = next((run.metrics[key] for key in keys if key in run.metrics), None)
             cells.append("" if value is None else f"{value:.4f}")
         rows.append(cells)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -107,6 +122,15 @@ def format_runs(runs: list[Any]) -> str:
         for row in rows
     ]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _first(run: Any, keys: tuple[tuple[str, str], ...]) -> str:
+    """The first non-empty ``(params or tags, key)`` value of ``run``, else ``""``."""
+    for where, key in keys:
+        value = getattr(run, where).get(key)
+        if value:
+            return str(value)
+    return ""
 
 
 def check_store(uri: str) -> None:

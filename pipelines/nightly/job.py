@@ -223,6 +223,10 @@ class StateDir:
 
 
 # ---------------------------------------------------------------------------------- MLflow run
+# The per-epoch validation curves: ``train.`` and the trainer's ``val_ndcg@100`` and the like.
+_EPOCH_VALIDATION_PREFIX = "train.val_"
+
+
 def _metric_name(name: str) -> str:
     return name.replace("@", "_at_")
 
@@ -345,11 +349,40 @@ class _MlflowRun:
         training = summary.get("training") or {}
         if training.get("resumed_from_epoch") is not None:
             metrics["train.resumed_from_epoch"] = float(training["resumed_from_epoch"])
+        if training.get("best_epoch") is not None:
+            metrics["train.best_epoch"] = float(training["best_epoch"])
+            metrics.update(self._best_epoch_metrics(int(training["best_epoch"])))
         mlflow.set_tags(tags)
         if metrics:
             mlflow.log_metrics(metrics)
         mlflow.log_dict(_jsonable(summary), "nightly_summary.json")
         mlflow.end_run("FINISHED" if status != "failed" else "FAILED")
+
+    def _best_epoch_metrics(self, best_epoch: int) -> dict[str, float]:
+        """The per-epoch validation metrics of the epoch the challenger keeps, as run-level
+        metrics: ``train.val_ndcg_at_100`` at step ``best_epoch`` becomes
+        ``train.best_val_ndcg_at_100`` (a curve's latest value is its last epoch's, which the
+        challenger need not be).
+
+        Epochs logged to an earlier run (a rerun that resumed training from the checkpoint in a
+        new MLflow run) are not in this one's curves: their values are left out.
+        """
+        import mlflow
+
+        assert self.run_id is not None
+        client = mlflow.MlflowClient()
+        out: dict[str, float] = {}
+        for key in client.get_run(self.run_id).data.metrics:
+            if not key.startswith(_EPOCH_VALIDATION_PREFIX):
+                continue
+            at_best = [
+                m for m in client.get_metric_history(self.run_id, key) if m.step == best_epoch
+            ]
+            if at_best:  # a resumed attempt may have logged the epoch twice: the later counts
+                value = max(at_best, key=lambda m: m.timestamp).value
+                name = key[len(_EPOCH_VALIDATION_PREFIX) :]
+                out[f"train.best_val_{name}"] = float(value)
+        return out
 
 
 def _end_active_run(status: str = "FAILED") -> None:
