@@ -29,6 +29,7 @@ import mlflow.pyfunc
 import numpy as np
 from mlflow.entities import RunStatus
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
 from mlflow.types import DataType
 from mlflow.types.schema import ParamSchema, ParamSpec
@@ -197,10 +198,13 @@ def get_or_create_experiment(name: str, *, artifact_location: str | None = None)
 class RecvaePyfuncModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
     """``mlflow.pyfunc`` wrapper of a bundle.
 
-    ``predict`` takes histories (a list of item-id lists, a dict with ``histories``, a
-    DataFrame with a ``history`` column of lists, or the numpy arrays that MLflow's scoring
-    server makes of these) and returns one record per history with the ranked ``item_ids`` and
-    ``scores``. ``params`` may set ``k`` (default 20) and ``exclude_seen`` (default true).
+    ``predict`` takes histories (a list of item-id lists, a list of ``{"history": [...]}``
+    records, a dict with ``histories``, a DataFrame with a ``history`` column of lists, or the
+    numpy arrays that MLflow's scoring server makes of these) and returns one record per history
+    with the ranked ``item_ids`` and ``scores``. ``params`` may set ``k`` (default 20) and
+    ``exclude_seen`` (default true). An input in none of these forms raises a ``ValueError``
+    that is also an ``MlflowException``, so that ``mlflow models serve`` answers it with a 400
+    carrying the message.
     """
 
     # predict accepts several input shapes and checks them itself; MLflow's type-hint based
@@ -216,18 +220,32 @@ class RecvaePyfuncModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-de
         params = params or {}
         k = int(params.get("k", 20))
         exclude_seen = bool(params.get("exclude_seen", True))
-        histories = _histories_from_input(model_input)
-        result = self.recommender.recommend_histories(histories, k, exclude_seen=exclude_seen)
+        try:
+            histories = _histories_from_input(model_input)
+            result = self.recommender.recommend_histories(histories, k, exclude_seen=exclude_seen)
+        except ValueError as exc:  # the request's fault: a 400 from the scoring server
+            raise _PredictInputError(str(exc)) from exc
         return [
             {"item_ids": [i for i, _ in row], "scores": [s for _, s in row]}
             for row in result.to_lists()
         ]
 
 
+class _PredictInputError(mlflow.exceptions.MlflowException, ValueError):
+    """A bad predict input or param: a ``ValueError`` in-process, a 400 from the scoring server.
+
+    MLflow's scoring server answers any other exception of ``predict`` with a generic
+    "unexpected error while evaluating the model" and keeps the message in a stack trace.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 _INPUT_FORMS = (
-    "a list of item-id lists, one list of item ids, a 2-D array of item ids, a 1-D object array "
-    "of item-id lists, {'histories': ...} holding any of these, or a DataFrame with a 'history' "
-    "column"
+    "a list of item-id lists, one list of item ids, a list of {'history': [...]} records, a 2-D "
+    "array of item ids, a 1-D object array of item-id lists, {'histories': ...} holding any of "
+    "these, or a DataFrame with a 'history' column"
 )
 
 
@@ -236,8 +254,9 @@ def _histories_from_input(model_input: Any) -> list[list[Any]]:
 
     In-process callers pass lists, dicts and DataFrames; MLflow's scoring server parses the JSON
     ``inputs``/``instances`` into numpy arrays first (``[[1, 2, 3]]`` becomes a 2-D int array,
-    ``{"histories": [[1, 2, 3]]}`` a dict holding one), so both kinds are accepted. Item ids come
-    back as Python scalars.
+    ``{"histories": [[1, 2, 3]]}`` a dict holding one, and ``[{"history": [1, 2, 3]}, ...]`` a
+    list of dicts each holding a 1-D array), so both kinds are accepted. Item ids come back as
+    Python scalars.
 
     Raises:
         ValueError: any other input, named with its type.
@@ -269,7 +288,16 @@ def _is_history(value: Any) -> bool:
 
 
 def _histories_from_sequence(values: Sequence[Any]) -> list[list[Any]]:
-    """A sequence of histories, or the items of one history (never a mix of the two)."""
+    """A sequence of histories, of ``{"history": [...]}`` records, or the items of one history
+    (never a mix of these)."""
+    records = [isinstance(value, Mapping) for value in values]
+    if values and all(records):
+        return [_history(_record_history(value)) for value in values]
+    if any(records):
+        raise ValueError(
+            "predict got a sequence that mixes {'history': [...]} records with other values; "
+            "it expects " + _INPUT_FORMS
+        )
     nested = [_is_history(value) for value in values]
     if all(nested):
         return [_history(value) for value in values]
@@ -279,6 +307,16 @@ def _histories_from_sequence(values: Sequence[Any]) -> list[list[Any]]:
         "predict got a sequence that mixes item-id lists and single item ids; it expects "
         + _INPUT_FORMS
     )
+
+
+def _record_history(record: Mapping[str, Any]) -> Any:
+    """The history of one ``{"history": [...]}`` record (a row of ``dataframe_records``)."""
+    if "history" not in record:
+        raise ValueError(
+            f"predict got a record without a 'history' key (keys: "
+            f"{', '.join(map(repr, record)) or 'none'}); it expects {_INPUT_FORMS}"
+        )
+    return record["history"]
 
 
 def _history(value: Any) -> list[Any]:
@@ -316,6 +354,15 @@ def _pyfunc_signature() -> ModelSignature:
     # No input schema: predict accepts several shapes (a list of item-id lists, a dict, a
     # DataFrame), and item ids may be ints or strings. The params schema makes MLflow pass
     # ``params={"k": 5}`` through (without it, MLflow warns and drops them).
+    #
+    # Without an input schema MLflow's scoring server turns the JSON "inputs" (a list, or each
+    # value of a dict) into one numpy array before predict is called, so histories of different
+    # lengths, {"inputs": [[1, 2, 3], [4]]}, are refused there ("inhomogeneous shape", a 400);
+    # records, {"inputs": [{"history": [1, 2, 3]}, {"history": [4]}]}, and "dataframe_records"
+    # get through. No input schema lifts that without losing other forms: an object tensor,
+    # Tensor('object', (-1,)), refuses in-process lists and dicts, {"inputs": {"histories": ...}}
+    # and "dataframe_records"; a column, ColSpec(AnyType(), "history"), refuses in-process lists,
+    # arrays and dicts and {"inputs": {"histories": ...}} ("missing inputs ['history']").
     return ModelSignature(
         inputs=None,
         params=ParamSchema(
@@ -336,7 +383,11 @@ def log_bundle_model(
     """Log a bundle as a pyfunc model of the active run (optionally registering a version).
 
     The model's signature declares the params ``k`` (int, default 20) and ``exclude_seen``
-    (bool, default true), so ``model.predict(histories, params={"k": 5})`` is honored.
+    (bool, default true), so ``model.predict(histories, params={"k": 5})`` is honored. It
+    declares no input schema (see :class:`RecvaePyfuncModel` for the accepted inputs); through
+    ``mlflow models serve``, histories of different lengths go as records,
+    ``{"inputs": [{"history": [1, 2]}, {"history": [3]}]}`` or ``{"dataframe_records": ...}``,
+    since MLflow refuses ragged lists in ``inputs`` before the model sees them.
 
     The model is self-contained: it carries the ``recvae`` package's code, which MLflow puts on
     ``sys.path`` when it loads the model (this package is not published on PyPI), and pins what

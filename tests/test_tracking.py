@@ -295,6 +295,12 @@ def test_scoring_server_answers_inputs_lists_and_dicts(
         assert status == 200, answer
         assert answer["predictions"][0]["item_ids"] == expected
         assert len(answer["predictions"]) == 2 and len(answer["predictions"][1]["item_ids"]) == 3
+        # ... or as records in "inputs" (ragged lists there are refused by MLflow's parser).
+        status, answer = post({"inputs": records, "params": {"k": 3}})
+        assert status == 200, answer
+        assert answer["predictions"][0]["item_ids"] == expected
+        status, answer = post({"inputs": [history, history[:1]]})
+        assert status == 400 and "inhomogeneous" in answer, answer
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -14,6 +14,7 @@ import gzip
 import io
 import logging
 import lzma
+import re
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -40,9 +41,14 @@ logger = logging.getLogger(__name__)
 
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _GLOB_CHARS = frozenset("*?[")
-# Byte used in place of a multi-character separator such as MovieLens' "::" (polars reads
-# single-byte separators only). The ASCII unit separator does not occur in these files.
-_UNIT_SEPARATOR = "\x1f"
+# Bytes that may stand in for a multi-character separator such as MovieLens' "::" (polars
+# reads single-byte separators only): ASCII control characters that text does not use, the unit
+# separator first. The first one that the file does not hold is taken.
+_SUBSTITUTE_SEPARATORS = ("\x1f", "\x1e", "\x1d", "\x1c", "\x01", "\x02", "\x03", "\x04")
+# A double-quoted field from its opening quote: "" is an escaped quote; an unterminated field
+# runs to the end of the text (polars then reads it the same way, or refuses the file).
+_QUOTED_FIELD = re.compile(rb'"[^"]*(?:""[^"]*)*(?:"|\Z)')
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class DataFileNotFound(DataError, FileNotFoundError):
@@ -247,7 +253,8 @@ def read_frame(
     ``.gz``) and parquet (``.parquet``/``.pq`` files, a directory of them, or a glob pattern).
     The separator is ``,`` for ``.csv`` and a tab for ``.tsv``; otherwise it is sniffed from the
     first line (tab, ``::``, ``,``, ``;``, ``|`` or space). Multi-character separators such as
-    MovieLens' ``::`` are supported.
+    MovieLens' ``::`` are supported, also inside double-quoted fields (``"a::b"``, with ``""``
+    for a quote), which keep them.
 
     Args:
         path: File, directory of parquet files, or glob pattern.
@@ -268,7 +275,8 @@ def read_frame(
         DataFileNotFound: The path does not exist (also a ``FileNotFoundError``).
         DataError: A column is missing (the message lists the available ones) or the file
             cannot be parsed.
-        ValueError: ``format`` is not one of the supported values.
+        ValueError: ``format`` is not one of the supported values, or a multi-character
+            ``separator`` holds a double quote or a line break.
     """
     path_str = str(path)
     fmt = _infer_format(path_str, format)
@@ -461,7 +469,9 @@ def _read_delimited(
     Every field is read as text and typed later, by one rule for ids (see :func:`_id_column`)
     and by parsing for ratings: type inference would make ``007`` the id 7 in one file and
     ``"007"`` in another, and a column with one stray value would change type. Rows whose fields
-    are all empty (blank lines) are dropped.
+    are all empty (blank lines) are dropped. A multi-character separator is replaced by a byte
+    the text lacks, outside double-quoted fields, for polars to parse (see
+    :func:`_replace_unquoted`).
     """
     if content.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DataError(
@@ -473,12 +483,14 @@ def _read_delimited(
         sep = "\t"
     if not sep:
         raise ValueError("separator must not be empty")
+    parse_sep = sep
     if len(sep.encode()) > 1:
-        content = content.replace(sep.encode(), _UNIT_SEPARATOR.encode())
+        parse_sep = _substitute_separator(content, sep, source)
+        content = _replace_unquoted(content, sep.encode(), parse_sep.encode())
     if not content.strip():
         raise DataError(f"{source} is empty")
     options: dict[str, Any] = {
-        "separator": _UNIT_SEPARATOR if len(sep.encode()) > 1 else sep,
+        "separator": parse_sep,
         "has_header": has_header,
         "infer_schema": False,
     }
@@ -497,6 +509,61 @@ def _read_delimited(
         ) from exc
     blank = pl.all_horizontal(pl.all().is_null() | (pl.all().str.strip_chars() == ""))
     return raw.filter(~blank) if raw.width else raw
+
+
+def _substitute_separator(content: bytes, separator: str, source: str) -> str:
+    """The one-byte separator that stands in for ``separator``: a byte ``content`` lacks.
+
+    Raises:
+        ValueError: ``separator`` holds a double quote or a line break (quoting could not be
+            told from separating).
+        DataError: ``content`` holds every candidate byte, so none can stand in safely.
+    """
+    if any(char in separator for char in '"\n\r'):
+        raise ValueError(f"separator {separator!r} must not contain a double quote or a line break")
+    for candidate in _SUBSTITUTE_SEPARATORS:
+        if candidate.encode() not in content:
+            return candidate
+    raise DataError(
+        f"{source} holds every control byte ({', '.join(map(repr, _SUBSTITUTE_SEPARATORS))}) "
+        f"that the reader could stand in for the separator {separator!r} (polars reads "
+        "one-byte separators only); remove those bytes or convert the file to a one-byte "
+        "separator such as a tab"
+    )
+
+
+def _replace_unquoted(content: bytes, separator: bytes, substitute: bytes) -> bytes:
+    """``content`` with ``separator`` replaced by ``substitute`` outside double-quoted fields.
+
+    Quoting as polars reads it with a one-byte separator: a field is quoted when its first
+    character is ``"`` (at the start of a line or right after a separator), ``""`` inside it is
+    an escaped quote, and it may span lines; a quote anywhere else is a plain character. Text
+    without quotes (MovieLens' ``ratings.dat``) takes one ``bytes.replace``.
+    """
+    if b'"' not in content:
+        return content.replace(separator, substitute)
+    width = len(separator)
+    pieces: list[bytes] = []
+    copied = 0  # content[:copied] is in pieces
+    position = 0
+    while (match := _QUOTED_FIELD.search(content, position)) is not None:
+        quote = match.start()
+        # The bytes before the quote cannot straddle an earlier quoted field: that ends in a
+        # quote, which a separator never holds.
+        at_field_start = (
+            quote == 0
+            or content[quote - 1] == ord("\n")
+            or (quote == len(_UTF8_BOM) and content.startswith(_UTF8_BOM))  # polars skips it
+            or (quote >= width and content.startswith(separator, quote - width))
+        )
+        if not at_field_start:
+            position = quote + 1
+            continue
+        pieces.append(content[copied:quote].replace(separator, substitute))
+        pieces.append(match.group())
+        copied = position = match.end()
+    pieces.append(content[copied:].replace(separator, substitute))
+    return b"".join(pieces)
 
 
 def _column_name(column: str | int, available: Sequence[str], *, source: str) -> str:
