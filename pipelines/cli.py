@@ -66,8 +66,42 @@ def check_bundle_dir(path: Path) -> None:
             raise CLIError(f"{path} is a run folder, not a model bundle: did you mean {inner}?")
 
 
+# A negative number, in every form ``float()`` reads (``-5``, ``-.5``, ``-1e3``, ``-inf``,
+# ``-Infinity``, ``-nan``): a value, never an option. argparse's own rule knows only the first
+# two, so ``--threshold -inf`` was "expected one argument" (only ``--threshold=-inf`` worked).
+NEGATIVE_NUMBER = re.compile(
+    r"^-(?:(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?|inf(?:inity)?|nan)\Z", re.IGNORECASE
+)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, taking every :data:`NEGATIVE_NUMBER` for a value (the subcommands'
+    parsers are of this class too: ``add_subparsers`` makes them of the parent's class).
+
+    So a negative number works after any flag that takes a value (``--threshold -1e3``) and
+    as a positional (``recommend B -inf`` is an item id), unless a parser has an option that
+    looks like a negative number (argparse's own exception; recvae has none). Unknown options
+    are still "unrecognized arguments", and a stray number an unexpected positional.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
+
+    def _parse_optional(self, arg_string: str) -> Any:
+        # Before argparse's prefix matching, which would read "-inf" as "-i nf" in a parser
+        # with a "-i" option.
+        if (
+            NEGATIVE_NUMBER.match(arg_string)
+            and arg_string not in self._option_string_actions
+            and not self._has_negative_number_optionals
+        ):
+            return None
+        return super()._parse_optional(arg_string)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="recvae",
         description=(
             "Variational autoencoders for collaborative filtering: train, evaluate and serve "
@@ -94,9 +128,6 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 _OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
 
-# What argparse itself takes for a negative number rather than an option (``-5``, ``-.5``).
-_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
-
 
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
     for action in parser._actions:
@@ -119,7 +150,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
         return args
     if args.command != "recommend":
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
-    unknown = [t for t in extras if t.startswith("-") and not _NEGATIVE_NUMBER.match(t)]
+    unknown = [t for t in extras if t.startswith("-") and not NEGATIVE_NUMBER.match(t)]
     if unknown:
         _subparser(parser, "recommend").error(f"unrecognized arguments: {' '.join(unknown)}")
     args.items = [*args.items, *extras]

@@ -44,8 +44,15 @@ class DataSettings:
     def __post_init__(self) -> None:
         _check_types(self, "data")
         if self.threshold is not None and not math.isfinite(self.threshold):
+            # Say what to do instead: -inf means "every row", which leaving out the rating
+            # column already gives; no rating is above nan or inf.
+            if self.threshold < 0:
+                hint = "to read every row as a positive, leave out rating_col (--rating-col)"
+            else:
+                hint = f"no rating is above {self.threshold}, so nothing would be a positive"
             raise ValueError(
-                f"[data] threshold (--threshold) must be a finite number, got {self.threshold}"
+                f"[data] threshold (--threshold) must be a finite number, got {self.threshold}: "
+                f"{hint}"
             )
 
     @property

@@ -29,9 +29,11 @@ logger = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``recvae train`` parser (this entry point takes the same options)."""
+    from pipelines.cli import ArgumentParser
     from pipelines.commands import train as train_command
 
-    parser = argparse.ArgumentParser(prog="torchrun ... -m pipelines.train_ddp")
+    # recvae's parser class: a negative number (--threshold -1e3) is a value here too.
+    parser = ArgumentParser(prog="torchrun ... -m pipelines.train_ddp")
     subparsers = parser.add_subparsers(dest="command")
     train_command.register(subparsers)
     return parser

@@ -3,7 +3,11 @@ input ends in one ``recvae: error:`` line, and a run never overwrites another ru
 
 from __future__ import annotations
 
+import argparse
+import errno
+import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +15,14 @@ import pytest
 
 import pipelines.experiment as experiment
 import pipelines.tracking_hooks as tracking_hooks
-from pipelines.cli import main
+from pipelines.cli import build_parser, main, parse_args
+from pipelines.commands.train import train_job_from_args
 from pipelines.experiment import experiment_from_dict, run_experiment
 from pipelines.settings import JobSettings
 from pipelines.train_job import PreparedData
 from recvae.data import planted_interactions
 from recvae.split import split_users
-from tests.conftest import run_cli, write_interactions_csv
+from tests.conftest import run_cli, write_csv, write_interactions_csv
 
 
 def _one_line_error(err: str) -> str:
@@ -262,3 +267,245 @@ def test_experiment_rerun_with_other_settings_is_refused_before_any_model_is_fit
     assert (out / "results.json").read_text() == before
     # The same settings still resume.
     assert run_cli([*argv, *flags, "--epochs", "1"], capsys)[0] == 0
+
+
+# ------------------------------------------------------------ retrain's writable-path checks
+def _refuse_new_entries_in(folder: Path, code: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``folder`` refuse new files and folders with ``code`` (as a read-only folder or
+    mount would; permission bits alone do not stop root)."""
+    real_mkdir, real_open = os.mkdir, os.open
+
+    def guard(path: Any) -> None:
+        if Path(os.fsdecode(path)).parent == folder:
+            raise OSError(code, os.strerror(code), os.fsdecode(path))
+
+    def mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        guard(path)
+        real_mkdir(path, *args, **kwargs)
+
+    def open_(path: Any, *args: Any, **kwargs: Any) -> int:
+        guard(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", open_)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("tail", ["x.json", "deeper/x.json"])
+def test_retrain_summary_in_a_missing_folder_of_proc_names_that_folder(
+    tail: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The message named /proc ("cannot write in /proc (No such file or directory)"), which
+    # exists; the problem is /proc/nope, which does not and cannot be created there.
+    code, _, err = run_cli(["retrain", "--summary", f"/proc/nope/{tail}"], capsys)
+    assert code == 2
+    message = _one_line_error(err)
+    prefix = f"recvae: error: --summary /proc/nope/{tail}: the folder /proc/nope does not exist"
+    assert message.startswith(prefix), message
+    assert "cannot write in /proc" not in message
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_retrain_state_dir_in_a_missing_folder_of_proc_names_that_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["retrain", "--config", "nightly", "--lake", str(tmp_path)]
+    code, _, err = run_cli([*argv, "--state-dir", "/proc/nope/state"], capsys)
+    assert code == 2
+    message = _one_line_error(err)
+    assert "--state-dir): the folder /proc/nope does not exist" in message, message
+
+
+@pytest.mark.parametrize(
+    ("tail", "missing", "error", "reason"),
+    [
+        ("missing/x.json", "missing", errno.EACCES, "is not writable (Permission denied)"),
+        ("a/b/x.json", "a", errno.EACCES, "is not writable (Permission denied)"),
+        ("missing/x.json", "missing", errno.EROFS, "is not writable (Read-only file system)"),
+        ("missing/x.json", "missing", errno.ENOSPC, "cannot be created in"),
+    ],
+)
+def test_retrain_summary_under_a_folder_that_takes_no_entries_names_the_missing_folder(
+    tail: str,
+    missing: str,
+    error: int,
+    reason: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _refuse_new_entries_in(locked, error, monkeypatch)
+    code, _, err = run_cli(["retrain", "--summary", str(locked / tail)], capsys)
+    assert code == 2
+    message = _one_line_error(err)
+    assert f": the folder {locked / missing} does not exist, and " in message, message
+    assert reason in message and str(locked) in message.split("exist, and ")[1]
+
+
+def test_retrain_summary_in_an_unwritable_existing_folder_names_that_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _refuse_new_entries_in(tmp_path, errno.EACCES, monkeypatch)
+    code, _, err = run_cli(["retrain", "--summary", str(tmp_path / "x.json")], capsys)
+    assert code == 2
+    assert _one_line_error(err).endswith(f": cannot write in {tmp_path} (Permission denied)")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only folders")
+def test_retrain_summary_under_a_read_only_folder_names_the_missing_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        code, _, err = run_cli(["retrain", "--summary", str(locked / "new" / "x.json")], capsys)
+    finally:
+        locked.chmod(0o755)
+    assert code == 2
+    message = _one_line_error(err)
+    assert f"the folder {locked / 'new'} does not exist, and {locked} is not writable" in message
+
+
+def test_retrain_summary_under_a_file_or_a_broken_link_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    code, _, err = run_cli(["retrain", "--summary", str(blocker / "sub" / "x.json")], capsys)
+    assert code == 2
+    assert _one_line_error(err).endswith(f": {blocker} is not a folder")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    code, _, err = run_cli(["retrain", "--summary", str(link / "x.json")], capsys)
+    assert code == 2
+    assert _one_line_error(err).endswith(f": {link} is a broken symbolic link, not a folder")
+
+
+def test_retrain_writable_probe_leaves_nothing_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(["retrain", "--summary", str(tmp_path / "new" / "x.json")], capsys)
+    assert code == 2 and "--config is required" in err  # the path passed the check
+    # Only the refusal the scheduler reads was written there; no probe was left.
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "new",
+        "new/x.json",
+    ]
+
+
+# -------------------------------------------------------------- negative numbers as values
+NEGATIVES = ["-inf", "-Infinity", "-1e3", "-2.5E-1", "-nan"]
+
+
+def _subcommands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every (sub)command's parser with the words that reach it."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _subcommands(sub, (*path, name))
+
+
+def _float_flags() -> list[tuple[tuple[str, ...], str, str]]:
+    """``(command words, flag, dest)`` of every flag that takes one float."""
+    found = []
+    for path, sub in _subcommands(build_parser()):
+        for action in sub._actions:
+            if action.option_strings and action.type is float and action.nargs is None:
+                found.append((path, action.option_strings[0], action.dest))
+    return found
+
+
+def _positionals(path: tuple[str, ...]) -> list[str]:
+    """Placeholders for the positionals a command needs (a bundle)."""
+    parser = dict(_subcommands(build_parser()))[path]
+    return [
+        "x"
+        for action in parser._actions
+        if not action.option_strings
+        and action.nargs is None
+        and not isinstance(action, argparse._SubParsersAction)
+    ]
+
+
+def test_every_float_flag_is_found() -> None:
+    flags = {(path, flag) for path, flag, _ in _float_flags()}
+    for command in ("train", "evaluate", "experiment", "tune", "anomalies"):
+        assert ((command,), "--threshold") in flags
+    assert (("retrain", "simulate"), "--tolerance") in flags
+
+
+@pytest.mark.parametrize("value", NEGATIVES)
+@pytest.mark.parametrize(("path", "flag", "dest"), _float_flags())
+def test_a_negative_number_is_the_value_of_every_float_flag(
+    path: tuple[str, ...], flag: str, dest: str, value: str
+) -> None:
+    # argparse took "-inf" and "-1e3" for options: "--threshold -inf" was "expected one
+    # argument", and only "--threshold=-inf" worked.
+    argv = [*path, *_positionals(path)]
+    spaced = parse_args(build_parser(), [*argv, flag, value])
+    joined = parse_args(build_parser(), [*argv, f"{flag}={value}"])
+    got, expected = getattr(spaced, dest), getattr(joined, dest)
+    assert got == pytest.approx(float(value), nan_ok=True)
+    assert expected == pytest.approx(got, nan_ok=True)
+
+
+def test_an_infinite_or_nan_threshold_is_refused_naming_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = write_csv(tmp_path / "log.csv", "u,i,r", [(0, 0, 4), (0, 1, 5), (1, 0, 3)])
+    argv = ["train", "--data", str(csv), "--user-col", "u", "--item-col", "i", "--rating-col", "r"]
+    for form in (["--threshold", "-inf"], ["--threshold=-inf"], ["--threshold", "-Infinity"]):
+        code, _, err = run_cli([*argv, *form], capsys)
+        assert code == 2
+        message = _one_line_error(err)
+        assert "must be a finite number, got -inf" in message, message
+        assert "leave out rating_col (--rating-col)" in message
+    for value in ("nan", "-nan", "inf"):
+        code, _, err = run_cli([*argv, "--threshold", value], capsys)
+        assert code == 2
+        message = _one_line_error(err)
+        assert f"must be a finite number, got {value.lstrip('-')}: no rating is above" in message
+    job = train_job_from_args(parse_args(build_parser(), [*argv, "--threshold", "-1e3"]))
+    assert job.data.threshold == -1000.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "unrecognized"),
+    [
+        (["train", "--threshold", "-1e3", "--bogus"], "--bogus"),
+        (["train", "--epochs", "1", "-inf"], "-inf"),  # a stray number is still an error
+        (["train", "-x", "--threshold", "-inf"], "-x"),
+        (["evaluate", "b", "--ks", "5", "-1e3"], "-1e3"),
+        (["recommend", "b", "1", "-x"], "-x"),
+    ],
+)
+def test_unknown_options_and_stray_numbers_are_still_unrecognized(
+    argv: list[str], unrecognized: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(build_parser(), argv)
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {unrecognized}" in capsys.readouterr().err
+
+
+def test_a_negative_number_is_an_item_id_of_recommend() -> None:
+    args = parse_args(build_parser(), ["recommend", "b", "-inf", "-k", "3", "-1e3", "--json"])
+    assert args.items == ["-inf", "-1e3"] and args.k == 3 and args.json
+
+
+def test_a_negative_number_is_not_read_as_a_short_option_and_its_value() -> None:
+    # argparse's prefix matching reads "-inf" as "-i nf" in a parser with a "-i" option.
+    from pipelines.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="t")
+    parser.add_argument("-i")
+    parser.add_argument("--threshold", type=float)
+    args = parser.parse_args(["--threshold", "-inf", "-i", "x"])
+    assert args.threshold == -math.inf and args.i == "x"
+    assert parser.parse_args(["-ix"]).i == "x"  # a real short option keeps its glued value

@@ -216,3 +216,11 @@ def test_torchrun_refuses_an_output_holding_another_runs_bundle_before_joining(
     args = train_ddp.build_parser().parse_args(["train", "--epochs", "1", "-o", str(out)])
     with pytest.raises(ValueError, match="already holds a bundle"):
         train_ddp.run_distributed(args)
+
+
+def test_torchrun_entry_point_takes_a_negative_number_after_a_flag() -> None:
+    # As `recvae train`: `--threshold -1e3` is a value, not an unknown option "-1e3".
+    from pipelines import train_ddp
+
+    args = train_ddp.build_parser().parse_args(["train", "--threshold", "-1e3", "--epochs", "1"])
+    assert args.threshold == -1000.0
