@@ -14,6 +14,8 @@ Exit codes: 0 promoted, 3 champion kept, 4 data rejected, 5 another run holds th
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import tempfile
 from datetime import date
@@ -157,8 +159,8 @@ def _check_writable_file(path: Path, flag: str) -> None:
     afterwards would hide the night's outcome).
 
     Raises:
-        ValueError: ``path`` is a folder, a parent of it is a file, or its folder (the nearest
-            one that exists) does not take new files.
+        ValueError: ``path`` is a folder, or its folder cannot take it (see
+            :func:`_check_writable_folder`).
     """
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder; give a file path")
@@ -168,19 +170,37 @@ def _check_writable_file(path: Path, flag: str) -> None:
 def _check_writable_folder(folder: Path, what: str) -> None:
     """Raise ValueError unless ``folder`` is (or can be created as) a folder that takes files.
 
-    Writes and removes a probe file in the nearest existing folder: permission bits say
-    nothing about a read-only mount or a full disk.
+    Probes the nearest existing folder: with a file when ``folder`` exists, else with a folder
+    (the job creates the missing ones), because permission bits say nothing about a read-only
+    mount, a full disk or a file system such as ``/proc`` that takes no new entries. The
+    message names the actual problem: the first missing folder that cannot be created and the
+    existing one it would go in, the existing folder that is not writable, or the file (or
+    broken link) in the way.
     """
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing, missing = folder, None
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing, missing = existing.parent, existing
+    if existing.is_symlink() and not existing.exists():
+        raise ValueError(f"{what}: {existing} is a broken symbolic link, not a folder")
     if not existing.is_dir():
         raise ValueError(f"{what}: {existing} is not a folder")
     try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".recvae-probe-"):
-            pass
+        if missing is None:
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".recvae-probe-"):
+                pass
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".recvae-probe-"))
     except OSError as exc:
-        raise ValueError(f"{what}: cannot write in {existing} ({exc.strerror or exc})") from None
+        reason = exc.strerror or str(exc)
+        if missing is None:
+            raise ValueError(f"{what}: cannot write in {existing} ({reason})") from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            problem = f"{existing} is not writable"
+        else:
+            problem = f"it cannot be created in {existing}"
+        raise ValueError(
+            f"{what}: the folder {missing} does not exist, and {problem} ({reason})"
+        ) from None
 
 
 def _write_refusal(path: Path, day: date | None, exc: BaseException) -> None:
