@@ -159,6 +159,9 @@ class Recommender:
         # Anomaly reference of the training users, computed on first use.
         self._anomaly_reference: AnomalyReference | None = None
         self._anomaly_lock = threading.Lock()
+        # (order, share) of the popularity fallback, computed on first use (the training
+        # matrix never changes, and two threads computing it at once get equal arrays).
+        self._popularity: tuple[NDArray[np.int64], NDArray[np.float32]] | None = None
         if int(getattr(model, "n_items", len(item_ids))) != len(item_ids):
             raise ValueError(
                 f"model has {model.n_items} outputs but {len(item_ids)} item ids were given"
@@ -603,6 +606,54 @@ class Recommender:
     def item_popularity(self) -> NDArray[np.int64]:
         """Training interaction count per item."""
         return self.vocab.item_counts()
+
+    def popularity_ranking(self) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """The ranking of the popularity fallback (see :meth:`popular_items`), computed once.
+
+        Returns:
+            ``(order, share)``: ``(n_items,)`` item positions, most popular first (ties by
+            lower position), and ``(n_items,)`` float32 per item the share of training users
+            who interacted with it. Treat both as read-only.
+        """
+        cached = self._popularity
+        if cached is None:
+            counts = self.item_popularity()
+            # Stable sort of negated counts: most popular first, ties by lower item position.
+            order = np.argsort(-counts, kind="stable").astype(np.int64)
+            share = (counts / max(1, self.vocab.n_users)).astype(np.float32)
+            cached = self._popularity = (order, share)
+        return cached
+
+    def popular_items(
+        self, k: int, *, exclude_idx: Sequence[int] | NDArray[np.integer[Any]] = ()
+    ) -> list[tuple[Any, float]]:
+        """The popularity fallback: the ``k`` most popular training items, best first.
+
+        What a history with no known item gets instead of model scores, so that the HTTP API
+        (``fallback: "popularity"``) and ``recvae recommend`` give it the same answer: the
+        items by training interaction count, ties by lower item position, each scored by the
+        share of training users who interacted with it (in [0, 1], not a model score).
+
+        Args:
+            k: Items to return (fewer when fewer items are eligible).
+            exclude_idx: Item positions never to return.
+
+        Returns:
+            ``(item_id, share)`` pairs, most popular first.
+
+        Raises:
+            ValueError: ``k`` is not an int >= 1.
+        """
+        if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        order, share = self.popularity_ranking()
+        if len(exclude_idx):
+            keep = np.ones(self.n_items, dtype=bool)
+            keep[np.asarray(exclude_idx, dtype=np.int64)] = False
+            order = order[keep[order]]
+        top = order[: int(k)]
+        ids = self.item_ids[top].tolist()
+        return list(zip(ids, share[top].tolist(), strict=True))
 
     # ------------------------------------------------------------------ VAE capabilities
     def _variational(self) -> bool:

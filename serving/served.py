@@ -167,11 +167,8 @@ class ServedModel:
         if bad:
             raise BundleError(f"model from {source} has non-finite parameters: {', '.join(bad)}")
         n_items = recommender.n_items
-        counts = recommender.item_popularity()
-        # Stable sort of negated counts: most popular first, ties by lower item position.
-        order = np.argsort(-counts, kind="stable").astype(np.int64)
-        n_users = max(1, recommender.vocab.n_users)
-        share = (counts / n_users).astype(np.float32)
+        # The fallback's ranking is the library's (recvae recommend gives the same answer).
+        order, share = recommender.popularity_ranking()
         with torch.inference_mode():
             embeddings = model.item_embeddings().detach().float()  # (n_items, d)
             unit = F.normalize(embeddings, p=2.0, dim=1).contiguous()
@@ -555,14 +552,7 @@ class ServedModel:
         return self._popular_positions(k, self._exclusions(exclude))
 
     def _popular_positions(self, k: int, exclude: Sequence[int]) -> list[tuple[Any, float]]:
-        order = self.popularity_order
-        if len(exclude):
-            keep = np.ones(self.n_items, dtype=bool)
-            keep[np.asarray(exclude, dtype=np.int64)] = False
-            order = order[keep[order]]
-        top = order[:k]
-        ids = self.recommender.item_ids[top].tolist()
-        return list(zip(ids, self.popularity_share[top].tolist(), strict=True))
+        return self.recommender.popular_items(k, exclude_idx=exclude)
 
     def similar_items(self, item_id: Any, k: int) -> list[tuple[Any, float]]:
         """Items closest to ``item_id`` by cosine similarity of decoder item embeddings.

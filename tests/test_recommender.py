@@ -209,3 +209,29 @@ def test_an_interrupted_replacement_says_where_the_previous_bundle_is(
     assert Recommender.load(previous).version == rec.version
     # Only a leftover temp bundle is cleaned up; nothing else is in the folder.
     assert sorted(p.name for p in tmp_path.iterdir()) == [".b.old"]
+
+
+def test_popular_items_rank_by_training_count_with_ties_by_position(rec: Recommender) -> None:
+    # The popularity fallback of the HTTP API and of `recvae recommend` (one rule, here).
+    import scipy.sparse as sp
+
+    rows = [0, 1, 2, 0, 1, 2, 3]
+    cols = [5, 5, 5, 2, 2, 2, 7]
+    matrix = sp.csr_array(
+        (np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(4, rec.n_items)
+    )
+    users = np.arange(100, 104)
+    small = Recommender(rec.model, rec.config, rec.item_ids, user_ids=users, train_matrix=matrix)
+    got = small.popular_items(4)
+    zero = [i for i in range(rec.n_items) if i not in (2, 5, 7)][0]
+    assert [i for i, _ in got] == rec.item_ids[[2, 5, 7, zero]].tolist()
+    np.testing.assert_allclose([s for _, s in got], [0.75, 0.75, 0.25, 0.0])
+    excluded = small.popular_items(2, exclude_idx=[2, 7])
+    assert [i for i, _ in excluded] == rec.item_ids[[5, zero]].tolist()
+    assert len(small.popular_items(rec.n_items + 5)) == rec.n_items
+    assert len(small.popular_items(rec.n_items, exclude_idx=[0, 1])) == rec.n_items - 2
+    order, share = small.popularity_ranking()
+    assert order[:3].tolist() == [2, 5, 7] and share.dtype == np.float32
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="k must be an int >= 1"):
+            small.popular_items(bad)  # type: ignore[arg-type]

@@ -15,7 +15,11 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "recommend",
         help="print top-K items for a history of item ids (new users too) or a training user",
-        description="Fold a history into the model (no retraining) and rank every item.",
+        description=(
+            "Fold a history into the model (no retraining) and rank every item. Unknown item ids "
+            "are ignored and listed; a history with no known item gets the most popular "
+            "training items instead, flagged (fallback: popularity), as in the HTTP API."
+        ),
     )
     parser.add_argument("bundle", type=Path, help="model bundle directory")
     parser.add_argument("items", nargs="*", help="item ids of the history")
@@ -73,6 +77,7 @@ def run_command(args: argparse.Namespace) -> int:
     check_bundle_dir(args.bundle)
     rec = Recommender.load(args.bundle)
     int_items = rec.item_ids.dtype != object
+    fallback: str | None = None
     if args.user is not None:
         user = _parse_id(args.user, rec.user_ids.dtype != object)
         try:
@@ -85,21 +90,27 @@ def run_command(args: argparse.Namespace) -> int:
                 f"`recvae recommend {args.bundle} ITEM_ID ...`"
             ) from None
         result = rec.recommend([user], args.k, exclude_seen=not args.include_seen, **explore)
-        unknown: tuple[Any, ...] = ()
+        unknown: list[Any] = []
     else:
         history = [_parse_id(i, int_items) for i in args.items]
+        known, unknown = rec.vocab.item_indices(history)
+        if not len(known):
+            # As the HTTP API: no known item, so the most popular training items. The empty
+            # history is still scored, for the checks of the explore flags and its confidence.
+            fallback = "popularity"
+            history = []
         result = rec.recommend_from_history(
             history, args.k, exclude_seen=not args.include_seen, **explore
         )
-        unknown = result.unknown_items[0]
-    ranked = result.to_lists()[0]
+    ranked = result.to_lists()[0] if fallback is None else rec.popular_items(args.k)
     confidence = None if result.confidence is None else float(result.confidence[0])
     if args.json:
         print(
             json.dumps(
                 {
                     "items": [{"item_id": i, "score": s} for i, s in ranked],
-                    "unknown_items": list(unknown),
+                    "unknown_items": unknown,
+                    "fallback": fallback,
                     "confidence": confidence,
                     "model_version": rec.version,
                 },
@@ -109,8 +120,12 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     if unknown:
         print(f"ignored unknown item(s): {', '.join(map(str, unknown))}")
-    if args.user is None and len(unknown) == len(args.items):
-        print("no known item in the history: scores come from the model's prior (z = 0 input)")
+    if fallback is not None:
+        print(
+            "no known item in the history: the most popular training items instead "
+            "(fallback: popularity, as the HTTP API; scores are the share of training users "
+            "who have the item)"
+        )
     if confidence is not None:
         print(f"confidence {confidence:.3f} (0 = no more than the prior, 1 = certain)")
     print(f"{'rank':>4}  {'item_id':<16} score")
