@@ -11,23 +11,31 @@
   default handler fails (a 500) when it echoes them back.
 - It also shortens a start-up that failed because the model did not load to its one-line
   reason (no traceback).
-- :func:`http_error` answers FastAPI's 400 for a body it could not parse with the reason (not
-  UTF-8, nested too deeply, a number too long), not just "There was an error parsing the body".
+- :class:`JSONBodyRoute` (the router's route class) parses a JSON body itself: strictly as UTF-8
+  (RFC 8259), with a 400 naming why a body cannot be read (not UTF-8, nested too deeply, a number
+  too long), and a large body in a worker thread rather than on the event loop.
+- :func:`http_error` answers FastAPI's own 400 for a body it could not parse with the reason, not
+  just "There was an error parsing the body".
 - :func:`reject_unknown_query` is a router dependency: a query parameter the route does not
   declare is a 422 naming it, as an unknown field of a body is.
 """
 
 from __future__ import annotations
 
+import codecs
+import json
 import logging
 import math
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Any
 
-from fastapi import Request
+from fastapi import Request, params
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -39,6 +47,8 @@ __all__ = [
     "validation_error",
     "http_error",
     "reject_unknown_query",
+    "JSONBodyRoute",
+    "parse_json_body",
 ]
 
 logger = logging.getLogger(__name__)
@@ -221,6 +231,34 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
 # FastAPI's 400 when reading a body as JSON raised something other than a JSON syntax error
 # (which is a 422); the original error is its ``__cause__``.
 _FASTAPI_PARSE_ERROR = "There was an error parsing the body"
+# Byte order marks that json.loads takes for a UTF-32 or UTF-16 body (UTF-32 LE first: it starts
+# with the UTF-16 LE mark).
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def _wide_encoding(raw: bytes) -> str | None:
+    """``"UTF-16"`` or ``"UTF-32"`` when ``raw`` looks like JSON in that encoding: a byte order
+    mark, or NUL bytes among the first four (how RFC 4627 told the encodings apart; JSON text
+    has no NUL byte)."""
+    for bom, name in _WIDE_BOMS:
+        if raw.startswith(bom):
+            return name
+    head = raw[:4]
+    if len(head) == 4 and 0 in head:
+        return "UTF-32" if head.count(0) == 3 else "UTF-16"
+    return None
+
+
+def _not_utf8(encoding: str) -> str:
+    return (
+        f"request body is not UTF-8 encoded JSON: it looks like {encoding} "
+        f"(JSON must be UTF-8, RFC 8259)"
+    )
 
 
 def _unparsable_body(cause: BaseException) -> str:
@@ -236,6 +274,55 @@ def _unparsable_body(cause: BaseException) -> str:
     return f"request body could not be parsed as JSON: {reason[:200]}"
 
 
+def parse_json_body(raw: bytes) -> Any:
+    """The JSON value of a request body.
+
+    JSON between systems must be UTF-8 (RFC 8259, section 8.1): the body is decoded strictly so,
+    and a leading byte order mark is ignored (which the RFC allows). ``json.loads`` on bytes
+    would also take UTF-16 and UTF-32 (guessed from NUL bytes) and UTF-8-encoded lone
+    surrogates; here those are errors.
+
+    Args:
+        raw: The body as received (not empty).
+
+    Returns:
+        The decoded JSON value.
+
+    Raises:
+        HTTPException: 400 naming why the body cannot be read: not UTF-8 (the byte where it
+            fails, or that it looks like UTF-16 or UTF-32), nested too deeply, or a number too
+            long to convert.
+        RequestValidationError: the text is not valid JSON (FastAPI's ``json_invalid``, a 422).
+    """
+    wide = _wide_encoding(raw)
+    if wide is not None:
+        raise HTTPException(status_code=400, detail=_not_utf8(wide))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HTTPException(status_code=400, detail=_unparsable_body(exc)) from exc
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        # Word for word FastAPI's error for a JSON syntax error.
+        raise RequestValidationError(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body", exc.pos),
+                    "msg": "JSON decode error",
+                    "input": {},
+                    "ctx": {"error": exc.msg},
+                }
+            ],
+            body=exc.doc,
+        ) from exc
+    except (RecursionError, ValueError) as exc:  # ValueError: an integer over 4300 digits
+        raise HTTPException(status_code=400, detail=_unparsable_body(exc)) from exc
+
+
 async def http_error(request: Request, exc: Exception) -> Response:
     """FastAPI's ``HTTPException`` handler, except that a body that could not be parsed gets a
     400 naming the reason (FastAPI says only "There was an error parsing the body")."""
@@ -244,6 +331,94 @@ async def http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 400 and exc.detail == _FASTAPI_PARSE_ERROR and cause is not None:
         return JSONResponse(status_code=400, content={"detail": _unparsable_body(cause)})
     return await http_exception_handler(request, exc)
+
+
+# A body up to this size is parsed on the event loop: the hop to a worker thread would cost
+# more than the parse (at most about 2 ms for 16 KiB of the slowest shape, a batch of short
+# histories, on the 2-core test machine).
+INLINE_PARSE_BYTES = 16 * 1024
+
+
+class _ParsedRequest(Request):
+    """The request whose body was read and validated already: FastAPI's request handler gets
+    the validated body model from ``json()``."""
+
+    def __init__(self, request: Request, raw: bytes, value: Any) -> None:
+        super().__init__(request.scope, request.receive)
+        self._parsed_raw = raw
+        self._parsed_value = value
+
+    async def stream(self) -> AsyncGenerator[bytes, None]:
+        yield self._parsed_raw
+
+    async def body(self) -> bytes:
+        return self._parsed_raw
+
+    async def json(self) -> Any:
+        return self._parsed_value
+
+
+def _single_json_body(route: APIRoute) -> bool:
+    """Whether the route's body is one JSON model, not embedded under its name (nor a form):
+    the only kind :class:`JSONBodyRoute` parses itself."""
+    field = route.body_field
+    if field is None or len(route.dependant.body_params) != 1:
+        return False
+    info = field.field_info
+    return isinstance(info, params.Body) and not isinstance(info, params.Form) and not info.embed
+
+
+class JSONBodyRoute(APIRoute):
+    """A route that decodes and validates its JSON body off the event loop.
+
+    FastAPI decodes a body and validates it against the route's body model in its async request
+    handling, on the event loop, even for a plain ``def`` handler: a 16 MiB body (the default
+    RECVAE_MAX_BODY_BYTES) held every other request, ``/healthz`` and ``/readyz`` included, for
+    up to 2 seconds. This route reads the body, then decodes it (:func:`parse_json_body`) and
+    validates it against the body field FastAPI built, in a worker thread when the body is over
+    :data:`INLINE_PARSE_BYTES`. FastAPI's own handler then gets the validated model, which its
+    validation passes through as is (pydantic does not revalidate a model instance).
+
+    The worker still shares the GIL: ``json.loads`` (one C call) and the garbage collector hold
+    it for a few hundred milliseconds on a 16 MiB body, so the loop is held that long at worst
+    rather than for the whole parse (BENCHMARKS.md has the numbers).
+
+    Errors are FastAPI's (422 ``json_invalid``, 422 validation errors located under
+    ``"body"``), except that a body that cannot be read is a 400 naming why. The route's
+    parameters, and so its OpenAPI document, are FastAPI's unchanged. A route whose body is
+    not one JSON model (none, several parameters, embedded, a form) is left to FastAPI.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if not _single_json_body(self):
+            return handler
+        field = self.body_field
+        assert field is not None  # _single_json_body checked it
+
+        def parse(raw: bytes) -> Any:
+            body = parse_json_body(raw)
+            value, errors = field.validate(body, {}, loc=("body",))
+            if errors:
+                raise RequestValidationError(errors, body=body)
+            return value
+
+        async def parse_then_handle(request: Request) -> Response:
+            try:
+                raw = await request.body()
+            except HTTPException:  # 413 from the request guard
+                raise
+            except Exception as exc:  # as FastAPI: the client went away mid-body, for one
+                raise HTTPException(status_code=400, detail=_unparsable_body(exc)) from exc
+            if not raw or not _is_json(request.headers.get("content-type", "")):
+                return await handler(request)  # no body, or not JSON: FastAPI's answer
+            if len(raw) <= INLINE_PARSE_BYTES:
+                value = parse(raw)
+            else:
+                value = await run_in_threadpool(parse, raw)
+            return await handler(_ParsedRequest(request, raw, value))
+
+        return parse_then_handle
 
 
 _DECLARED: dict[int, frozenset[str]] = {}  # id(route) -> its query parameter names

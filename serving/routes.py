@@ -4,6 +4,8 @@ Scoring handlers are plain ``def``: scoring is CPU-bound (torch releases the GIL
 them in its thread pool and the event loop stays free. Each handler gets the model through one
 dependency, read once per request, so a reload in the middle never mixes two models. The probes
 and ``/metrics`` are ``async def`` so they answer even when every pool thread is busy scoring.
+A large JSON body is decoded and validated in the thread pool too (``JSONBodyRoute``), not on
+the event loop, so a body near the size limit does not hold up the probes either.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from serving.deps import (
     RecommenderDep,
     StateDep,
 )
-from serving.guards import reject_unknown_query
+from serving.guards import JSONBodyRoute, reject_unknown_query
 from serving.metrics import CONTENT_TYPE_LATEST, ServingMetrics
 from serving.schemas import (
     EXPLORE_DESCRIPTION,
@@ -59,8 +61,9 @@ __all__ = ["router"]
 logger = logging.getLogger(__name__)
 
 # A query parameter a route does not declare (a typo such as ?exlude_seen=) is a 422, as an
-# unknown body field is.
-router = APIRouter(dependencies=[Depends(reject_unknown_query)])
+# unknown body field is. JSONBodyRoute parses a large JSON body in a worker thread, not on the
+# event loop (where FastAPI parses it), so that the probes answer during a 16 MiB parse.
+router = APIRouter(dependencies=[Depends(reject_unknown_query)], route_class=JSONBodyRoute)
 
 _NOT_READY: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "No model is loaded yet."}
