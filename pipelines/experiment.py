@@ -34,7 +34,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import posixpath
 import re
 import time
@@ -45,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.folders import writable_folder_problem
 from pipelines.settings import JobSettings, check_known_keys, is_int, table
 from pipelines.tracking_hooks import Tracker, evaluation_metrics, run_tags
 from pipelines.train_job import (
@@ -139,8 +139,8 @@ def check_alias(alias: str) -> None:
 
 
 def output_dir_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be a run directory (it or a parent is a file, or the nearest existing
-    folder cannot be written), or None when it can.
+    """Why ``path`` cannot be a run directory (it or a parent is a file, or the folder cannot be
+    created or written: :func:`pipelines.folders.writable_folder_problem`), or None when it can.
 
     Checked before the data is loaded, so the mistake costs nothing.
     """
@@ -150,13 +150,9 @@ def output_dir_problem(path: Path) -> str | None:
                 if candidate == path:
                     return f"{path} is an existing file, not a directory; pass a directory"
                 return f"{path}: {candidate} is a file, not a directory"
-            if not os.access(candidate, os.W_OK | os.X_OK):
-                where = "" if candidate == path else f": {candidate}"
-                return (
-                    f"{path}{where} is not writable (permission denied or a read-only file system)"
-                )
-            return None
-    return None
+            break
+    problem = writable_folder_problem(path)
+    return None if problem is None else f"{path}: {problem}"
 
 
 def check_output_dir(path: Path) -> None:

@@ -167,16 +167,10 @@ def test_experiment_reports_an_unwritable_output_in_one_line(
 ) -> None:
     # A read-only --output ended in a PermissionError traceback after the data was loaded.
     # (Permissions are simulated: root may write anywhere.)
-    real_access, real_mkdir = os.access, Path.mkdir
+    real_mkdir = Path.mkdir
     out = tmp_path / "run"
     argv = ["experiment", "--models", "popularity", "--no-track", "-o", str(out)]
-
-    def read_only(path: Any, mode: int, *args: Any, **kwargs: Any) -> bool:
-        if Path(path) == tmp_path and mode & os.W_OK:
-            return False
-        return real_access(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(os, "access", read_only)
+    _refuse_new_entries_in(tmp_path, errno.EACCES, monkeypatch)
     code, _, err = run_cli(argv, capsys)
     assert code == 2 and "is not writable" in _one_line_error(err)
     assert not out.exists()
@@ -351,7 +345,7 @@ def test_retrain_summary_in_an_unwritable_existing_folder_names_that_folder(
     _refuse_new_entries_in(tmp_path, errno.EACCES, monkeypatch)
     code, _, err = run_cli(["retrain", "--summary", str(tmp_path / "x.json")], capsys)
     assert code == 2
-    assert _one_line_error(err).endswith(f": cannot write in {tmp_path} (Permission denied)")
+    assert _one_line_error(err).endswith(f": {tmp_path} is not writable (Permission denied)")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only folders")

@@ -203,13 +203,39 @@ def test_an_unwritable_default_run_folder_is_refused_before_the_data_is_loaded(
 ) -> None:
     # Without --output the run folder (runs/...) was not checked: the run failed when it wrote
     # its first checkpoint, after an epoch.
-    import pipelines.experiment as experiment
+    import errno
+    import os
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(experiment.os, "access", lambda path, mode: False)  # a read-only cwd
+    real_mkdir = os.mkdir
+
+    def read_only_cwd(path: Any, *args: Any, **kwargs: Any) -> None:
+        # As a read-only folder or mount: root passes permission bits, so refuse the entry.
+        if Path(os.fsdecode(path)).parent in (Path("."), tmp_path):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+        real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only_cwd)
     code, _, err = run_cli(["train", "--epochs", "1", "--no-track"], capsys)
     assert code == 2
     assert "is not writable" in _one_line_error(err)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize(
+    "command", [["train", "--epochs", "1"], ["experiment", "--models", "popularity"]]
+)
+def test_an_output_in_a_folder_that_cannot_be_created_is_refused_before_the_data_is_loaded(
+    command: list[str],
+    capsys: pytest.CaptureFixture[str],
+    no_data_loading: None,
+) -> None:
+    # /proc passes os.access for root but takes no new folder: the run failed only when it
+    # created its output, after the data was loaded.
+    code, _, err = run_cli([*command, "--no-track", "-o", "/proc/nope/run"], capsys)
+    assert code == 2
+    message = _one_line_error(err)
+    assert "/proc/nope/run: the folder /proc/nope does not exist" in message, message
 
 
 # ------------------------------------------------------------- an output holding another run

@@ -14,15 +14,13 @@ Exit codes: 0 promoted, 3 champion kept, 4 data rejected, 5 another run holds th
 from __future__ import annotations
 
 import argparse
-import errno
-import os
 import sys
-import tempfile
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 from pipelines.commands._common import convert_argument, positive_int
+from pipelines.folders import writable_folder_problem
 
 EXIT_CODES_HELP = (
     "exit codes: 0 challenger promoted, 3 champion kept (challenger did not pass the gate), "
@@ -168,39 +166,11 @@ def _check_writable_file(path: Path, flag: str) -> None:
 
 
 def _check_writable_folder(folder: Path, what: str) -> None:
-    """Raise ValueError unless ``folder`` is (or can be created as) a folder that takes files.
-
-    Probes the nearest existing folder: with a file when ``folder`` exists, else with a folder
-    (the job creates the missing ones), because permission bits say nothing about a read-only
-    mount, a full disk or a file system such as ``/proc`` that takes no new entries. The
-    message names the actual problem: the first missing folder that cannot be created and the
-    existing one it would go in, the existing folder that is not writable, or the file (or
-    broken link) in the way.
-    """
-    existing, missing = folder, None
-    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
-        existing, missing = existing.parent, existing
-    if existing.is_symlink() and not existing.exists():
-        raise ValueError(f"{what}: {existing} is a broken symbolic link, not a folder")
-    if not existing.is_dir():
-        raise ValueError(f"{what}: {existing} is not a folder")
-    try:
-        if missing is None:
-            with tempfile.NamedTemporaryFile(dir=existing, prefix=".recvae-probe-"):
-                pass
-        else:
-            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".recvae-probe-"))
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if missing is None:
-            raise ValueError(f"{what}: cannot write in {existing} ({reason})") from None
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            problem = f"{existing} is not writable"
-        else:
-            problem = f"it cannot be created in {existing}"
-        raise ValueError(
-            f"{what}: the folder {missing} does not exist, and {problem} ({reason})"
-        ) from None
+    """Raise ValueError unless ``folder`` is (or can be created as) a folder that takes files
+    (:func:`pipelines.folders.writable_folder_problem` says why not)."""
+    problem = writable_folder_problem(folder)
+    if problem is not None:
+        raise ValueError(f"{what}: {problem}")
 
 
 def _write_refusal(path: Path, day: date | None, exc: BaseException) -> None:
