@@ -1359,7 +1359,7 @@ def test_cli_state_dir_and_summary_problems(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import pipelines.commands.retrain as retrain_command
+    import pipelines.folders as folders
 
     argv = ["retrain", "--config", str(tiny_job), "--date", "2024-03-06"]
     not_a_folder = tmp_path / "state-file"
@@ -1374,9 +1374,9 @@ def test_cli_state_dir_and_summary_problems(
         raise OSError(30, "Read-only file system")
 
     with monkeypatch.context() as mp:
-        mp.setattr(retrain_command.tempfile, "NamedTemporaryFile", read_only)
+        mp.setattr(folders.tempfile, "NamedTemporaryFile", read_only)
         assert main([*argv, "--summary", str(tmp_path / "s.json")]) == 2
-        assert "cannot write in" in capsys.readouterr().err
+        assert f"{tmp_path} is not writable (Read-only file system)" in capsys.readouterr().err
     # A night refused before it runs still leaves the scheduler a summary of this date.
     summary = tmp_path / "refused.json"
     summary.write_text('{"status": "promoted"}')  # the previous night's
