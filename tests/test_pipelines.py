@@ -136,7 +136,7 @@ def test_bad_config_tables_give_message_and_nonzero_exit(
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--threshold", "4.9"], "--threshold only apply to an interaction file (--data)"),
+        (["--threshold", "4.9"], "--threshold only applies to an interaction file (--data)"),
         (["--user-col", "u", "--separator", ";"], "--user-col, --separator only apply to"),
         (["--data", "{csv}", "--threshold", "4"], "--threshold needs --rating-col"),
         (["--data", "{csv}", "--dataset", "ml-100k"], "give either --dataset"),
@@ -424,4 +424,4 @@ def test_a_file_without_a_header_is_read_by_column_position(
     code, _, err = _run([*argv, "-o", str(tmp_path / "named")], capsys)
     assert code == 2 and "name its columns by 0-based position, e.g. --user-col 0" in err
     code, _, err = _run(["train", "--dataset", "ml-latest-small", "--no-header"], capsys)
-    assert code == 2 and "--no-header only apply to an interaction file" in err
+    assert code == 2 and "--no-header only applies to an interaction file" in err

@@ -164,7 +164,8 @@ def _check_data_flags(
     if not (getattr(args, "data", None) or job.data.path or (recorded and recorded.path)):
         if given:
             raise ValueError(
-                f"{', '.join(given)} only apply to an interaction file (--data); built-in "
+                f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to an "
+                "interaction file (--data); built-in "
                 "datasets are read with their own columns and rating threshold "
                 "(see `recvae datasets`)"
             )
