@@ -95,3 +95,27 @@ def test_cpu_runtime_measures_only_the_sections_asked_for(
     with pytest.raises(SystemExit) as exc:
         cpu_runtime.main(["--sections", "everything"])
     assert exc.value.code == 2
+
+
+def test_serve_probe_delay_probes_during_small_posts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    serve_probe_delay = _script("serve_probe_delay", monkeypatch)
+    body, n = serve_probe_delay.batch_body(64)
+    assert (n, len(body)) == (1, 49) and json.loads(body)["histories"][0]["history"] == list(
+        range(10)
+    )
+    out = tmp_path / "probe.json"
+    argv = ["--max-bytes", "65536", "--repeats", "1", "--idle", "5", "--json", str(out)]
+    assert serve_probe_delay.main(argv) == 0
+
+    record = json.loads(out.read_text())
+    assert record["server"]["json_body_route"] is True
+    assert record["idle_healthz"]["n"] == 5
+    shapes = {shape["shape"]: shape for shape in record["shapes"]}
+    assert shapes["batch"]["histories"] > 1000 and shapes["single"]["ids"] > 10_000
+    for shape in shapes.values():
+        assert shape["bytes"] <= 65536
+        (run,) = shape["runs"]
+        assert run["post_status"] == 422  # over max_batch / max_history, after the parse
+        assert run["healthz_errors"] == 0
