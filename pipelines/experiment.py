@@ -152,7 +152,9 @@ def output_dir_problem(path: Path) -> str | None:
                 return f"{path}: {candidate} is a file, not a directory"
             break
     problem = writable_folder_problem(path)
-    return None if problem is None else f"{path}: {problem}"
+    if problem is None or problem.startswith(f"{path} "):  # it names the path itself
+        return problem
+    return f"{path}: {problem}"
 
 
 def check_output_dir(path: Path) -> None:
