@@ -340,6 +340,12 @@ async def http_error(request: Request, exc: Exception) -> Response:
 INLINE_PARSE_BYTES = 16 * 1024
 
 
+# What FastAPI gets for a body that the worker found invalid: a plain tuple, which no body model
+# validates (a model is built from a dict or from an object's attributes), so FastAPI's validation
+# fails on it with one error whose input is this object (checked per route at start-up).
+_INVALID_BODY = ("<a body that failed validation>",)
+
+
 class _ParsedRequest(Request):
     """The request whose body was read and validated already: FastAPI's request handler gets
     the validated body model from ``json()``."""
@@ -384,8 +390,10 @@ class JSONBodyRoute(APIRoute):
     it for a few hundred milliseconds on a 16 MiB body, so the loop is held that long at worst
     rather than for the whole parse (BENCHMARKS.md has the numbers).
 
-    Errors are FastAPI's (422 ``json_invalid``, 422 validation errors located under
-    ``"body"``), except that a body that cannot be read is a 400 naming why. The route's
+    Errors are FastAPI's, in FastAPI's order (a body that is not JSON first; then the route's
+    dependencies: authentication, readiness, unknown query parameters; then the body's
+    validation errors located under ``"body"``), except that a body that cannot be read is a
+    400 naming why. The route's
     parameters, and so its OpenAPI document, are FastAPI's unchanged. A route whose body is
     not one JSON model (none, several parameters, embedded, a form) is left to FastAPI.
     """
@@ -396,14 +404,17 @@ class JSONBodyRoute(APIRoute):
             return handler
         field = self.body_field
         assert field is not None  # _single_json_body checked it
+        _, marker_errors = field.validate(_INVALID_BODY, {}, loc=("body",))
+        if not marker_errors or any(e.get("input") is not _INVALID_BODY for e in marker_errors):
+            return handler  # this pydantic would take the marker for a body: FastAPI parses
 
-        def parse(raw: bytes) -> Any:
+        def parse(raw: bytes) -> tuple[Any, RequestValidationError | None]:
             body = parse_json_body(raw)
             time.sleep(0)  # hand the GIL back between the two long calls that hold it
             value, errors = field.validate(body, {}, loc=("body",))
             if errors:
-                raise RequestValidationError(errors, body=body)
-            return value
+                return None, RequestValidationError(errors, body=body)
+            return value, None
 
         async def parse_then_handle(request: Request) -> Response:
             try:
@@ -415,10 +426,24 @@ class JSONBodyRoute(APIRoute):
             if not raw or not _is_json(request.headers.get("content-type", "")):
                 return await handler(request)  # no body, or not JSON: FastAPI's answer
             if len(raw) <= INLINE_PARSE_BYTES:
-                value = parse(raw)
+                value, invalid = parse(raw)
             else:
-                value = await run_in_threadpool(parse, raw)
-            return await handler(_ParsedRequest(request, raw, value))
+                value, invalid = await run_in_threadpool(parse, raw)
+            if invalid is None:
+                return await handler(_ParsedRequest(request, raw, value))
+            # As FastAPI orders them, the route's dependencies answer first (a 401/403, a 503
+            # before a model is loaded, an unknown query parameter), then the body's errors:
+            # FastAPI gets the marker, resolves the dependencies, fails to validate the marker,
+            # and the worker's errors replace that one error.
+            try:
+                return await handler(_ParsedRequest(request, raw, _INVALID_BODY))
+            except RequestValidationError as exc:
+                others = [e for e in exc.errors() if e.get("input") is not _INVALID_BODY]
+                if len(others) == len(exc.errors()):
+                    raise
+                raise RequestValidationError(
+                    [*others, *invalid.errors()], body=invalid.body
+                ) from None
 
         return parse_then_handle
 

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from recvae.recommender import Recommender
 from serving.app import create_app
+from serving import guards
 from serving.guards import INLINE_PARSE_BYTES, JSONBodyRoute
 from serving.routes import router
 from serving.schemas import (
@@ -133,6 +134,10 @@ def test_every_post_route_parses_its_body_itself() -> None:
         value, errors = route.body_field.validate(models[path], {}, loc=("body",))
         assert not errors
         assert value is models[path], path
+        # The marker of an invalid body fails validation with one error of its own (else the
+        # route would leave its bodies to FastAPI).
+        _, errors = route.body_field.validate(guards._INVALID_BODY, {}, loc=("body",))
+        assert errors and all(e["input"] is guards._INVALID_BODY for e in errors), path
 
 
 def test_a_probe_is_answered_while_a_large_body_is_parsed(
@@ -196,3 +201,42 @@ def test_a_large_body_gets_the_same_errors_as_a_small_one(
     assert large.json() == small.json()
     reload_body = b'{"reason": "test"' + padding.encode() + b"}"
     assert post(client, "/v1/admin/reload", reload_body).status_code == 200
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_the_routes_dependencies_answer_before_the_bodys_validation(
+    client: TestClient, tiny_bundle: Path, size: str
+) -> None:
+    """As FastAPI orders them: authentication, readiness and unknown query parameters come
+    before the body's validation errors (the body was validated before the dependencies ran,
+    so a request without a token learned the admin body's schema)."""
+    padding = b" " * (INLINE_PARSE_BYTES + 1) if size == "large" else b""
+    bad_reload = b'{"bundle": 5}' + padding
+    plain = {"content-type": "application/json"}
+    no_token = client.post("/v1/admin/reload", content=bad_reload, headers=plain)
+    assert no_token.status_code == 401, no_token.text
+    wrong = {**plain, "Authorization": "Bearer wrong"}
+    assert client.post("/v1/admin/reload", content=bad_reload, headers=wrong).status_code == 403
+    # With the token, the body's own error.
+    invalid = post(client, "/v1/admin/reload", bad_reload)
+    assert invalid.status_code == 422
+    assert [e["loc"] for e in invalid.json()["detail"]] == [["body", "bundle"]]
+    # An unknown query parameter and the body's errors, in FastAPI's order (query first).
+    both = post(client, "/v1/recommendations?exlude_seen=1", b'{"history": "x"}' + padding)
+    assert both.status_code == 422
+    assert [e["loc"][0] for e in both.json()["detail"]] == ["query"]
+    # Not ready: the 503 comes before the body's errors.
+    with TestClient(create_app(ServingSettings(admin_token=TOKEN))) as empty:
+        not_ready = post(empty, "/v1/recommendations", b'{"history": "x"}' + padding)
+        assert not_ready.status_code == 503, not_ready.text
+
+
+def test_a_small_and_a_large_invalid_body_get_the_same_errors_with_a_bad_query(
+    client: TestClient,
+) -> None:
+    padding = b" " * (INLINE_PARSE_BYTES + 1)
+    body = b'{"history": "x", "k": 0}'
+    small = post(client, "/v1/recommendations?k=3", body)
+    large = post(client, "/v1/recommendations?k=3", body + padding)
+    assert small.status_code == large.status_code == 422
+    assert large.json() == small.json()
