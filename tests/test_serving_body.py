@@ -15,8 +15,8 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from recvae.recommender import Recommender
-from serving.app import create_app
 from serving import guards
+from serving.app import create_app
 from serving.guards import INLINE_PARSE_BYTES, JSONBodyRoute
 from serving.routes import router
 from serving.schemas import (
