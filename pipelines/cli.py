@@ -69,8 +69,10 @@ def check_bundle_dir(path: Path) -> None:
 # A negative number, in every form ``float()`` reads (``-5``, ``-.5``, ``-1e3``, ``-inf``,
 # ``-Infinity``, ``-nan``): a value, never an option. argparse's own rule knows only the first
 # two, so ``--threshold -inf`` was "expected one argument" (only ``--threshold=-inf`` worked).
+_DIGITS = r"\d(?:_?\d)*"  # digits, with single underscores between them as float() reads
 NEGATIVE_NUMBER = re.compile(
-    r"^-(?:(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?|inf(?:inity)?|nan)\Z", re.IGNORECASE
+    rf"^-(?:(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:e[+-]?{_DIGITS})?|inf(?:inity)?|nan)\Z",
+    re.IGNORECASE,
 )
 
 
@@ -150,11 +152,21 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
         return args
     if args.command != "recommend":
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
-    unknown = [t for t in extras if t.startswith("-") and not NEGATIVE_NUMBER.match(t)]
+    # After a "--" every token is an item id, as argparse reads one before the first ids.
+    before, dashes, after = _split_at_dashes(extras)
+    unknown = [t for t in before if t.startswith("-") and not NEGATIVE_NUMBER.match(t)]
     if unknown:
         _subparser(parser, "recommend").error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.items = [*args.items, *extras]
+    args.items = [*args.items, *before, *after]
     return args
+
+
+def _split_at_dashes(tokens: list[str]) -> tuple[list[str], bool, list[str]]:
+    """``(before, found, after)`` of the first ``--`` in ``tokens``."""
+    if "--" not in tokens:
+        return tokens, False, []
+    at = tokens.index("--")
+    return tokens[:at], True, tokens[at + 1 :]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

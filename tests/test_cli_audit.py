@@ -391,7 +391,7 @@ def test_retrain_writable_probe_leaves_nothing_behind(
 
 
 # -------------------------------------------------------------- negative numbers as values
-NEGATIVES = ["-inf", "-Infinity", "-1e3", "-2.5E-1", "-nan"]
+NEGATIVES = ["-inf", "-Infinity", "-1e3", "-2.5E-1", "-nan", "-1_000"]
 
 
 def _subcommands(
@@ -491,6 +491,32 @@ def test_unknown_options_and_stray_numbers_are_still_unrecognized(
 def test_a_negative_number_is_an_item_id_of_recommend() -> None:
     args = parse_args(build_parser(), ["recommend", "b", "-inf", "-k", "3", "-1e3", "--json"])
     assert args.items == ["-inf", "-1e3"] and args.k == 3 and args.json
+
+
+@pytest.mark.parametrize(
+    ("argv", "items"),
+    [
+        (["-k", "3", "--", "5"], ["5"]),
+        (["-k", "3", "--", "-x", "-5"], ["-x", "-5"]),
+        (["1", "-k", "3", "--", "--json"], ["1", "--json"]),
+        (["--", "-5"], ["-5"]),
+    ],
+)
+def test_recommend_takes_every_token_after_dashes_as_an_item_id(
+    argv: list[str], items: list[str]
+) -> None:
+    # "--" after an option was an unrecognized argument, and so was every option-like id after it.
+    args = parse_args(build_parser(), ["recommend", "b", *argv])
+    assert args.items == items and args.json is False
+
+
+def test_recommend_still_refuses_an_unknown_option_before_dashes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args(build_parser(), ["recommend", "b", "-k", "3", "--nope", "1", "--", "-x"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --nope" in capsys.readouterr().err
 
 
 def test_a_negative_number_is_not_read_as_a_short_option_and_its_value() -> None:

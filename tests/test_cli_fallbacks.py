@@ -114,3 +114,17 @@ def test_serving_popular_is_the_library_fallback(rec: Recommender, tiny_bundle: 
     assert served.popular(5) == rec.popular_items(5)
     some = rec.item_ids[[0, 3]].tolist()
     assert served.popular(5, exclude=some) == rec.popular_items(5, exclude_idx=[0, 3])
+
+
+def test_recommend_names_the_id_type_when_an_id_cannot_be_one_of_the_models(
+    tiny_bundle: Path, rec: Recommender, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A token that is no integer (a typo, "1.0") is ignored on an int-keyed model, as the API
+    # does, and the CLI says what the ids look like (the old refusal did).
+    assert rec.item_ids.dtype != object
+    code, out, err = run_cli(["recommend", str(tiny_bundle), "1.0", "-k", "2"], capsys)
+    assert code == 0, err
+    assert f"(this model's item ids are integers, e.g. {rec.item_ids[0]})" in out
+    code, out, err = run_cli(["recommend", str(tiny_bundle), "12345", "-k", "2"], capsys)
+    assert code == 0, err
+    assert "item ids are integers" not in out  # an integer that is just not in the catalog

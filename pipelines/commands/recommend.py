@@ -119,7 +119,11 @@ def run_command(args: argparse.Namespace) -> int:
         )
         return 0
     if unknown:
-        print(f"ignored unknown item(s): {', '.join(map(str, unknown))}")
+        # An id that is not an integer cannot be one of an int-keyed model's (a typo, "1.0").
+        hint = ""
+        if int_items and any(isinstance(item, str) for item in unknown):
+            hint = f" (this model's item ids are integers, e.g. {rec.item_ids[0]})"
+        print(f"ignored unknown item(s): {', '.join(map(str, unknown))}{hint}")
     if fallback is not None:
         print(
             "no known item in the history: the most popular training items instead "
