@@ -201,7 +201,9 @@ class RecvaePyfuncModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-de
     ``predict`` takes histories (a list of item-id lists, a list of ``{"history": [...]}``
     records, a dict with ``histories``, a DataFrame with a ``history`` column of lists, or the
     numpy arrays that MLflow's scoring server makes of these) and returns one record per history
-    with the ranked ``item_ids`` and ``scores``. ``params`` may set ``k`` (default 20) and
+    with the ranked ``item_ids``, their ``scores`` and ``fallback`` (``"popularity"`` for a
+    history with no known item, which gets the most popular training items, as from the HTTP
+    API; else None). ``params`` may set ``k`` (default 20) and
     ``exclude_seen`` (default true). An input in none of these forms raises a ``ValueError``
     that is also an ``MlflowException``, so that ``mlflow models serve`` answers it with a 400
     carrying the message.
@@ -225,10 +227,21 @@ class RecvaePyfuncModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-de
             result = self.recommender.recommend_histories(histories, k, exclude_seen=exclude_seen)
         except ValueError as exc:  # the request's fault: a 400 from the scoring server
             raise _PredictInputError(str(exc)) from exc
-        return [
-            {"item_ids": [i for i, _ in row], "scores": [s for _, s in row]}
-            for row in result.to_lists()
-        ]
+        records = []
+        for history, row in zip(histories, result.to_lists(), strict=True):
+            # As the HTTP API and `recvae recommend`: a history with no known item gets the
+            # most popular training items, flagged (their scores are popularity shares).
+            fallback = None
+            if not len(self.recommender.vocab.item_indices(history)[0]):
+                fallback, row = "popularity", self.recommender.popular_items(k)
+            records.append(
+                {
+                    "item_ids": [i for i, _ in row],
+                    "scores": [s for _, s in row],
+                    "fallback": fallback,
+                }
+            )
+        return records
 
 
 class _PredictInputError(mlflow.exceptions.MlflowException, ValueError):

@@ -144,3 +144,24 @@ def test_bad_records_in_process_are_value_errors(served: tuple[Any, TestClient])
     ]:
         with pytest.raises(ValueError, match=message):
             model.predict(model_input)
+
+
+def test_a_history_with_no_known_item_gets_the_popularity_fallback_as_from_the_api(
+    served: tuple[Any, TestClient], tiny_bundle: Path
+) -> None:
+    # It got the model's prior ranking, while the HTTP API and `recvae recommend` answer it
+    # with the most popular training items, flagged.
+    model, client = served
+    recommender, first, _ = _histories(tiny_bundle)
+    popular = recommender.popular_items(3)
+    records = [{"history": [987654321]}, {"history": first}]
+    status, answer = _post(client, {"inputs": records, "params": {"k": 3}})
+    assert status == 200, answer
+    fallback, scored = answer["predictions"]
+    assert fallback["fallback"] == "popularity" and scored["fallback"] is None
+    assert fallback["item_ids"] == [item for item, _ in popular]
+    assert fallback["scores"] == pytest.approx([share for _, share in popular])
+    assert scored["item_ids"] == _ranked(recommender, [first], 3)[0]
+    out = model.predict([[987654321]], params={"k": 3})
+    assert out[0]["fallback"] == "popularity"
+    assert out[0]["item_ids"] == [item for item, _ in popular]
