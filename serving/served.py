@@ -113,8 +113,6 @@ class ServedModel:
         loaded_at: When this process loaded it (UTC).
         item_kind: Type of the item ids (``"int"`` or ``"str"``).
         user_kind: Type of the user ids.
-        popularity_order: Item positions, most popular first (ties by lower position).
-        popularity_share: Per item, the share of training users who interacted with it.
         unit_item_embeddings: ``(n_items, d)`` L2-normalized decoder item embeddings.
         item_lookup: External item id -> position (a plain dict, for the hot path).
         sorted_item_ids: The item ids sorted (vectorized lookup of integer ids).
@@ -132,8 +130,6 @@ class ServedModel:
     loaded_at: datetime
     item_kind: IdKind
     user_kind: IdKind
-    popularity_order: NDArray[np.int64]
-    popularity_share: NDArray[np.float32]
     unit_item_embeddings: torch.Tensor
     item_lookup: dict[Any, int]
     sorted_item_ids: NDArray[Any]
@@ -167,8 +163,9 @@ class ServedModel:
         if bad:
             raise BundleError(f"model from {source} has non-finite parameters: {', '.join(bad)}")
         n_items = recommender.n_items
-        # The fallback's ranking is the library's (recvae recommend gives the same answer).
-        order, share = recommender.popularity_ranking()
+        # The fallback's ranking is the library's (recvae recommend gives the same answer),
+        # computed here once so that no request pays for it.
+        recommender.popularity_ranking()
         with torch.inference_mode():
             embeddings = model.item_embeddings().detach().float()  # (n_items, d)
             unit = F.normalize(embeddings, p=2.0, dim=1).contiguous()
@@ -194,8 +191,6 @@ class ServedModel:
             loaded_at=datetime.now(UTC),
             item_kind=_id_kind(recommender.item_ids),
             user_kind=_id_kind(recommender.user_ids),
-            popularity_order=order,
-            popularity_share=share,
             unit_item_embeddings=unit,
             item_lookup={v: i for i, v in enumerate(recommender.item_ids.tolist())},
             sorted_item_ids=recommender.item_ids[id_order],
