@@ -153,7 +153,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     if args.command != "recommend":
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     # After a "--" every token is an item id, as argparse reads one before the first ids.
-    before, dashes, after = _split_at_dashes(extras)
+    before, after = _split_at_dashes(extras)
     unknown = [t for t in before if t.startswith("-") and not NEGATIVE_NUMBER.match(t)]
     if unknown:
         _subparser(parser, "recommend").error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -161,12 +161,12 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     return args
 
 
-def _split_at_dashes(tokens: list[str]) -> tuple[list[str], bool, list[str]]:
-    """``(before, found, after)`` of the first ``--`` in ``tokens``."""
+def _split_at_dashes(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """The tokens before and after the first ``--`` (none after when there is none)."""
     if "--" not in tokens:
-        return tokens, False, []
+        return tokens, []
     at = tokens.index("--")
-    return tokens[:at], True, tokens[at + 1 :]
+    return tokens[:at], tokens[at + 1 :]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
