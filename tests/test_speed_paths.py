@@ -107,6 +107,71 @@ def test_sparse_first_layer_equals_dense_forward_and_gradients(config, weighted)
         torch.testing.assert_close(model.encode(batch)[0], model.encode(x)[0])
 
 
+def test_cpu_first_layer_backward_is_torchs_embedding_bag_gradient() -> None:
+    # The CPU path's weight gradient is a bag sum over the transposed batch (_ItemBag): the
+    # same as F.embedding_bag's own backward up to rounding, with empty rows and unseen items
+    # (whose gradient rows must be exact zeros), and right by finite differences in float64.
+    # The forward pass is torch's, float for float.
+    from recvae.model import _ItemBag
+
+    rng = np.random.default_rng(5)
+    matrix = _random_histories(rng, 40, 300, weighted=True)
+    matrix[:, 250:] = 0.0  # items 250.. unseen in this batch
+    matrix.eliminate_zeros()
+    batch = SparseBatch.from_scipy(matrix)
+    weights = (
+        batch.weights * torch.from_numpy(rng.uniform(0.0, 2.0, batch.weights.shape[0])).float()
+    )
+    weight = torch.randn(300, 17, requires_grad=True)
+    upstream = torch.randn(40, 17)
+    assert _ItemBag.applies(weight, weights)
+    grads = []
+    for fast in (True, False):
+        weight.grad = None
+        if fast:
+            h = _ItemBag.apply(batch.indices, weight, batch.offsets, weights, batch.row_of)
+            assert type(h.grad_fn).__name__ == "_ItemBagBackward"
+        else:
+            h = F.embedding_bag(
+                batch.indices,
+                weight,
+                batch.offsets,
+                mode="sum",
+                per_sample_weights=weights,
+                include_last_offset=True,
+            )
+        (h * upstream).sum().backward()
+        grads.append((h.detach(), weight.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-6)
+    assert not grads[0][1][250:].any()
+
+    weight64 = torch.randn(300, 3, dtype=torch.float64, requires_grad=True)
+    weights64 = weights.double()
+
+    def bag(w: torch.Tensor) -> torch.Tensor:
+        return _ItemBag.apply(batch.indices, w, batch.offsets, weights64, batch.row_of)
+
+    assert torch.autograd.gradcheck(bag, (weight64,))
+    with torch.no_grad():
+        assert not _ItemBag.applies(weight, weights)  # inference keeps F.embedding_bag
+    assert not _ItemBag.applies(weight, weights.requires_grad_())  # its gradient is not computed
+
+
+def test_training_uses_the_cpu_first_layer_backward() -> None:
+    model = build_model(MultVAEConfig(hidden_dims=(8,), latent_dim=4), 23)
+    batch = SparseBatch.from_scipy(
+        _random_histories(np.random.default_rng(0), 6, 23, weighted=False)
+    )
+    model.train()
+    assert (
+        type(model._input_layer(batch).grad_fn.next_functions[0][0]).__name__ == "_ItemBagBackward"
+    )
+    model.eval()
+    with torch.no_grad():
+        assert model._input_layer(batch).grad_fn is None
+
+
 @pytest.mark.parametrize("weighted", [False, True], ids=["binary", "weighted"])
 def test_sparse_nll_equals_dense_nll_and_its_gradient(weighted: bool) -> None:
     rng = np.random.default_rng(5)
