@@ -22,6 +22,11 @@ Usage (from the repository root)::
    ``recvae.model.padded_output`` does on the CPU: the product written into the first
    ``n_items`` columns of the padded output, the gradients read from those columns), over a
    zero-padded copy of the weight (what it did before, and still does on a GPU), and unpadded.
+6. The sparse first layer, forward and backward together, two ways taken in turns: with the
+   backward pass a bag sum over the transposed batch (``recvae.model._ItemBag``, what training
+   uses on the CPU) and with ``F.embedding_bag``'s own backward (what it did before, and still
+   does on a GPU). The batches are the first 500 users of a shuffle of the split's training
+   users (``--data-dir`` or ``--split-cache``, as train_speed), one per repeat.
 
 ``--sections`` runs only some of them. Shapes: the paper's batch of 500 and hidden width 600, over
 ml-1m's 3,485 and gowalla's 40,981 items (PROTOCOL.md splits). Prints Markdown tables;
@@ -40,14 +45,16 @@ import statistics
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
 from recvae import cpu_runtime
-from recvae.model import padded_output
+from recvae.model import SparseBatch, _ItemBag, padded_output
 
 SHAPES = {"ml-1m": 3485, "gowalla": 40981}
 BATCH, HIDDEN = 500, 600
@@ -267,7 +274,68 @@ def padded_layer_rows(repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-SECTIONS = ("heap", "gemm", "mixed", "aligned", "padded")
+def _training_matrix(name: str, data_dir: str, cache: Path | None) -> sp.csr_array:
+    """The dataset's training users (PROTOCOL.md split), as train_speed reads them."""
+    import train_speed  # this folder's sibling; polars or a split cache
+
+    return sp.csr_array(train_speed._load(name, data_dir, cache).train.matrix)
+
+
+def _bag_layer_times(
+    batch: SparseBatch, gen: torch.Generator, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds per forward+backward of the sparse first layer on ``batch``, per way, in turns."""
+    weight = torch.randn(batch.n_items, HIDDEN, generator=gen).requires_grad_()
+    upstream = torch.randn(batch.n_rows, HIDDEN, generator=gen)
+    args = (batch.indices, weight, batch.offsets)
+
+    def transposed() -> None:
+        _ItemBag.apply(*args, batch.weights, batch.row_of).backward(upstream)
+
+    def torchs() -> None:
+        h = F.embedding_bag(
+            *args, mode="sum", per_sample_weights=batch.weights, include_last_offset=True
+        )
+        h.backward(upstream)
+
+    variants = {
+        "transposed bag sum (_ItemBag, the CPU path now)": transposed,
+        "F.embedding_bag's backward (before)": torchs,
+    }
+    seconds: dict[str, list[float]] = {label: [] for label in variants}
+    with cpu_runtime.reuse_freed_memory("cpu"):
+        for _ in range(repeats + 1):  # the first round warms up
+            for label, fn in variants.items():
+                weight.grad = None
+                start = time.perf_counter()
+                fn()
+                seconds[label].append(time.perf_counter() - start)
+    return {label: times[1:] for label, times in seconds.items()}
+
+
+def bag_layer_rows(repeats: int, data_dir: str, cache: Path | None) -> list[dict[str, Any]]:
+    """Forward and backward of the sparse first layer: the transposed bag-sum backward
+    (``_ItemBag``) and ``F.embedding_bag``'s, taken in turns, on real batches."""
+    rows = []
+    gen = torch.Generator().manual_seed(4)
+    for name in SHAPES:
+        matrix = _training_matrix(name, data_dir, cache)
+        users = np.random.default_rng(4).permutation(matrix.shape[0])[:BATCH]
+        batch = SparseBatch.from_scipy(matrix[np.sort(users)])
+        for label, times in _bag_layer_times(batch, gen, repeats).items():
+            rows.append(
+                {
+                    "dataset": name,
+                    "layer": label,
+                    "items": batch.n_items,
+                    "entries": int(batch.indices.shape[0]),
+                    "ms": statistics.median(times) * 1e3,
+                }
+            )
+    return rows
+
+
+SECTIONS = ("heap", "gemm", "mixed", "aligned", "padded", "bag")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--data-dir", default="../shared/data", help="datasets (the bag section)")
+    parser.add_argument(
+        "--split-cache", type=Path, default=None, help="pickled splits, as train_speed (bag)"
+    )
     parser.add_argument(
         "--sections",
         nargs="+",
@@ -344,6 +416,18 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---:|---:|")
         for r in padded:
             print(f"| {r['dataset']} | {r['layer']} | {r['columns']:,} | {r['ms']:.1f} |")
+    if "bag" in args.sections:
+        bag = payload["bag"] = bag_layer_rows(args.repeats, args.data_dir, args.split_cache)
+        print(
+            f"\n| dataset | sparse first layer, forward + backward, {args.threads} thread(s) "
+            "| items | entries | ms (median) |"
+        )
+        print("|---|---|---:|---:|---:|")
+        for r in bag:
+            print(
+                f"| {r['dataset']} | {r['layer']} | {r['items']:,} | {r['entries']:,} "
+                f"| {r['ms']:.2f} |"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)

@@ -97,6 +97,37 @@ def test_cpu_runtime_measures_only_the_sections_asked_for(
     assert exc.value.code == 2
 
 
+def test_cpu_runtime_times_the_first_layer_on_batches_of_the_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+    import scipy.sparse as sp
+
+    cpu_runtime = _script("cpu_runtime", monkeypatch)
+    monkeypatch.setattr(cpu_runtime, "SHAPES", {"small": 300})
+    asked = []
+    rng = np.random.default_rng(0)
+    matrix = sp.csr_array((rng.random((700, 300)) < 0.05).astype(np.float32))
+
+    def training_matrix(name: str, data_dir: str, cache: Path | None) -> sp.csr_array:
+        asked.append((name, data_dir, cache))
+        return matrix
+
+    monkeypatch.setattr(cpu_runtime, "_training_matrix", training_matrix)
+    out = tmp_path / "bag.json"
+    argv = ["--repeats", "2", "--sections", "bag", "--split-cache", str(tmp_path), "--json"]
+    assert cpu_runtime.main([*argv, str(out)]) == 0
+    assert asked == [("small", "../shared/data", tmp_path)]
+    rows = json.loads(out.read_text())["bag"]
+    assert [row["layer"] for row in rows] == [
+        "transposed bag sum (_ItemBag, the CPU path now)",
+        "F.embedding_bag's backward (before)",
+    ]
+    users = np.sort(np.random.default_rng(4).permutation(700)[:500])
+    assert all(row["entries"] == matrix[users].nnz and row["items"] == 300 for row in rows)
+    assert all(row["ms"] > 0 for row in rows)
+
+
 def test_serve_probe_delay_probes_during_small_posts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
