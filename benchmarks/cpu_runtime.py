@@ -219,6 +219,23 @@ def aligned_rows(repeats: int, threads: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _in_turns(
+    variants: dict[str, Callable[[], Any]], clear: Callable[[], Any], repeats: int
+) -> dict[str, list[float]]:
+    """Seconds of each variant over ``repeats`` rounds, the variants taken in turns within a
+    round (so that a slow spell of the machine hits each), ``clear()`` before every call, the
+    heap kept as training keeps it; a first round warms up and is dropped."""
+    seconds: dict[str, list[float]] = {label: [] for label in variants}
+    with cpu_runtime.reuse_freed_memory("cpu"):
+        for _ in range(repeats + 1):
+            for label, fn in variants.items():
+                clear()
+                start = time.perf_counter()
+                fn()
+                seconds[label].append(time.perf_counter() - start)
+    return {label: times[1:] for label, times in seconds.items()}
+
+
 def _padded_layer_times(n_items: int, repeats: int, gen: torch.Generator) -> dict[str, list[float]]:
     """Seconds per forward+backward of one layer over ``n_items``, per way, taken in turns."""
     pad = -n_items % 64
@@ -238,21 +255,16 @@ def _padded_layer_times(n_items: int, repeats: int, gen: torch.Generator) -> dic
     def unpadded() -> None:
         F.linear(h, weight, bias).backward(upstream[:, :n_items])
 
+    def clear() -> None:
+        layer.zero_grad(set_to_none=True)
+        h.grad = None
+
     variants = {
         "in place (padded_output on the CPU)": in_place,
         "zero-padded weight copy": weight_copy,
         "unpadded": unpadded,
     }
-    seconds: dict[str, list[float]] = {label: [] for label in variants}
-    with cpu_runtime.reuse_freed_memory("cpu"):
-        for _ in range(repeats + 1):  # the first round warms up
-            for label, fn in variants.items():
-                layer.zero_grad(set_to_none=True)
-                h.grad = None
-                start = time.perf_counter()
-                fn()
-                seconds[label].append(time.perf_counter() - start)
-    return {label: times[1:] for label, times in seconds.items()}
+    return _in_turns(variants, clear, repeats)
 
 
 def padded_layer_rows(repeats: int) -> list[dict[str, Any]]:
@@ -298,19 +310,14 @@ def _bag_layer_times(
         )
         h.backward(upstream)
 
+    def clear() -> None:
+        weight.grad = None
+
     variants = {
         "transposed bag sum (_ItemBag, the CPU path now)": transposed,
         "F.embedding_bag's backward (before)": torchs,
     }
-    seconds: dict[str, list[float]] = {label: [] for label in variants}
-    with cpu_runtime.reuse_freed_memory("cpu"):
-        for _ in range(repeats + 1):  # the first round warms up
-            for label, fn in variants.items():
-                weight.grad = None
-                start = time.perf_counter()
-                fn()
-                seconds[label].append(time.perf_counter() - start)
-    return {label: times[1:] for label, times in seconds.items()}
+    return _in_turns(variants, clear, repeats)
 
 
 def bag_layer_rows(repeats: int, data_dir: str, cache: Path | None) -> list[dict[str, Any]]:
