@@ -145,6 +145,9 @@ class Tracker:
         self.tracking_uri: str | None = None
         self.experiment_id: str | None = None
         self.errors: list[str] = []
+        # Runs skipped because the server was down, still open: their calls are skipped too,
+        # or they would go to the enclosing run (or a new one) once the server is back.
+        self._skipped_runs = 0
         if not enabled:
             return
         if not tracking_available():
@@ -172,18 +175,46 @@ class Tracker:
 
     # ------------------------------------------------------------------ guarded calls
     def _guard(self, what: str, call: Callable[[], _T]) -> _T | None:
-        if not self.enabled:
+        if not self.enabled or self._skipped_runs:
+            return None
+        if self._server_down(what):
             return None
         try:
             return call()
         except Exception as exc:  # telemetry must not lose a finished computation
-            message = f"MLflow: {what} failed: {exc}"
-            if not self.errors:
-                logger.warning("%s (the run goes on; later failures are logged at debug)", message)
-            else:
-                logger.debug(message)
-            self.errors.append(message)
+            self._record_failure(what, exc)
             return None
+
+    def _record_failure(self, what: str, exc: Exception) -> None:
+        message = f"MLflow: {what} failed: {exc}"
+        if not self.errors:
+            logger.warning("%s (the run goes on; later failures are logged at debug)", message)
+        else:
+            logger.debug(message)
+        self.errors.append(message)
+
+    def _server_down(self, what: str) -> bool:
+        """After a failed call to a tracking server, whether it still does not answer.
+
+        MLflow retries every call to a server that is gone for minutes (about four, by
+        default) before it fails: once a call has failed, each later one first asks the
+        server's health endpoint (an immediate answer either way) and is skipped while nothing
+        answers, so a long run is not slowed by minutes per epoch. Calls resume when the
+        server is back.
+        """
+        uri = self.tracking_uri or ""
+        if not self.errors or not uri.startswith(("http://", "https://")):
+            return False
+        from recvae.tracking import check_reachable
+
+        try:
+            check_reachable(uri)
+        except ConnectionError as exc:
+            message = f"MLflow: {what} skipped: {exc}"
+            logger.debug(message)
+            self.errors.append(message)
+            return True
+        return False
 
     # ------------------------------------------------------------------ runs
     @contextmanager
@@ -197,6 +228,11 @@ class Tracker:
     ) -> Iterator[str | None]:
         """A run (a child of the active one with ``nested``); yields its id, None if disabled.
 
+        The run's end is a guarded call too: when ending it fails (the tracking server went
+        away), the failure is recorded in :attr:`errors` and the run stays ``RUNNING`` in the
+        store; a run that cannot start because the server is known to be down yields None,
+        and every call inside its block is skipped (none goes to an enclosing run).
+
         Args:
             name: The run name.
             nested: Start it as a child of the active run.
@@ -206,6 +242,13 @@ class Tracker:
         if not self.enabled:
             yield None
             return
+        if self._skipped_runs or self._server_down(f"starting run {name!r}"):
+            self._skipped_runs += 1
+            try:
+                yield None
+            finally:
+                self._skipped_runs -= 1
+            return
         from recvae.tracking import start_run
 
         with start_run(
@@ -214,6 +257,7 @@ class Tracker:
             run_id=run_id,
             nested=nested,
             tags=tags,
+            on_end_error=lambda exc: self._record_failure(f"ending run {name!r}", exc),
         ) as active:
             yield active
 

@@ -148,24 +148,60 @@ def check_reachable(uri: str, *, timeout: float = 10.0) -> None:
     MLflow's client retries a refused connection with exponential backoff for minutes before it
     reports anything; one request with a short timeout says at once that no server is there.
     Any HTTP answer (even an error status) counts as reachable: only the network is checked.
+    The request goes out as MLflow's own would: through ``requests`` (credentials in the URI,
+    proxies and ``REQUESTS_CA_BUNDLE`` apply), with MLflow's TLS settings
+    (``MLFLOW_TRACKING_INSECURE_TLS``, ``MLFLOW_TRACKING_SERVER_CERT_PATH``,
+    ``MLFLOW_TRACKING_CLIENT_CERT_PATH``), so a server MLflow can talk to passes.
 
     Raises:
-        ConnectionError: the connection is refused, times out, or the host does not resolve.
+        ConnectionError: the connection is refused, times out, the host does not resolve, or
+            the TLS handshake fails.
     """
-    import urllib.error
-    import urllib.request
+    import requests
+    from mlflow.environment_variables import (
+        MLFLOW_TRACKING_CLIENT_CERT_PATH,
+        MLFLOW_TRACKING_INSECURE_TLS,
+        MLFLOW_TRACKING_SERVER_CERT_PATH,
+    )
 
+    # As MLflow's MlflowHostCreds.verify: a CA bundle, else verification unless switched off.
+    server_cert = MLFLOW_TRACKING_SERVER_CERT_PATH.get()  # type: ignore[no-untyped-call]
+    insecure = bool(MLFLOW_TRACKING_INSECURE_TLS.get())  # type: ignore[no-untyped-call]
+    verify: bool | str = str(server_cert) if server_cert else not insecure
+    client_cert = MLFLOW_TRACKING_CLIENT_CERT_PATH.get()  # type: ignore[no-untyped-call]
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+        with requests.get(
+            f"{uri.rstrip('/')}/health",
+            timeout=timeout,
+            verify=verify,
+            cert=client_cert,
+            allow_redirects=False,
+            stream=True,  # only the status line is needed
+        ):
             pass
-    except urllib.error.HTTPError:
-        return  # something answered
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+    except (requests.RequestException, OSError) as exc:
         raise ConnectionError(
-            f"cannot reach the MLflow tracking server at {uri} ({reason}): start it, or track "
-            "to a local store (e.g. sqlite:///mlflow.db), or turn tracking off"
+            f"cannot reach the MLflow tracking server at {_without_password(uri)} "
+            f"({_root_cause(exc)}): start it, or track to a local store (e.g. "
+            "sqlite:///mlflow.db), or turn tracking off"
         ) from None
+
+
+def _without_password(uri: str) -> str:
+    """``uri`` with the password of ``user:password@host`` masked (error messages get logged)."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", uri)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost reason of a ``requests`` error (refused, timed out, certificate ...)."""
+    seen = {id(exc)}
+    while True:
+        reason = getattr(exc, "reason", None)
+        inner = reason if isinstance(reason, BaseException) else exc.__cause__ or exc.__context__
+        if inner is None or id(inner) in seen:
+            return str(exc)
+        seen.add(id(inner))
+        exc = inner
 
 
 def get_or_create_experiment(name: str, *, artifact_location: str | None = None) -> str:
@@ -173,7 +209,10 @@ def get_or_create_experiment(name: str, *, artifact_location: str | None = None)
 
     With a sqlite store the artifacts go to ``mlartifacts/`` beside the database file (for the
     default ``sqlite:///mlflow.db``, ``./mlartifacts/``, as ``mlflow server`` does), as an
-    absolute ``file:`` URI.
+    absolute ``file:`` URI. A plain path as ``artifact_location`` is relative to the working
+    directory of this process, whatever the store: it becomes an absolute ``file:`` URI here,
+    because a tracking server would otherwise resolve it against its own working directory
+    (where this process, which writes the artifacts, then puts them).
     """
     _open_store()
     client = MlflowClient()
@@ -181,6 +220,8 @@ def get_or_create_experiment(name: str, *, artifact_location: str | None = None)
     if experiment is not None:
         return str(experiment.experiment_id)
     uri = mlflow.get_tracking_uri()
+    if artifact_location is not None and _is_local_path(artifact_location):
+        artifact_location = Path(artifact_location).expanduser().resolve().as_uri()
     if artifact_location is None and uri.startswith("sqlite:"):
         database = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else Path()
         root = database.parent if database.name else Path()
@@ -193,6 +234,14 @@ def get_or_create_experiment(name: str, *, artifact_location: str | None = None)
         if exc.error_code != "RESOURCE_ALREADY_EXISTS" or experiment is None:
             raise
         return str(experiment.experiment_id)
+
+
+def _is_local_path(location: str) -> bool:
+    """Whether an artifact location is a plain filesystem path (no URI scheme; a Windows drive
+    letter is not a scheme)."""
+    from urllib.parse import urlparse
+
+    return len(urlparse(location).scheme) <= 1
 
 
 class RecvaePyfuncModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
@@ -583,11 +632,14 @@ def start_run(
     run_id: str | None = None,
     nested: bool = False,
     tags: Mapping[str, str] | None = None,
+    on_end_error: Callable[[Exception], None] | None = None,
 ) -> Iterator[str]:
     """Start (or resume, with ``run_id``) a run; a nested run becomes a child of the active one.
 
     The run ends when the block ends: FINISHED, or KILLED when the block raises
-    ``KeyboardInterrupt`` (Ctrl-C), or FAILED when it raises anything else.
+    ``KeyboardInterrupt`` (Ctrl-C), or FAILED when it raises anything else. Ending it is a call
+    to the store, which may fail (a tracking server that went away during the block): the
+    block's own exception is never replaced by that failure, which is then logged.
 
     Args:
         experiment_id: The experiment (from :func:`get_or_create_experiment`).
@@ -595,24 +647,60 @@ def start_run(
         run_id: Resume this run instead of starting a new one.
         nested: Make the run a child of the active run.
         tags: Tags set at start.
+        on_end_error: Called with the error when ending the run fails, instead of raising it
+            (the run then stays ``RUNNING`` in the store; it is no longer active here).
 
     Yields:
         The run id.
+
+    Raises:
+        mlflow.exceptions.MlflowException: Ending the run failed after a block that did not
+            raise, and no ``on_end_error`` was given.
     """
     _open_store()
-    with mlflow.start_run(
+    run = mlflow.start_run(
         experiment_id=experiment_id,
         run_name=run_name,
         run_id=run_id,
         nested=nested,
         tags=dict(tags) if tags else None,
-    ) as run:
-        try:
-            yield str(run.info.run_id)
-        except KeyboardInterrupt:
-            # MLflow's own context manager ends every raising block FAILED; ending the run here
-            # first leaves it nothing to end.
-            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+    )
+    active_id = str(run.info.run_id)
+    status = RunStatus.FINISHED
+    try:
+        yield active_id
+    except KeyboardInterrupt:
+        status = RunStatus.KILLED
+        raise
+    except BaseException:
+        status = RunStatus.FAILED
+        raise
+    finally:
+        _end_run(active_id, status, on_end_error)
+
+
+def _end_run(run_id: str, status: int, on_end_error: Callable[[Exception], None] | None) -> None:
+    """End ``run_id`` with ``status`` if it is still the active run (the block may have ended it).
+
+    MLflow takes the run off its active stack before it calls the store, so a failed call
+    leaves no active run behind.
+    """
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != run_id:
+        return
+    try:
+        mlflow.end_run(RunStatus.to_string(status))
+    except Exception as exc:
+        if on_end_error is not None:
+            on_end_error(exc)
+        elif status != RunStatus.FINISHED:  # the block raised: its exception goes on
+            logger.warning(
+                "could not end MLflow run %s as %s (it stays RUNNING in the store): %s",
+                run_id,
+                RunStatus.to_string(status),
+                exc,
+            )
+        else:
             raise
 
 

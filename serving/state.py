@@ -130,7 +130,7 @@ class ModelState:
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
-        self._tracking_configured = False
+        self._tracking_uri: str | None = None  # set once the tracking store is configured
         self._failed_registry_version: str | None = None
         self.last_error: str | None = None
 
@@ -221,9 +221,12 @@ class ModelState:
             raise ReloadError(
                 f"loading a model URI needs MLflow (pip install 'recvae[track]'): {exc}"
             ) from exc
-        if not self._tracking_configured:
-            tracking.configure_tracking(self.settings.tracking_uri)
-            self._tracking_configured = True
+        if self._tracking_uri is None:
+            self._tracking_uri = tracking.configure_tracking(self.settings.tracking_uri)
+        elif self._tracking_uri.startswith(("http://", "https://")):
+            # MLflow retries a call to a server that is gone for minutes: a reload or alias poll
+            # would hang that long (holding the reload lock) before it fails.
+            tracking.check_reachable(self._tracking_uri)
         return tracking
 
     def _alias_version(self, uri: str) -> str | None:

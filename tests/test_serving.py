@@ -1046,6 +1046,55 @@ def test_reload_error_without_source() -> None:
         state.reload()
 
 
+def test_reload_from_a_registry_that_went_away_fails_at_once() -> None:
+    # MLflow retries a call to a tracking server that is gone for about four minutes: an admin
+    # reload (or alias poll) used to hang that long, holding the reload lock, before its 422.
+    pytest.importorskip("mlflow")
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from serving.metrics import ServingMetrics
+
+    class NoRegistry(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), NoRegistry)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    settings = ServingSettings(model_uri="models:/recvae@champion", tracking_uri=uri)
+    state = ModelState(settings, ServingMetrics())
+    try:
+        with pytest.raises(ReloadError):  # the store answers, but holds no such model
+            state.reload()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    errors: list[BaseException] = []
+
+    def reload() -> None:
+        try:
+            state.reload()
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=reload, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the reload waited for MLflow's retries"
+    (error,) = errors
+    assert isinstance(error, ReloadError) and "cannot reach the MLflow tracking server" in str(
+        error
+    )
+    assert state.poll_once() is False
+    assert state.metrics.registry.get_sample_value("recvae_model_poll_errors_total") == 1
+
+
 def test_alias_uri_parsing() -> None:
     assert is_alias_uri("models:/recvae@champion")
     assert is_alias_uri("models:/team/recvae@prod")

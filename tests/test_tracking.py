@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -539,3 +546,225 @@ def test_an_http_tracking_server_that_is_not_there_fails_fast() -> None:
     finally:
         server.shutdown()
         thread.join()
+
+
+class _Healthy(BaseHTTPRequestHandler):
+    """Answers every GET with 200, as a tracking server's /health does."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def _health_server(context: ssl.SSLContext | None = None) -> Iterator[int]:
+    """A thread serving ``_Healthy`` on a free loopback port (TLS with ``context``)."""
+    server = HTTPServer(("127.0.0.1", 0), _Healthy)
+    if context is not None:
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """``(cert.pem, key.pem)`` of a self-signed certificate for 127.0.0.1."""
+    import datetime
+    import ipaddress
+
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_reachability_check_accepts_credentials_in_the_uri() -> None:
+    # MLflow (through requests) sends http://user:password@host as basic auth; the check used
+    # to read "user:password@host" as the host name and refuse a server MLflow reaches.
+    from recvae.tracking import check_reachable
+
+    with _health_server() as port:
+        check_reachable(f"http://alice:s3cret@127.0.0.1:{port}")
+    with pytest.raises(ConnectionError) as raised:
+        check_reachable(f"http://alice:s3cret@127.0.0.1:{port}")  # closed now
+    assert "s3cret" not in str(raised.value) and "alice:***@" in str(raised.value)
+
+
+def test_reachability_check_follows_mlflows_tls_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server with a private CA or a self-signed certificate, which MLflow talks to with
+    # MLFLOW_TRACKING_SERVER_CERT_PATH or MLFLOW_TRACKING_INSECURE_TLS, used to be refused
+    # before MLflow was ever asked.
+    from recvae.tracking import check_reachable
+
+    cert, key = _self_signed_certificate(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_INSECURE_TLS", raising=False)
+    with _health_server(context) as port:
+        uri = f"https://127.0.0.1:{port}"
+        with pytest.raises(ConnectionError, match="(?i)certificate"):
+            check_reachable(uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(cert))
+        check_reachable(uri)
+        monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
+        monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # urllib3's InsecureRequestWarning: asked for
+            check_reachable(uri)
+
+
+def test_a_store_failure_when_a_run_ends_never_hides_the_block(
+    mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ending a run is a call to the store; a server gone by then used to raise out of the
+    # `with`, replacing a training's result (or its own error) with MLflow's traceback.
+    tracking.configure_tracking(mlflow_uri)
+    experiment_id = tracking.get_or_create_experiment("ending")
+
+    def gone(*args: object, **kwargs: object) -> None:
+        raise mlflow.exceptions.MlflowException("API request failed: connection refused")
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", gone)
+    with pytest.raises(RuntimeError, match="training diverged"):
+        with tracking.start_run(experiment_id=experiment_id):
+            raise RuntimeError("training diverged")
+    assert mlflow.active_run() is None
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.start_run(experiment_id=experiment_id):
+            raise KeyboardInterrupt
+    with pytest.raises(mlflow.exceptions.MlflowException, match="connection refused"):
+        with tracking.start_run(experiment_id=experiment_id):
+            pass  # nothing else to report: the library raises it
+    assert mlflow.active_run() is None
+
+    tracker = Tracker(enabled=True, tracking_uri=mlflow_uri, experiment="ending")
+    with tracker.run("r") as run_id:
+        tracker.log_metrics({"a": 1.0})
+    assert run_id is not None and mlflow.active_run() is None
+    assert tracker.errors and "ending run 'r' failed" in tracker.errors[0]
+    assert MlflowClient().get_run(run_id).data.metrics == {"a": 1.0}
+
+
+def test_tracker_skips_calls_while_the_tracking_server_is_down(
+    mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MLflow retries each call to a server that went away for about four minutes: a run that
+    # logs every epoch used to stall that long per epoch.
+    tracker = Tracker(enabled=True, tracking_uri=mlflow_uri, experiment="down")
+    calls: list[Mapping[str, float]] = []
+
+    def log(metrics: Mapping[str, float], *, step: int | None = None) -> None:
+        calls.append(metrics)
+        raise mlflow.exceptions.MlflowException("API request failed: connection refused")
+
+    monkeypatch.setattr(tracking, "log_metrics", log)
+    with _health_server() as port:
+        tracker.tracking_uri = f"http://127.0.0.1:{port}"  # as if the server were this one
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.log_metrics({"loss": 0.9}, step=2)  # answers /health: tried again
+    assert len(calls) == 2
+    start = time.monotonic()
+    for epoch in range(3, 10):
+        tracker.log_metrics({"loss": 0.5}, step=epoch)
+    with tracker.run("later") as run_id:
+        pass
+    assert time.monotonic() - start < 30
+    assert len(calls) == 2 and run_id is None
+    assert any("skipped: cannot reach the MLflow tracking server" in e for e in tracker.errors)
+
+
+def test_calls_inside_a_run_skipped_while_the_server_was_down_reach_no_other_run(
+    mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A child run skipped because the server was down yields None; if the server comes back
+    # inside its block, its calls must not land in the parent run (MLflow's active run).
+    tracker = Tracker(enabled=True, tracking_uri=mlflow_uri, experiment="skipped-child")
+    server = {"down": True}
+
+    def reachable(uri: str, *, timeout: float = 10.0) -> None:
+        if server["down"]:
+            raise ConnectionError("cannot reach the MLflow tracking server (test)")
+
+    monkeypatch.setattr(tracking, "check_reachable", reachable)
+    with tracker.run("parent") as parent_id:
+        tracker.tracking_uri = "http://127.0.0.1:9"  # checked as a server; the store is sqlite
+        tracker._record_failure("log_metrics", RuntimeError("connection refused"))
+        with tracker.run("child", nested=True) as child_id:
+            assert child_id is None
+            server["down"] = False  # back
+            with tracker.run("grandchild", nested=True) as grandchild_id:
+                tracker.log_metrics({"grandchild_metric": 1.0})
+            tracker.log_metrics({"child_metric": 1.0})
+            tracker.set_tags({"child": "yes"})
+        assert grandchild_id is None
+        tracker.log_metrics({"parent_metric": 2.0})  # the parent's own calls resume
+    assert parent_id is not None
+    run = MlflowClient().get_run(parent_id)
+    assert run.data.metrics == {"parent_metric": 2.0}
+    assert "child" not in run.data.tags
+    experiment = MlflowClient().get_experiment_by_name("skipped-child")
+    assert len(MlflowClient().search_runs([experiment.experiment_id])) == 1
+
+
+def test_train_command_finishes_when_the_store_fails_at_the_end(
+    mlflow_uri: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A tracking server that went away during training used to end `recvae train` with MLflow's
+    # traceback and exit 1 once the run was to be ended, the trained bundle never reported.
+    def gone(*args: object, **kwargs: object) -> None:
+        raise mlflow.exceptions.MlflowException("API request failed: connection refused")
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", gone)
+    data = _planted_csv(tmp_path / "log.csv")
+    argv = ["train", "--data", str(data), "--n-heldout", "20", "--epochs", "1"]
+    argv += ["--batch-size", "32", "--latent-dim", "4", "--no-progress", "--device", "cpu"]
+    argv += ["-o", str(tmp_path / "run"), "--tracking-uri", mlflow_uri]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert f"bundle       {tmp_path / 'run' / 'bundle'}" in captured.out
+    assert "warning: 1 MLflow call(s) failed; first: MLflow: ending run" in captured.err
+    assert (tmp_path / "run" / "bundle" / "meta.json").is_file()

@@ -321,6 +321,11 @@ def print_tracking(tracking: TrainTracking, registered: dict[str, str] | None) -
     tracker = tracking.tracker
     if tracker.enabled:
         print(f"mlflow       {tracker.tracking_uri}, experiment {tracker.experiment!r}")
+        if tracker.errors:  # the run went on without them, as `recvae experiment` reports
+            print(
+                f"warning: {len(tracker.errors)} MLflow call(s) failed; first: {tracker.errors[0]}",
+                file=sys.stderr,
+            )
     if registered and registered.get("version"):
         print(
             f"registered   models:/{registered['registered_model']}@{tracking.alias} "
