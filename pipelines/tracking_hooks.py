@@ -163,15 +163,25 @@ class Tracker:
                 experiment, artifact_location=artifact_location
             )
         except Exception as exc:
-            raise ValueError(
-                f"cannot open the MLflow store {tracking_uri or '(default)'}: {exc}"
-            ) from exc
-        logger.info("tracking to %s, experiment %r", self.tracking_uri, experiment)
+            from recvae.tracking import redact_uri
+
+            shown = redact_uri(tracking_uri) if tracking_uri else "(default)"
+            raise ValueError(f"cannot open the MLflow store {shown}: {exc}") from exc
+        logger.info("tracking to %s, experiment %r", self.display_uri, experiment)
 
     @classmethod
     def disabled(cls) -> Tracker:
         """A tracker that logs nothing."""
         return cls(enabled=False)
+
+    @property
+    def display_uri(self) -> str | None:
+        """The tracking URI as messages show it: a password in it masked."""
+        if self.tracking_uri is None:
+            return None
+        from recvae.tracking import redact_uri
+
+        return redact_uri(self.tracking_uri)
 
     # ------------------------------------------------------------------ guarded calls
     def _guard(self, what: str, call: Callable[[], _T]) -> _T | None:

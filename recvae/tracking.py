@@ -54,6 +54,7 @@ __all__ = [
     "log_params",
     "metric_key",
     "recent_runs",
+    "redact_uri",
     "run_exists",
     "set_tags",
     "start_run",
@@ -181,14 +182,15 @@ def check_reachable(uri: str, *, timeout: float = 10.0) -> None:
             pass
     except (requests.RequestException, OSError) as exc:
         raise ConnectionError(
-            f"cannot reach the MLflow tracking server at {_without_password(uri)} "
+            f"cannot reach the MLflow tracking server at {redact_uri(uri)} "
             f"({_root_cause(exc)}): start it, or track to a local store (e.g. "
             "sqlite:///mlflow.db), or turn tracking off"
         ) from None
 
 
-def _without_password(uri: str) -> str:
-    """``uri`` with the password of ``user:password@host`` masked (error messages get logged)."""
+def redact_uri(uri: str) -> str:
+    """``uri`` with the password of ``user:password@host`` masked, for messages, logs and
+    summaries (``http://me:secret@host`` -> ``http://me:***@host``)."""
     return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", uri)
 
 

@@ -628,6 +628,33 @@ def test_reachability_check_accepts_credentials_in_the_uri() -> None:
     assert "s3cret" not in str(raised.value) and "alice:***@" in str(raised.value)
 
 
+def test_a_password_in_the_tracking_uri_is_masked_where_it_is_shown(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Messages, the printed summary lines and the nightly summary get logged and kept: a
+    # password in the URI (basic auth) must not be in them.
+    from recvae.tracking import redact_uri
+
+    assert redact_uri("http://alice:s3cret@host:5000/x") == "http://alice:***@host:5000/x"
+    assert redact_uri("https://token@host/") == "https://token@host/"  # no password
+    assert redact_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+    tracker = Tracker.disabled()
+    assert tracker.display_uri is None
+    tracker.tracking_uri = "http://alice:s3cret@host"
+    assert tracker.display_uri == "http://alice:***@host"
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # restored afterwards
+    with _health_server() as port:  # answers /health only: no MLflow API behind it
+        uri = f"http://alice:s3cret@127.0.0.1:{port}"
+        with pytest.raises(ValueError) as raised:
+            Tracker(enabled=True, tracking_uri=uri, experiment="x")
+        assert "alice:***@" in str(raised.value) and "s3cret" not in str(raised.value)
+        assert main(["runs", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert "alice:***@" in err and "s3cret" not in err
+
+
 def test_reachability_check_follows_mlflows_tls_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

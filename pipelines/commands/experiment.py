@@ -127,7 +127,7 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"table        {outcome.output_dir / 'comparison.md'} (and comparison.csv)")
     if tracker.enabled:
         print(
-            f"mlflow       {tracker.tracking_uri}, experiment {tracker.experiment!r}, "
+            f"mlflow       {tracker.display_uri}, experiment {tracker.experiment!r}, "
             f"run {outcome.run_id}"
         )
         if outcome.registered:

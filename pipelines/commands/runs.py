@@ -214,19 +214,20 @@ def run_command(args: argparse.Namespace) -> int:
         raise CLIError("recvae runs needs mlflow: pip install 'recvae[track]'")
     from mlflow.exceptions import MlflowException
 
-    from recvae.tracking import configure_tracking, recent_runs
+    from recvae.tracking import configure_tracking, recent_runs, redact_uri
 
     uri = configure_tracking(args.tracking_uri)
     check_store(uri)
+    shown = redact_uri(uri)
     try:
         runs = recent_runs(experiment_names=args.experiment, limit=args.limit)
     except MlflowException as exc:
-        raise CLIError(f"cannot read the MLflow store {uri}: {_first_line(exc)}") from None
+        raise CLIError(f"cannot read the MLflow store {shown}: {_first_line(exc)}") from None
     if not runs:
-        print(f"no runs in {uri}")
+        print(f"no runs in {shown}")
         return 0
     print(format_runs(runs))
-    print(f"\n{len(runs)} run(s) from {uri}; details: {details_hint(uri)}")
+    print(f"\n{len(runs)} run(s) from {shown}; details: {details_hint(shown)}")
     return 0
 
 

@@ -320,7 +320,7 @@ def print_tracking(tracking: TrainTracking, registered: dict[str, str] | None) -
     """The ``mlflow`` and ``registered`` lines of the summary."""
     tracker = tracking.tracker
     if tracker.enabled:
-        print(f"mlflow       {tracker.tracking_uri}, experiment {tracker.experiment!r}")
+        print(f"mlflow       {tracker.display_uri}, experiment {tracker.experiment!r}")
         if tracker.errors:  # the run went on without them, as `recvae experiment` reports
             print(
                 f"warning: {len(tracker.errors)} MLflow call(s) failed; first: {tracker.errors[0]}",

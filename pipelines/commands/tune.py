@@ -134,7 +134,7 @@ def run_command(args: argparse.Namespace) -> int:
     if result.bundle_path is not None:
         print(f"bundle       {result.bundle_path}")
     if tracker.enabled:
-        print(f"mlflow       {tracker.tracking_uri}, experiment {tracker.experiment!r}")
+        print(f"mlflow       {tracker.display_uri}, experiment {tracker.experiment!r}")
         if result.tracking_errors:
             print(f"warning: {len(result.tracking_errors)} MLflow call(s) failed", file=sys.stderr)
     return 0

@@ -517,12 +517,13 @@ class _Night:
         try:
             self._enter("tracking")
             from pipelines.nightly.registry import open_tracking
+            from recvae.tracking import redact_uri
 
             uri, experiment_id = open_tracking(self.settings.mlflow)
             self.mlflow_run = _MlflowRun(self.state, self.day, experiment_id)
             run_id = self.mlflow_run.start()
             self.summary["mlflow"] = {
-                "tracking_uri": uri,
+                "tracking_uri": redact_uri(uri),
                 "experiment_id": experiment_id,
                 "run_id": run_id,
                 "resumed_run": self.mlflow_run.resumed,
