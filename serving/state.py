@@ -59,6 +59,15 @@ def parse_alias_uri(uri: str) -> tuple[str, str] | None:
     return name, alias
 
 
+def uri_registry_version(uri: str) -> str | None:
+    """The version a ``models:/NAME/VERSION`` URI names (``"3"`` of ``models:/recvae/3``);
+    None for an alias, a stage, ``latest`` or any other URI."""
+    if not uri.startswith("models:/") or parse_alias_uri(uri) is not None:
+        return None
+    name, _, version = uri[len("models:/") :].rstrip("/").rpartition("/")
+    return str(int(version)) if name and version.isascii() and version.isdigit() else None
+
+
 def is_alias_uri(uri: str) -> bool:
     """Whether ``uri`` names a registry alias (``models:/NAME@ALIAS``), which can move."""
     return parse_alias_uri(uri) is not None
@@ -241,7 +250,9 @@ class ModelState:
     def _load_uri(self, uri: str) -> ServedModel:
         tracking = self._tracking()
         parsed = parse_alias_uri(uri)
-        registry_version = self._alias_resolver(uri) if parsed is not None else None
+        registry_version = (
+            self._alias_resolver(uri) if parsed is not None else uri_registry_version(uri)
+        )
         resolved = uri
         if parsed is not None and registry_version is not None:
             # Download the exact version the alias named a moment ago, not whatever it names

@@ -29,7 +29,7 @@ from recvae.recommender import Recommender
 from serving.app import create_app
 from serving.served import ServedModel, coerce_id
 from serving.settings import ServingSettings
-from serving.state import ModelSource, ModelState, ReloadError, is_alias_uri
+from serving.state import ModelSource, ModelState, ReloadError, is_alias_uri, uri_registry_version
 
 TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -1026,6 +1026,13 @@ def test_serving_a_registry_alias(
         )
         assert missing.status_code == 422
         assert missing.json()["model_version"] == info["model_version"]
+        # A pinned version's URI names its version too (it was reported as null).
+        pinned = f"models:/recvae-serving/{versions[0]}"
+        reloaded = c.post("/v1/admin/reload", headers=AUTH, json={"model_uri": pinned})
+        assert reloaded.status_code == 200 and reloaded.json()["registry_version"] == versions[0]
+        info = c.get("/v1/model").json()
+        assert info["source"] == pinned and info["registry_version"] == versions[0]
+        assert info["model_version"] == Recommender.read_meta(tiny_bundle)["model_version"]
 
 
 def test_poll_ignores_bundle_sources(tiny_bundle: Path) -> None:
@@ -1100,6 +1107,18 @@ def test_alias_uri_parsing() -> None:
     assert is_alias_uri("models:/team/recvae@prod")
     assert not is_alias_uri("models:/recvae/3")
     assert not is_alias_uri("models:/@champion")
+    assert uri_registry_version("models:/recvae/3") == "3"
+    assert uri_registry_version("models:/team/recvae/12/") == "12"
+    assert uri_registry_version("models:/recvae/007") == "7"
+    for other in (
+        "models:/recvae@champion",
+        "models:/recvae/latest",
+        "models:/recvae/Production",
+        "models:/3",
+        "runs:/abc/model",
+        "models:/recvae/٣",
+    ):
+        assert uri_registry_version(other) is None, other
     assert not is_alias_uri("runs:/abc/model")
     assert not is_alias_uri("/path/to@bundle")
 
