@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,6 +119,10 @@ def evaluation_metrics(
     return metrics
 
 
+_FIRST_CHECK_WAIT = 5.0  # seconds before a server that did not answer is asked again
+_LAST_CHECK_WAIT = 300.0  # the longest such wait (it doubles each time)
+
+
 class Tracker:
     """MLflow logging for the pipelines, or nothing at all when disabled.
 
@@ -148,6 +153,9 @@ class Tracker:
         # Runs skipped because the server was down, still open: their calls are skipped too,
         # or they would go to the enclosing run (or a new one) once the server is back.
         self._skipped_runs = 0
+        # While the server does not answer: when to ask it again, and the wait after that.
+        self._next_check = 0.0
+        self._check_wait = _FIRST_CHECK_WAIT
         if not enabled:
             return
         if not tracking_available():
@@ -207,14 +215,20 @@ class Tracker:
         """After a failed call to a tracking server, whether it still does not answer.
 
         MLflow retries every call to a server that is gone for minutes (about four, by
-        default) before it fails: once a call has failed, each later one first asks the
-        server's health endpoint (an immediate answer either way) and is skipped while nothing
-        answers, so a long run is not slowed by minutes per epoch. Calls resume when the
-        server is back.
+        default) before it fails: once a call has failed, a later one first asks the server's
+        health endpoint (an immediate answer from a host that refuses, at most the check's
+        timeout from one that drops packets) and is skipped while nothing answers, so a long
+        run is not slowed by minutes per epoch. While it stays down the server is asked again
+        only after a wait that doubles from 5 s up to 5 minutes, calls in between skipped; calls
+        resume once it answers.
         """
         uri = self.tracking_uri or ""
         if not self.errors or not uri.startswith(("http://", "https://")):
             return False
+        now = time.monotonic()
+        if now < self._next_check:
+            self.errors.append(f"MLflow: {what} skipped: the tracking server did not answer")
+            return True
         from recvae.tracking import check_reachable
 
         try:
@@ -223,7 +237,10 @@ class Tracker:
             message = f"MLflow: {what} skipped: {exc}"
             logger.debug(message)
             self.errors.append(message)
+            self._next_check = time.monotonic() + self._check_wait
+            self._check_wait = min(2 * self._check_wait, _LAST_CHECK_WAIT)
             return True
+        self._next_check, self._check_wait = 0.0, _FIRST_CHECK_WAIT
         return False
 
     # ------------------------------------------------------------------ runs

@@ -741,6 +741,64 @@ def test_tracker_skips_calls_while_the_tracking_server_is_down(
     assert any("skipped: cannot reach the MLflow tracking server" in e for e in tracker.errors)
 
 
+def _fake_clock(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
+    """The tracker's monotonic clock, set by the test (``clock["now"]``)."""
+    import types
+
+    from pipelines import tracking_hooks
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(
+        tracking_hooks, "time", types.SimpleNamespace(monotonic=lambda: clock["now"])
+    )
+    return clock
+
+
+def test_a_server_that_stays_down_is_asked_again_less_and_less_often(
+    mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A host that drops packets makes each health check wait for its timeout: while the server
+    # stays down it is asked again after 5, 10, 20 ... s (at most 5 minutes), calls in between
+    # skipped at once; once it answers, calls go through and the wait starts over.
+    tracker = Tracker(enabled=True, tracking_uri=mlflow_uri, experiment="backoff")
+    tracker.tracking_uri = "http://127.0.0.1:9"  # checked as a server; the store is sqlite
+    tracker._record_failure("log_metrics", RuntimeError("connection refused"))
+    checks: list[float] = []
+    server = {"down": True}
+
+    def reachable(uri: str, *, timeout: float = 10.0) -> None:
+        checks.append(clock["now"])
+        if server["down"]:
+            raise ConnectionError("cannot reach the MLflow tracking server (test)")
+
+    monkeypatch.setattr(tracking, "check_reachable", reachable)
+    clock = _fake_clock(monkeypatch)
+    logged: list[Mapping[str, float]] = []
+    monkeypatch.setattr(tracking, "log_metrics", lambda metrics, step=None: logged.append(metrics))
+    for second in range(0, 400):
+        clock["now"] = 1000.0 + second
+        tracker.log_metrics({"loss": float(second)})
+    assert [t - 1000.0 for t in checks] == [0, 5, 15, 35, 75, 155, 315]  # waits 5 .. 160 s
+    assert logged == []
+    waits = [b - a for a, b in zip(checks, checks[1:], strict=False)]
+    clock["now"] = checks[-1] + 2 * waits[-1] + 1
+    checks.clear()
+    server["down"] = False
+    tracker.log_metrics({"loss": -1.0})
+    assert len(checks) == 1 and logged == [{"loss": -1.0}]
+    server["down"] = True
+    tracker.log_metrics({"loss": -2.0})  # fails the check: the wait starts over at 5 s
+    clock["now"] += 4
+    tracker.log_metrics({"loss": -3.0})
+    clock["now"] += 1
+    tracker.log_metrics({"loss": -4.0})
+    assert len(checks) == 3 and len(logged) == 1
+    for _ in range(20):  # the wait stops growing at 5 minutes
+        clock["now"] += 301
+        tracker.log_metrics({"loss": 0.0})
+    assert len(checks) == 23
+
+
 def test_calls_inside_a_run_skipped_while_the_server_was_down_reach_no_other_run(
     mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -754,6 +812,7 @@ def test_calls_inside_a_run_skipped_while_the_server_was_down_reach_no_other_run
             raise ConnectionError("cannot reach the MLflow tracking server (test)")
 
     monkeypatch.setattr(tracking, "check_reachable", reachable)
+    clock = _fake_clock(monkeypatch)
     with tracker.run("parent") as parent_id:
         tracker.tracking_uri = "http://127.0.0.1:9"  # checked as a server; the store is sqlite
         tracker._record_failure("log_metrics", RuntimeError("connection refused"))
@@ -765,6 +824,7 @@ def test_calls_inside_a_run_skipped_while_the_server_was_down_reach_no_other_run
             tracker.log_metrics({"child_metric": 1.0})
             tracker.set_tags({"child": "yes"})
         assert grandchild_id is None
+        clock["now"] += 6.0  # past the wait before the server is asked again
         tracker.log_metrics({"parent_metric": 2.0})  # the parent's own calls resume
     assert parent_id is not None
     run = MlflowClient().get_run(parent_id)
