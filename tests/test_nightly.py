@@ -593,6 +593,72 @@ def test_rollback_errors(sim: SimulationResult, capsys: pytest.CaptureFixture[st
     assert "another run holds the lock" in capsys.readouterr().err
 
 
+def test_a_rollback_whose_tagging_fails_after_the_alias_moved_is_done_and_recorded(
+    sim: SimulationResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The registry went away between moving the alias and tagging the old version: the
+    # rollback happened, so it is recorded and notified, not reported as failed (a retry of a
+    # "failed" rollback went back one version further).
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.nightly.registry import current_champion
+
+    days = _tiny_lake(tmp_path / "lake", days=5)
+    config = _tiny_config(tmp_path, sim, registered_model="recvae-rollback-tag")
+    settings = _always_promote(config)
+    for day in days[2:]:
+        assert run_retrain(settings, day).status == "promoted"
+    assert current_champion(settings.mlflow).version == "3"
+
+    def gone(*args: Any, **kwargs: Any) -> None:
+        raise MlflowException("API request to http://mlflow/... failed: Connection refused")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MlflowClient, "set_model_version_tag", gone)
+        assert main(["rollback", "--config", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert "version 3 -> 2" in out
+    assert "version 3 not tagged nightly_rolled_back_at: MlflowException: API request" in err
+    assert current_champion(settings.mlflow).version == "2"
+    (line,) = (settings.state_dir / "rollbacks.jsonl").read_text().splitlines()
+    record = json.loads(line)
+    assert (record["from_version"], record["to_version"]) == ("3", "2")
+    assert record["tag_error"].startswith("MlflowException: API request")
+
+
+def test_a_registry_failure_during_a_rollback_is_a_one_line_error_and_nothing_is_recorded(
+    sim: SimulationResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The registry failing inside the rollback (a server error, or a server gone after the
+    # reachability check) was a traceback.
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.nightly.registry import current_champion
+
+    days = _tiny_lake(tmp_path / "lake", days=4)
+    config = _tiny_config(tmp_path, sim, registered_model="recvae-rollback-fails")
+    settings = _always_promote(config)
+    for day in days[2:]:
+        assert run_retrain(settings, day).status == "promoted"
+
+    def fails(*args: Any, **kwargs: Any) -> None:
+        raise MlflowException("API request to http://mlflow/... failed: 503 Service Unavailable")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MlflowClient, "set_registered_model_alias", fails)
+        capsys.readouterr()  # the nights' output
+        assert main(["rollback", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("recvae: error: the MLflow registry failed during the rollback")
+    assert "503 Service Unavailable" in err and "Traceback" not in err
+    assert current_champion(settings.mlflow).version == "2"
+    assert not (settings.state_dir / "rollbacks.jsonl").exists()
+    assert main(["rollback", "--config", str(config)]) == 0  # the registry is back
+    assert current_champion(settings.mlflow).version == "1"
+
+
 # ---------------------------------------------------------------------------------- validation
 def _check_partition(
     tmp_path: Path, frame: Any, *, name: str = "part-0.parquet", **limits: Any
@@ -1350,6 +1416,40 @@ def test_a_discarded_checkpoint_starts_a_new_mlflow_run(
     history = mlflow.MlflowClient().get_metric_history(run_id, "train.loss")
     assert sorted(m.step for m in history) == [1, 2]  # one training's curve
     assert mlflow.get_run(run_id).data.params["date"] == "2024-03-03"
+
+
+def test_a_continued_run_gets_the_checkpointed_epoch_its_attempt_could_not_log(
+    sim: SimulationResult, tmp_path: Path
+) -> None:
+    # The tracking server went away at the call logging epoch 2, after its checkpoint was
+    # written: the run stays RUNNING and the rerun, starting after epoch 2, continues it.
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    days = _tiny_lake(tmp_path / "lake", days=3)
+    config = _tiny_config(tmp_path, sim, registered_model="recvae-epoch-gap")
+    config.write_text(config.read_text().replace("epochs = 2", "epochs = 3"))
+    settings = _always_promote(config)
+    real = mlflow.log_metrics
+
+    def gone_at_epoch_2(metrics: dict[str, float], step: int | None = None, **kw: Any) -> Any:
+        if step == 2:
+            raise MlflowException("API request to .../runs/log-batch failed: Connection refused")
+        return real(metrics, step=step, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mlflow, "log_metrics", gone_at_epoch_2)
+        failed = run_retrain(settings, days[-1])
+    assert failed.status == "failed" and "training failed" in failed.reason
+    run_id = failed.summary["mlflow"]["run_id"]
+    mlflow.MlflowClient().update_run(run_id, status="RUNNING")  # as the gone server left it
+    outcome = run_retrain(settings, days[-1])
+    assert outcome.status == "promoted", outcome.reason
+    assert outcome.summary["mlflow"]["run_id"] == run_id
+    assert outcome.summary["training"]["resumed_from_epoch"] == 2
+    client = mlflow.MlflowClient()
+    for key in ("train.loss", "train.kl"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3]
 
 
 def test_cli_state_dir_and_summary_problems(

@@ -93,10 +93,7 @@ def _keep_the_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
 
 
-@pytest.fixture(scope="module")
-def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
-    """``mlflow server`` with a sqlite store and proxied artifacts, under a temporary folder;
-    one for the module (starting it takes 5-10 s)."""
+def _mlflow_executable() -> Path:
     if sys.platform == "win32":
         pytest.skip("the server fixture uses POSIX process groups")
     executable = Path(sys.executable).parent / "mlflow"
@@ -105,9 +102,14 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracki
         if found is None:
             pytest.skip("no mlflow command to start a tracking server with")
         executable = Path(found)
-    root = tmp_path_factory.mktemp("server")
-    (root / "tmp").mkdir()
-    port = _free_port()
+    return executable
+
+
+def _start_server(root: Path, port: int) -> subprocess.Popen[bytes]:
+    """``mlflow server`` on ``port`` with its sqlite store and artifacts in ``root`` (kept
+    between starts), once it answers; skips the test when it does not start in time."""
+    executable = _mlflow_executable()
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
     uri = f"http://127.0.0.1:{port}"
     command = [
         str(executable),
@@ -124,7 +126,7 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracki
         "1",
     ]
     log = root / "server.log"
-    with log.open("wb") as output:
+    with log.open("ab") as output:
         process = subprocess.Popen(
             command,
             cwd=root,
@@ -133,17 +135,37 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracki
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: the workers stop with it
         )
+    deadline = time.monotonic() + START_TIMEOUT
+    while not _answers(uri):
+        if process.poll() is not None or time.monotonic() > deadline:
+            _stop(process)
+            tail = log.read_text(errors="replace")[-2000:]
+            pytest.skip(
+                f"mlflow server did not answer at {uri} within {START_TIMEOUT:.0f}s "
+                f"(exit code {process.poll()}): {tail}"
+            )
+        time.sleep(0.5)
+    return process
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    """The server dies at once (SIGKILL to its process group), as a crashed host would."""
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not _answers(uri):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-2000:]
-                pytest.skip(
-                    f"mlflow server did not answer at {uri} within {START_TIMEOUT:.0f}s "
-                    f"(exit code {process.poll()}): {tail}"
-                )
-            time.sleep(0.5)
-        yield TrackingServer(uri, root)
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+    """``mlflow server`` with a sqlite store and proxied artifacts, under a temporary folder;
+    one for the module (starting it takes 5-10 s)."""
+    root = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    process = _start_server(root, port)
+    try:
+        yield TrackingServer(f"http://127.0.0.1:{port}", root)
     finally:
         _stop(process)
 
@@ -250,3 +272,84 @@ def test_a_relative_artifact_location_is_the_jobs_folder_not_the_servers(
     assert tracker.errors == []
     assert [p.name for p in (job_dir / "artifacts-here").rglob("note.txt")] == ["note.txt"]
     assert not (tracking_server.root / "artifacts-here").exists()
+
+
+def test_a_server_gone_mid_training_fails_the_night_once_and_the_rerun_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server is killed after epoch 2 of the night: the night fails after the one call that
+    # found it gone (each later call paid MLflow's retries again, about four minutes each by
+    # default), keeps its checkpoint and the champion; restarted on the same store, the rerun
+    # continues the same MLflow run, with every epoch, and registers the challenger once.
+    import mlflow.utils.rest_utils as rest_utils
+
+    from pipelines.nightly.job import StateDir, run_retrain
+    from tests.test_nightly import _always_promote, _tiny_config, _tiny_lake
+
+    root = tmp_path / "server"
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # MLflow's default is 7
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    days = _tiny_lake(tmp_path / "lake", days=4)
+    config = _tiny_config(tmp_path, None, registered_model="recvae-gone")
+    text = config.read_text().replace("epochs = 2", "epochs = 4")
+    lines = [line for line in text.splitlines() if not line.startswith("artifact_location")]
+    config.write_text(
+        "\n".join(lines).replace(f'"sqlite:///{tmp_path / "mlflow.db"}"', f'"{uri}"') + "\n"
+    )
+    settings = _always_promote(config)
+    assert settings.mlflow.tracking_uri == uri
+    state = StateDir(settings.state_dir)
+
+    process = _start_server(root, port)
+    try:
+        assert run_retrain(settings, days[2]).summary["registry"]["new_version"] == "1"
+
+        paid_retries: list[str | None] = []
+        real_request = rest_utils.http_request
+
+        def counted(*args: object, **kwargs: object) -> object:
+            try:
+                return real_request(*args, **kwargs)
+            except Exception:
+                paid_retries.append(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"))
+                raise
+
+        def kill_after_epoch_2(epoch: int, metrics: dict[str, float]) -> None:
+            if epoch == 2:
+                _kill(process)
+
+        with monkeypatch.context() as mp:
+            mp.setattr(rest_utils, "http_request", counted)
+            failed = run_retrain(settings, days[3], on_epoch=kill_after_epoch_2)
+        assert (failed.status, failed.exit_code) == ("failed", 1)
+        assert failed.reason.startswith("training failed: MlflowException: API request to " + uri)
+        assert paid_retries == ["1", "0"]  # the call that failed; ending the run, one try
+        assert "cannot reach the MLflow tracking server" in failed.summary["mlflow_error"]
+        on_disk = state.summary(days[3])
+        assert on_disk is not None and on_disk["status"] == "failed"
+        assert (state.checkpoint_dir(days[3]) / "checkpoint.pt").is_file()
+        run_id = failed.summary["mlflow"]["run_id"]
+        assert (state.read_json(state.attempt_path(days[3])) or {})["run_id"] == run_id
+
+        process = _start_server(root, port)  # the same store
+        client = MlflowClient(uri)
+        assert client.get_model_version_by_alias("recvae-gone", "champion").version == "1"
+        assert client.get_run(run_id).info.status == "RUNNING"
+
+        outcome = run_retrain(settings, days[3])
+        assert outcome.status == "promoted", outcome.reason
+        assert outcome.summary["mlflow"]["run_id"] == run_id
+        assert outcome.summary["mlflow"]["resumed_run"] is True
+        assert outcome.summary["training"]["resumed_from_epoch"] == 3
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["nightly.status"] == "promoted"
+        steps = sorted(m.step for m in client.get_metric_history(run_id, "train.loss"))
+        assert steps == [1, 2, 3, 4]
+        versions = client.search_model_versions("name = 'recvae-gone'")
+        assert sorted(str(v.version) for v in versions) == ["1", "2"]
+        assert client.get_model_version_by_alias("recvae-gone", "champion").version == "2"
+        assert not state.checkpoint_dir(days[3]).exists()
+    finally:
+        _stop(process)

@@ -247,19 +247,43 @@ def retrain_command(args: argparse.Namespace) -> int:
 
 
 def rollback_command(args: argparse.Namespace) -> int:
+    from pipelines.cli import CLIError
     from pipelines.nightly.job import ExitCode, run_rollback
     from pipelines.nightly.lock import LockBusyError
+    from pipelines.tracking_hooks import tracking_available
 
     settings = _settings(args)
+    if not tracking_available():
+        raise CLIError(
+            "recvae rollback needs mlflow (the registry holds the champion alias): "
+            "pip install 'recvae[track]'"
+        )
+    from mlflow.exceptions import MlflowException
+
     try:
         record = run_rollback(settings, to_version=args.to)
     except LockBusyError as exc:
         print(f"recvae: error: {exc}", file=sys.stderr)
         return int(ExitCode.BUSY)
+    except MlflowException as exc:  # the registry failed mid-way (went away, a server error)
+        text = str(exc).strip().splitlines()
+        print(
+            "recvae: error: the MLflow registry failed during the rollback, which is not "
+            "recorded in rollbacks.jsonl (check where the alias points before retrying): "
+            f"{text[0] if text else type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return int(ExitCode.FAILED)
     print(
         f"rolled back {record['model']}@{record['alias']}: version {record['from_version']} -> "
         f"{record['to_version']}"
     )
+    if record.get("tag_error"):
+        print(
+            f"warning: version {record['from_version']} not tagged nightly_rolled_back_at: "
+            f"{record['tag_error']}",
+            file=sys.stderr,
+        )
     notify = record.get("notify") or {}
     if notify.get("ok") is False:
         print(f"warning: serving layer not notified: {notify.get('error')}", file=sys.stderr)

@@ -30,7 +30,8 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import IntEnum
@@ -401,6 +402,54 @@ def _end_active_run(status: str = "FAILED") -> None:
         logger.warning("could not mark the MLflow run %s: %s", status, _one_line(exc))
 
 
+def _server_not_answering(uri: str | None) -> ConnectionError | None:
+    """Why an HTTP tracking server does not answer its ``/health`` now, None when it does (or
+    the store is not a server).
+
+    Once a call of the night has failed because the server went away, each further call would
+    pay MLflow's retries again (about four minutes by default) before failing too; one quick
+    request says at once whether recording the run is worth trying.
+    """
+    if uri is None or not uri.startswith(("http://", "https://")):
+        return None
+    from recvae.tracking import check_reachable
+
+    try:
+        check_reachable(uri, timeout=5.0)
+    except ConnectionError as exc:
+        return exc
+    return None
+
+
+@contextmanager
+def _one_try() -> Iterator[None]:
+    """MLflow's HTTP calls in the block make one short attempt, without retries (for a server
+    known not to answer: the call only has to fail, not wait minutes for it)."""
+    saved = {
+        name: os.environ.get(name)
+        for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    }
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _epoch_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """A trainer epoch's metrics as the run's ``train.*`` curves hold them (finite values)."""
+    return {
+        f"train.{_metric_name(k)}": float(v)
+        for k, v in metrics.items()
+        if k != "epoch" and isinstance(v, int | float) and math.isfinite(v)
+    }
+
+
 def _one_line(exc: BaseException) -> str:
     """``Type: first line of the message`` (MLflow errors carry whole SQL statements)."""
     text = str(exc).strip().splitlines()
@@ -496,6 +545,7 @@ class _Night:
             "checks": [],
         }
         self.mlflow_run: _MlflowRun | None = None
+        self.tracking_uri: str | None = None
         self.stage = "start"
         self._stage_started = time.perf_counter()
         self.summary["timings_s"] = {}
@@ -520,6 +570,7 @@ class _Night:
             from recvae.tracking import redact_uri
 
             uri, experiment_id = open_tracking(self.settings.mlflow)
+            self.tracking_uri = uri
             self.mlflow_run = _MlflowRun(self.state, self.day, experiment_id)
             run_id = self.mlflow_run.start()
             self.summary["mlflow"] = {
@@ -564,7 +615,12 @@ class _Night:
             "nightly run %s: %s: %s", self.day, status, reason
         )
         if self.mlflow_run is not None:
+            # A server that went away (often what failed the night) is not asked to record the
+            # run call after call: the run stays RUNNING and the rerun continues it.
+            down = _server_not_answering(self.tracking_uri)
             try:
+                if down is not None:
+                    raise down
                 self.mlflow_run.finish(self.summary, status)
             except Exception as exc:
                 logger.error("could not record the MLflow run: %s", _one_line(exc))
@@ -574,7 +630,8 @@ class _Night:
                     self.summary["status"] = status
                     self.summary["exit_code"] = int(ExitCode.FAILED)
             finally:
-                _end_active_run()
+                with _one_try() if down is not None else nullcontext():
+                    _end_active_run()
         _write_json(self.state.summary_path(self.day), self.summary)
         _write_json(self.state.last_summary_path, self.summary)
         if status in DONE_STATUSES:
@@ -781,12 +838,7 @@ class _Night:
 
         def hook(epoch: int, metrics: dict[str, float]) -> None:
             epochs.append(epoch)
-            finite = {
-                f"train.{_metric_name(k)}": float(v)
-                for k, v in metrics.items()
-                if isinstance(v, int | float) and math.isfinite(v)
-            }
-            mlflow.log_metrics(finite, step=epoch)
+            mlflow.log_metrics(_epoch_metrics(metrics), step=epoch)
             if self.on_epoch is not None:
                 self.on_epoch(epoch, metrics)
 
@@ -835,6 +887,9 @@ class _Night:
         }
         if resumed_from:
             logger.info("resumed the challenger from its checkpoint after epoch %d", resumed_from)
+            assert self.mlflow_run is not None
+            if self.mlflow_run.resumed:
+                self._log_checkpointed_epoch(challenger, resumed_from)
         challenger.meta.update(
             {
                 "nightly": {
@@ -849,6 +904,30 @@ class _Night:
         challenger.save(self.state.bundle_dir(day), overwrite=True)
         self.summary["challenger_bundle_version"] = challenger.version
         return challenger
+
+    def _log_checkpointed_epoch(self, challenger: Recommender, epoch: int) -> None:
+        """Log the checkpointed epoch's metrics to the continued run if they are not there.
+
+        The trainer writes an epoch's checkpoint before the hook logs its metrics: an attempt
+        that died in between (the tracking server went away at that very call, ``kill -9``)
+        left the epoch out of the run's curves, and the rerun starts after it.
+        """
+        import mlflow
+
+        assert self.mlflow_run is not None and self.mlflow_run.run_id is not None
+        history = challenger.meta.get("history") or []
+        entry = next((h for h in history if int(h.get("epoch", -1)) == epoch), None)
+        if entry is None:
+            return
+        metrics = _epoch_metrics(entry)
+        if not metrics:
+            return
+        logged = mlflow.MlflowClient().get_metric_history(
+            self.mlflow_run.run_id, next(iter(metrics))
+        )
+        if any(m.step == epoch for m in logged):
+            return
+        mlflow.log_metrics(metrics, step=epoch)
 
     def _evaluate(self, data: Any, challenger: Recommender, champion: Recommender | None) -> Any:
         from pipelines.nightly.gate import (
@@ -918,7 +997,8 @@ def run_rollback(settings: NightlySettings, *, to_version: str | None = None) ->
     layer and appends a line to ``rollbacks.jsonl``.
 
     Returns:
-        ``{"from_version", "to_version", "model", "alias", "notify", "at"}``.
+        ``{"from_version", "to_version", "model", "alias", "notify", "at"}``, and
+        ``"tag_error"`` when the version rolled back from could not be tagged.
 
     Raises:
         LockBusyError: a run is in progress.
@@ -938,6 +1018,8 @@ def run_rollback(settings: NightlySettings, *, to_version: str | None = None) ->
             "from_version": result.from_version,
             "to_version": result.to_version,
         }
+        if result.tag_error is not None:
+            record["tag_error"] = result.tag_error
         record["notify"] = notify_reload(
             settings.deploy,
             reload_payload(f"models:/{result.name}@{result.alias}", result.to_version, "rollback"),

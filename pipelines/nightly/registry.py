@@ -60,12 +60,14 @@ class ChampionRef:
 
 @dataclass(frozen=True)
 class RollbackResult:
-    """Where the alias was and where it points now."""
+    """Where the alias was and where it points now; ``tag_error`` says why the version rolled
+    back from could not be tagged (the alias moved all the same)."""
 
     name: str
     alias: str
     from_version: str
     to_version: str
+    tag_error: str | None = None
 
 
 def open_tracking(settings: MlflowSettings) -> tuple[str, str]:
@@ -208,7 +210,10 @@ def restore_alias(settings: MlflowSettings, version: str | None) -> None:
 def rollback(settings: MlflowSettings, *, to_version: str | None = None) -> RollbackResult:
     """Move the alias back to the previous champion (or to ``to_version``).
 
-    The current version is tagged ``nightly_rolled_back_at``.
+    The current version is tagged ``nightly_rolled_back_at`` once the alias has moved; a failure
+    to tag it (the registry went away in between) is logged and returned as ``tag_error``, not
+    raised: the rollback happened, and a rollback reported as failed would be retried and go
+    back one version further.
 
     Raises:
         ValueError: there is no champion, no previous champion is recorded, or the target
@@ -236,7 +241,13 @@ def rollback(settings: MlflowSettings, *, to_version: str | None = None) -> Roll
     except MlflowException as exc:
         raise ValueError(f"cannot roll back to {name} version {target}: {exc.message}") from exc
     set_alias(name, alias, target)
-    stamp = datetime.now(UTC).isoformat(timespec="seconds")
-    client.set_model_version_tag(name, ref.version, TAG_ROLLED_BACK, stamp)
     logger.warning("rolled back %s@%s from version %s to %s", name, alias, ref.version, target)
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    try:
+        client.set_model_version_tag(name, ref.version, TAG_ROLLED_BACK, stamp)
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        tag_error = f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+        logger.warning("could not tag version %s %s: %s", ref.version, TAG_ROLLED_BACK, tag_error)
+        return RollbackResult(name, alias, ref.version, target, tag_error)
     return RollbackResult(name, alias, ref.version, target)
