@@ -174,7 +174,9 @@ class Tracker:
             from recvae.tracking import redact_uri
 
             shown = redact_uri(tracking_uri) if tracking_uri else "(default)"
-            raise ValueError(f"cannot open the MLflow store {shown}: {exc}") from exc
+            raise ValueError(
+                f"cannot open the MLflow store {shown}: {exc}; or run without tracking (--no-track)"
+            ) from exc
         logger.info("tracking to %s, experiment %r", self.display_uri, experiment)
 
     @classmethod

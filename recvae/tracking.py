@@ -184,7 +184,7 @@ def check_reachable(uri: str, *, timeout: float = 10.0) -> None:
         raise ConnectionError(
             f"cannot reach the MLflow tracking server at {redact_uri(uri)} "
             f"({_root_cause(exc)}): start it, or track to a local store (e.g. "
-            "sqlite:///mlflow.db), or turn tracking off"
+            "sqlite:///mlflow.db)"
         ) from None
 
 

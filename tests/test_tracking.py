@@ -529,6 +529,14 @@ def test_an_http_tracking_server_that_is_not_there_fails_fast() -> None:
     assert time.monotonic() - start < 30
     code = main(["runs", "--tracking-uri", f"http://127.0.0.1:{port}"])
     assert code == 1  # a one-line error (the CLI's test of the message is the line above)
+    # The advice fits the command: only those that can run untracked suggest it.
+    with pytest.raises(ConnectionError) as raised:
+        check_reachable(f"http://127.0.0.1:{port}")
+    assert "tracking off" not in str(raised.value) and "--no-track" not in str(raised.value)
+    with pytest.raises(
+        ValueError, match=r"cannot reach .*; or run without tracking \(--no-track\)"
+    ):
+        Tracker(enabled=True, tracking_uri=f"http://127.0.0.1:{port}", experiment="e")
 
     class NotFound(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
