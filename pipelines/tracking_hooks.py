@@ -21,7 +21,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -259,8 +259,9 @@ class Tracker:
 
         The run's end is a guarded call too: when ending it fails (the tracking server went
         away), the failure is recorded in :attr:`errors` and the run stays ``RUNNING`` in the
-        store; a run that cannot start because the server is known to be down yields None,
-        and every call inside its block is skipped (none goes to an enclosing run).
+        store. A run that cannot start (the server is known to be down, or starting it fails)
+        yields None, with the failure in :attr:`errors`, and every call inside its block is
+        skipped (none goes to an enclosing run): the block itself runs as without tracking.
 
         Args:
             name: The run name.
@@ -271,24 +272,34 @@ class Tracker:
         if not self.enabled:
             yield None
             return
-        if self._skipped_runs or self._server_down(f"starting run {name!r}"):
+        with ExitStack() as stack:
+            active: str | None = None
+            if not self._skipped_runs and not self._server_down(f"starting run {name!r}"):
+                from recvae.tracking import start_run
+
+                try:
+                    active = stack.enter_context(
+                        start_run(
+                            experiment_id=self.experiment_id,
+                            run_name=None if run_id else name,
+                            run_id=run_id,
+                            nested=nested,
+                            tags=tags,
+                            on_end_error=lambda exc: self._record_failure(
+                                f"ending run {name!r}", exc
+                            ),
+                        )
+                    )
+                except Exception as exc:  # telemetry must not stop the computation
+                    self._record_failure(f"starting run {name!r}", exc)
+            if active is not None:
+                yield active
+                return
             self._skipped_runs += 1
             try:
                 yield None
             finally:
                 self._skipped_runs -= 1
-            return
-        from recvae.tracking import start_run
-
-        with start_run(
-            experiment_id=self.experiment_id,
-            run_name=None if run_id else name,
-            run_id=run_id,
-            nested=nested,
-            tags=tags,
-            on_end_error=lambda exc: self._record_failure(f"ending run {name!r}", exc),
-        ) as active:
-            yield active
 
     def run_exists(self, run_id: str) -> bool:
         """Whether ``run_id`` is a run of this store (False when disabled)."""

@@ -842,6 +842,38 @@ def test_calls_inside_a_run_skipped_while_the_server_was_down_reach_no_other_run
     assert len(MlflowClient().search_runs([experiment.experiment_id])) == 1
 
 
+def test_a_run_that_fails_to_start_is_skipped_not_raised(
+    mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store failing as a child run starts (a server gone between two models of an
+    # experiment) raised out of the experiment: it is a logging failure like any other.
+    tracker = Tracker(enabled=True, tracking_uri=mlflow_uri, experiment="no-start")
+    real_start = tracking.start_run
+
+    @contextmanager
+    def failing_start(**kwargs: Any) -> Iterator[str]:
+        if kwargs.get("nested"):
+            raise mlflow.exceptions.MlflowException("API request failed: connection refused")
+        with real_start(**kwargs) as run_id:
+            yield run_id
+
+    monkeypatch.setattr(tracking, "start_run", failing_start)
+    with tracker.run("parent") as parent_id:
+        with tracker.run("child", nested=True) as child_id:
+            tracker.log_metrics({"child_metric": 1.0})
+            result = "trained"
+        tracker.log_metrics({"parent_metric": 2.0})
+    assert result == "trained" and child_id is None and parent_id is not None
+    assert tracker.errors and "starting run 'child' failed" in tracker.errors[0]
+    run = MlflowClient().get_run(parent_id)
+    assert run.data.metrics == {"parent_metric": 2.0} and run.info.status == "FINISHED"
+    with pytest.raises(ZeroDivisionError):  # the block's own errors still go through
+        with tracker.run("parent-2"):
+            with tracker.run("child-2", nested=True):
+                raise ZeroDivisionError
+    assert mlflow.active_run() is None
+
+
 def test_train_command_finishes_when_the_store_fails_at_the_end(
     mlflow_uri: str,
     tmp_path: Path,
