@@ -52,6 +52,7 @@ def run_distributed(args: argparse.Namespace) -> int:
         ValueError: not started by torchrun, bad settings, or a model without DDP support.
     """
     from pipelines.commands.train import (
+        check_checkpoint,
         preflight,
         print_tracking,
         train_job_from_args,
@@ -79,6 +80,9 @@ def run_distributed(args: argparse.Namespace) -> int:
         prepared = prepare(job)
         split = prepared.split
         out = Path(str(dist_utils.broadcast_object(str(proposed))))
+        # Every rank reads the same checkpoint, so all refuse one of other settings or data
+        # together, naming the differences, before rank 0 opens an MLflow run.
+        check_checkpoint(out, job, split.train.fingerprint(), distributed=True)
         if context.is_main:
             assert tracking is not None
             # The same call as `recvae train`: the training below joins the other ranks'.
@@ -126,11 +130,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(sum(verbosity.get(a, 0) for a in raw), 2)
     args = build_parser().parse_args(["train", *(a for a in raw if a not in verbosity)])
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipelines.cli import Terminated, _on_sigterm, _raise_terminated
+
+    # torchrun stops its workers with SIGTERM (when it is stopped itself, or a rank died): as
+    # under `recvae`, it ends the run KILLED and keeps the checkpoint, where it killed the
+    # process mid-run and left the MLflow run RUNNING.
+    previous = _on_sigterm(_raise_terminated)
     try:
         return run_distributed(args)
+    except Terminated:
+        print("recvae train (distributed): terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("recvae train (distributed): interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"recvae train (distributed): error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _on_sigterm(previous)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def checkpoint_differences(path: Path, config: ModelConfig, fingerprint: str) ->
     import torch
 
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         before = json.loads(saved["config"])
     except Exception:  # the trainer names an unreadable checkpoint when it resumes
         logger.debug("could not read the config of %s", path, exc_info=True)

@@ -224,3 +224,101 @@ def test_torchrun_entry_point_takes_a_negative_number_after_a_flag() -> None:
 
     args = train_ddp.build_parser().parse_args(["train", "--threshold", "-1e3", "--epochs", "1"])
     assert args.threshold == -1000.0
+
+
+def _planted_csv(tmp_path: Path) -> Path:
+    from recvae.data import planted_interactions
+
+    data = planted_interactions(n_users=300, n_items=40, seed=9)
+    rows, cols = data.matrix.nonzero()
+    csv = tmp_path / "log.csv"
+    lines = ["user_id,item_id"] + [f"u{r},i{c}" for r, c in zip(rows, cols, strict=True)]
+    csv.write_text("\n".join(lines) + "\n")
+    return csv
+
+
+def test_sigterm_to_torchrun_ends_the_run_killed_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    # A scheduler stops the launcher; torchrun passes SIGTERM on to its workers. Rank 0 ends
+    # the MLflow run KILLED (it was left RUNNING: the workers died mid-run) and each rank says
+    # why it stopped; the checkpoint rank 0 wrote is whole, and no bundle was written.
+    import signal
+    import time
+
+    import mlflow
+
+    csv = _planted_csv(tmp_path)
+    out = tmp_path / "run"
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        "-m", "pipelines.train_ddp",
+        "--data", str(csv), "--n-heldout", "30", "--epochs", "100000", "--batch-size", "33",
+        "--latent-dim", "8", "--device", "cpu", "--threads", "1", "--no-progress",
+        "--output", str(out), "--tracking-uri", store,
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        checkpoint = out / "checkpoints" / "checkpoint.pt"
+        deadline = time.monotonic() + 60
+        while not checkpoint.is_file() and time.monotonic() < deadline:
+            if process.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert checkpoint.is_file(), process.communicate(timeout=30)[1][-3000:]
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode != 0
+    assert err.count("recvae train (distributed): terminated (SIGTERM)") == 2, err[-3000:]
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["epoch"] >= 1
+    assert not (out / "bundle").exists()
+    mlflow.set_tracking_uri(store)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_them_before_a_run_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Under torchrun as under `recvae train`: the differences are named, and the output is
+    # left as it is (checkpoint, the marker of its MLflow run), with no new (FAILED) run.
+    import mlflow
+
+    from pipelines import cli, train_ddp
+
+    csv = _planted_csv(tmp_path)
+    out = tmp_path / "run"
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = [
+        "--data", str(csv), "--n-heldout", "30", "--epochs", "2", "--latent-dim", "8",
+        "--device", "cpu", "--no-progress", "--output", str(out), "--tracking-uri", store,
+    ]  # fmt: skip
+    assert cli.main(["train", *argv, "--batch-size", "33"]) == 0
+    checkpoint = out / "checkpoints" / "checkpoint.pt"
+    marker = out / "mlflow_run.json"
+    before = (checkpoint.read_bytes(), marker.read_text())
+    capsys.readouterr()
+    # A one-process group, as `torchrun --nproc_per_node=1` makes.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    assert train_ddp.main([*argv, "--batch-size", "40"]) == 2
+    err = capsys.readouterr().err
+    assert "holds the checkpoint of a run with other settings" in err
+    assert "batch_size 33 -> 40" in err and "delete" in err
+    assert cli.main(["train", *argv, "--batch-size", "40"]) == 2
+    assert "batch_size 33 -> 40" in capsys.readouterr().err
+    assert (checkpoint.read_bytes(), marker.read_text()) == before
+    mlflow.set_tracking_uri(store)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.status for r in runs] == ["FINISHED"]

@@ -272,6 +272,8 @@ def run_command(args: argparse.Namespace) -> int:
     prepared = prepare(job)
     if args.overwrite:
         _start_over(out)
+    else:
+        check_checkpoint(out, job, prepared.split.train.fingerprint())
     try:
         outcome = tracked_train(
             job,
@@ -410,15 +412,44 @@ def _run_failure(exc: OSError, out: Path) -> Exception:
     )
 
 
-def _mismatch_message(out: Path, job: JobSettings, fingerprint: str) -> str:
+def check_checkpoint(
+    out: Path, job: JobSettings, fingerprint: str, *, distributed: bool = False
+) -> None:
+    """Refuse a checkpoint in ``out`` written for other settings or data, naming what differs,
+    before the run starts (no MLflow run is opened, ``out`` is left as it is).
+
+    Args:
+        out: The run directory.
+        job: This run's job.
+        fingerprint: That of this run's training users' matrix.
+        distributed: Under torchrun, where ``--overwrite`` is not supported (the hint differs).
+
+    Raises:
+        ValueError: the checkpoint is another run's (an unreadable one is left to the trainer,
+            whose message names it).
+    """
+    from pipelines.train_job import checkpoint_differences
+
+    changed = checkpoint_differences(out / CHECKPOINT, job.model_config(), fingerprint)
+    if changed:
+        raise ValueError(_mismatch_message(out, job, fingerprint, distributed=distributed))
+
+
+def _mismatch_message(
+    out: Path, job: JobSettings, fingerprint: str, *, distributed: bool = False
+) -> str:
     """Why the checkpoint in ``out`` is not this run's: the config fields that differ, or the
     training data (``fingerprint`` is that of the training users' matrix)."""
     from pipelines.train_job import checkpoint_differences
 
     changed = checkpoint_differences(out / CHECKPOINT, job.model_config(), fingerprint)
     differences = f" (differs in {', '.join(changed)})" if changed else ""
+    start_over = (
+        f"delete {out / 'checkpoints'} to start over"
+        if distributed
+        else f"--overwrite to start over (deletes {out / 'checkpoints'})"
+    )
     return (
         f"--output {out} holds the checkpoint of a run with other settings or data"
-        f"{differences}: pass another --output, or --overwrite to start over "
-        f"(deletes {out / 'checkpoints'})"
+        f"{differences}: pass another --output, or {start_over}"
     )
