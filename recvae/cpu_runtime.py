@@ -19,8 +19,9 @@ Two costs of a CPU training step that are not arithmetic, each measured on the p
   gradient products either was faster, depending on the run. When torch runs on one thread,
   :func:`linear` times both BLAS for each product once per shape in the process and keeps the
   faster, preferring torch unless NumPy's BLAS is clearly faster; both compute the same float32
-  product (they differ in rounding only). On more threads it leaves every product to torch:
-  the two libraries' thread pools then contend for the cores.
+  product (they differ in rounding only, so ``$RECVAE_CPU_BLAS`` = ``torch`` or ``numpy`` pins
+  the choice for runs that must repeat bit for bit). On more threads it leaves every product
+  to torch: the two libraries' thread pools then contend for the cores.
 
 Neither applies off the CPU, and both fall back to plain torch where they cannot work (not
 glibc; no threadpoolctl to hold NumPy's BLAS to torch's thread count).
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["reuse_freed_memory", "linear", "blas_choices"]
+__all__ = ["reuse_freed_memory", "linear", "blas_choices", "pinned_blas", "BLAS_VARIABLE"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +165,29 @@ def _numpy_linear(
     return out
 
 
+BLAS_VARIABLE = "RECVAE_CPU_BLAS"
+
+
+def pinned_blas() -> str | None:
+    """The BLAS ``$RECVAE_CPU_BLAS`` pins the one-thread products to (``"torch"`` or
+    ``"numpy"``), or None to time them (unset, empty or ``auto``).
+
+    Timing picks per process, so two runs of one seed on one thread can take different BLAS for
+    a product and differ in rounding; pinning makes such runs repeatable bit for bit.
+
+    Raises:
+        ValueError: any other value.
+    """
+    value = os.environ.get(BLAS_VARIABLE, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in ("torch", "numpy"):
+        raise ValueError(
+            f"{BLAS_VARIABLE} must be auto, torch or numpy, got {os.environ[BLAS_VARIABLE]!r}"
+        )
+    return value
+
+
 def _choose(
     key: tuple[str, int, int], by_torch: Callable[[], Tensor], by_numpy: Callable[[], Tensor]
 ) -> str:
@@ -179,6 +204,11 @@ def _choose(
             times.append(time.perf_counter() - start)
         return min(times)
 
+    pinned = pinned_blas()
+    if pinned is not None:
+        choice = _choices[key] = pinned
+        logger.info("CPU %s %d->%d on one thread: %s (%s)", *key, choice, BLAS_VARIABLE)
+        return choice
     with torch.no_grad():
         t_torch, t_numpy = best(by_torch), best(by_numpy)
     choice = _choices[key] = "numpy" if t_numpy <= _NUMPY_MARGIN * t_torch else "torch"

@@ -344,6 +344,8 @@ class Trainer:
         self.is_main = self.rank == 0
         if self.options.num_threads is not None:
             torch.set_num_threads(self.options.num_threads)
+        if self.device.type == "cpu":
+            cpu_runtime.pinned_blas()  # a bad $RECVAE_CPU_BLAS is named before training starts
         self.steps_per_epoch = math.ceil(data.n_users / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.beta_max, self.anneal_steps = beta_schedule(config, self.total_steps)

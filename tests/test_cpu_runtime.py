@@ -100,6 +100,52 @@ def test_linear_times_both_once_per_shape_and_keeps_the_choice(monkeypatch) -> N
     assert calls == []  # decided once
 
 
+@needs_numpy_blas
+@pytest.mark.parametrize("pinned", ["torch", "numpy", " NumPy "])
+def test_recvae_cpu_blas_pins_the_choice_without_timing(
+    monkeypatch: pytest.MonkeyPatch, pinned: str
+) -> None:
+    # Timing picks per process: two runs of a seed on one thread could take different BLAS
+    # and differ in rounding. The variable pins the choice, so such runs repeat bit for bit.
+    monkeypatch.setattr(cpu_runtime, "_choices", {})
+    monkeypatch.setenv("RECVAE_CPU_BLAS", pinned)
+
+    def no_timing() -> float:
+        raise AssertionError("a pinned choice is not timed")
+
+    monkeypatch.setattr(cpu_runtime.time, "perf_counter", no_timing)
+    x = torch.randn(64, 16, requires_grad=True)
+    w = torch.randn(1024, 16, requires_grad=True)
+    runs = []
+    for _ in range(2):
+        w.grad = x.grad = None
+        out = cpu_runtime.linear(x, w)
+        out.square().sum().backward()
+        runs.append((out.detach(), w.grad.clone(), x.grad.clone()))
+    assert set(cpu_runtime.blas_choices().values()) == {pinned.strip().lower()}
+    assert len(cpu_runtime.blas_choices()) == 3
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    torch.testing.assert_close(runs[0][0], F.linear(x.detach(), w.detach()), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("value", ["", "auto", "AUTO"])
+def test_recvae_cpu_blas_auto_times_and_other_values_are_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("RECVAE_CPU_BLAS", value)
+    assert cpu_runtime.pinned_blas() is None
+    monkeypatch.setenv("RECVAE_CPU_BLAS", "mkl")
+    with pytest.raises(ValueError, match="RECVAE_CPU_BLAS must be auto, torch or numpy, got 'mkl'"):
+        cpu_runtime.pinned_blas()
+    from recvae.config import RunOptions
+    from recvae.data import planted_interactions
+    from recvae.training import Trainer
+
+    data = planted_interactions(n_users=40, n_items=30, n_clusters=2, seed=0)
+    with pytest.raises(ValueError, match="RECVAE_CPU_BLAS"):  # before any training
+        Trainer(data, MultVAEConfig(latent_dim=4), options=RunOptions(device="cpu"))
+
+
 def test_small_or_foreign_products_are_plain_f_linear(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(cpu_runtime, "_choices", {})
     monkeypatch.setattr(cpu_runtime, "_choose", lambda *a: pytest.fail("timed a small product"))
