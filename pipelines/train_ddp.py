@@ -54,6 +54,7 @@ def run_distributed(args: argparse.Namespace) -> int:
     from pipelines.commands.train import (
         check_checkpoint,
         preflight,
+        print_resumed,
         print_tracking,
         train_job_from_args,
         train_tracking,
@@ -105,6 +106,7 @@ def run_distributed(args: argparse.Namespace) -> int:
                 f"of {rec.meta.get('epochs_run')}, {outcome.train_seconds:.1f}s on "
                 f"{context.world_size} x {rec.meta.get('device')} ({context.backend})"
             )
+            print_resumed(rec)
             print("test metrics (mean ± standard error over test users):")
             for line in metric_rows(outcome.test):
                 print(f"  {line}")

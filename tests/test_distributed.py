@@ -322,3 +322,21 @@ def test_a_rerun_with_other_settings_is_refused_naming_them_before_a_run_starts(
     mlflow.set_tracking_uri(store)
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert [r.info.status for r in runs] == ["FINISHED"]
+
+
+def test_the_distributed_summary_says_when_it_resumed(capsys: pytest.CaptureFixture[str]) -> None:
+    # The summary of `recvae train` says a run resumed from its checkpoint; rank 0's summary
+    # under torchrun did not. Both print it through one function.
+    import inspect
+    import types
+
+    from pipelines import train_ddp
+    from pipelines.commands.train import print_resumed
+
+    assert "print_resumed(rec)" in inspect.getsource(train_ddp.run_distributed)
+    print_resumed(types.SimpleNamespace(meta={"resumed_from_epoch": 7}))
+    print_resumed(types.SimpleNamespace(meta={}))
+    out = capsys.readouterr().out
+    assert out == (
+        "resumed      from the checkpoint after epoch 7 (the seconds above are this run's)\n"
+    )

@@ -303,12 +303,7 @@ def run_command(args: argparse.Namespace) -> int:
         f"model        {rec.config.model}, best epoch {rec.meta.get('best_epoch')} of "
         f"{rec.meta.get('epochs_run')}, {outcome.train_seconds:.1f}s on {rec.meta.get('device')}"
     )
-    resumed_from = rec.meta.get("resumed_from_epoch")
-    if resumed_from:
-        print(
-            f"resumed      from the checkpoint after epoch {resumed_from} (the seconds above "
-            "are this run's)"
-        )
+    print_resumed(rec)
     print("test metrics (mean ± standard error over test users):")
     for line in metric_rows(outcome.test):
         print(f"  {line}")
@@ -316,6 +311,16 @@ def run_command(args: argparse.Namespace) -> int:
     print_tracking(tracking, outcome.registered)
     sys.stdout.flush()
     return 0
+
+
+def print_resumed(rec: Any) -> None:
+    """The summary's line for a run that resumed from its checkpoint (nothing otherwise)."""
+    resumed_from = rec.meta.get("resumed_from_epoch")
+    if resumed_from:
+        print(
+            f"resumed      from the checkpoint after epoch {resumed_from} (the seconds above "
+            "are this run's)"
+        )
 
 
 def print_tracking(tracking: TrainTracking, registered: dict[str, str] | None) -> None:
