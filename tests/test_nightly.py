@@ -593,6 +593,19 @@ def test_rollback_errors(sim: SimulationResult, capsys: pytest.CaptureFixture[st
     assert "another run holds the lock" in capsys.readouterr().err
 
 
+def _promoting_nights(
+    tmp_path: Path, sim: SimulationResult, model: str, *, nights: int
+) -> tuple[Path, Any]:
+    """``(config, settings)`` of a tiny lake after ``nights`` promoted nights of ``model``
+    (versions 1..nights, the last the champion)."""
+    days = _tiny_lake(tmp_path / "lake", days=nights + 2)
+    config = _tiny_config(tmp_path, sim, registered_model=model)
+    settings = _always_promote(config)
+    for day in days[2:]:
+        assert run_retrain(settings, day).status == "promoted"
+    return config, settings
+
+
 def test_a_rollback_whose_tagging_fails_after_the_alias_moved_is_done_and_recorded(
     sim: SimulationResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -604,11 +617,7 @@ def test_a_rollback_whose_tagging_fails_after_the_alias_moved_is_done_and_record
 
     from pipelines.nightly.registry import current_champion
 
-    days = _tiny_lake(tmp_path / "lake", days=5)
-    config = _tiny_config(tmp_path, sim, registered_model="recvae-rollback-tag")
-    settings = _always_promote(config)
-    for day in days[2:]:
-        assert run_retrain(settings, day).status == "promoted"
+    config, settings = _promoting_nights(tmp_path, sim, "recvae-rollback-tag", nights=3)
     assert current_champion(settings.mlflow).version == "3"
 
     def gone(*args: Any, **kwargs: Any) -> None:
@@ -637,11 +646,7 @@ def test_a_registry_failure_during_a_rollback_is_a_one_line_error_and_nothing_is
 
     from pipelines.nightly.registry import current_champion
 
-    days = _tiny_lake(tmp_path / "lake", days=4)
-    config = _tiny_config(tmp_path, sim, registered_model="recvae-rollback-fails")
-    settings = _always_promote(config)
-    for day in days[2:]:
-        assert run_retrain(settings, day).status == "promoted"
+    config, settings = _promoting_nights(tmp_path, sim, "recvae-rollback-fails", nights=2)
 
     def fails(*args: Any, **kwargs: Any) -> None:
         raise MlflowException("API request to http://mlflow/... failed: 503 Service Unavailable")
