@@ -289,9 +289,12 @@ def run_command(args: argparse.Namespace) -> int:
         from recvae.training import CheckpointMismatchError
 
         if isinstance(exc, CheckpointMismatchError):
-            raise ValueError(
-                _mismatch_message(out, job, prepared.split.train.fingerprint())
-            ) from exc
+            from pipelines.train_job import checkpoint_differences
+
+            changed = checkpoint_differences(
+                out / CHECKPOINT, job.model_config(), prepared.split.train.fingerprint()
+            )
+            raise ValueError(_mismatch_message(out, changed)) from exc
         raise
     rec = outcome.recommender
     split = outcome.split.summary()
@@ -437,17 +440,12 @@ def check_checkpoint(
 
     changed = checkpoint_differences(out / CHECKPOINT, job.model_config(), fingerprint)
     if changed:
-        raise ValueError(_mismatch_message(out, job, fingerprint, distributed=distributed))
+        raise ValueError(_mismatch_message(out, changed, distributed=distributed))
 
 
-def _mismatch_message(
-    out: Path, job: JobSettings, fingerprint: str, *, distributed: bool = False
-) -> str:
-    """Why the checkpoint in ``out`` is not this run's: the config fields that differ, or the
-    training data (``fingerprint`` is that of the training users' matrix)."""
-    from pipelines.train_job import checkpoint_differences
-
-    changed = checkpoint_differences(out / CHECKPOINT, job.model_config(), fingerprint)
+def _mismatch_message(out: Path, changed: list[str] | None, *, distributed: bool = False) -> str:
+    """Why the checkpoint in ``out`` is not this run's: ``changed``, the config fields that
+    differ or the training data (:func:`pipelines.train_job.checkpoint_differences`)."""
     differences = f" (differs in {', '.join(changed)})" if changed else ""
     start_over = (
         f"delete {out / 'checkpoints'} to start over"
