@@ -288,6 +288,7 @@ class Tracker:
                             on_end_error=lambda exc: self._record_failure(
                                 f"ending run {name!r}", exc
                             ),
+                            end_quickly=lambda: self._server_down(f"ending run {name!r}"),
                         )
                     )
                 except Exception as exc:  # telemetry must not stop the computation

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ __all__ = [
     "redact_uri",
     "run_exists",
     "set_tags",
+    "single_attempt",
     "start_run",
 ]
 
@@ -635,6 +636,7 @@ def start_run(
     nested: bool = False,
     tags: Mapping[str, str] | None = None,
     on_end_error: Callable[[Exception], None] | None = None,
+    end_quickly: Callable[[], bool] | None = None,
 ) -> Iterator[str]:
     """Start (or resume, with ``run_id``) a run; a nested run becomes a child of the active one.
 
@@ -651,6 +653,8 @@ def start_run(
         tags: Tags set at start.
         on_end_error: Called with the error when ending the run fails, instead of raising it
             (the run then stays ``RUNNING`` in the store; it is no longer active here).
+        end_quickly: Asked as the run ends: true makes ending it a single attempt
+            (:func:`single_attempt`; the tracking server is known not to answer).
 
     Yields:
         The run id.
@@ -678,20 +682,45 @@ def start_run(
         status = RunStatus.FAILED
         raise
     finally:
-        _end_run(active_id, status, on_end_error)
+        _end_run(active_id, status, on_end_error, end_quickly)
 
 
-def _end_run(run_id: str, status: int, on_end_error: Callable[[Exception], None] | None) -> None:
+@contextmanager
+def single_attempt(timeout: float = 5.0) -> Iterator[None]:
+    """MLflow's HTTP calls in the block make one attempt of at most ``timeout`` seconds, with no
+    retries: for a tracking server known not to answer, where a call only has to fail (MLflow's
+    default retries take about four minutes). The process's settings are restored after."""
+    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, round(timeout)))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _end_run(
+    run_id: str,
+    status: int,
+    on_end_error: Callable[[Exception], None] | None,
+    end_quickly: Callable[[], bool] | None = None,
+) -> None:
     """End ``run_id`` with ``status`` if it is still the active run (the block may have ended it).
 
     MLflow takes the run off its active stack before it calls the store, so a failed call
-    leaves no active run behind.
+    leaves no active run behind; with ``end_quickly()`` true that call is a single attempt.
     """
     active = mlflow.active_run()
     if active is None or active.info.run_id != run_id:
         return
     try:
-        mlflow.end_run(RunStatus.to_string(status))
+        with single_attempt() if end_quickly is not None and end_quickly() else nullcontext():
+            mlflow.end_run(RunStatus.to_string(status))
     except Exception as exc:
         if on_end_error is not None:
             on_end_error(exc)

@@ -874,6 +874,51 @@ def test_a_run_that_fails_to_start_is_skipped_not_raised(
     assert mlflow.active_run() is None
 
 
+def test_ending_a_run_while_the_server_is_down_is_a_single_attempt(
+    mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each run still open when the server went away paid MLflow's retries (about four minutes)
+    # again as it ended; with the server known down, ending it is one attempt without retries
+    # (the process's retry settings are restored after).
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    tracker = Tracker(enabled=True, tracking_uri=mlflow_uri, experiment="quick-end")
+    server = {"down": False}
+
+    def reachable(uri: str, *, timeout: float = 10.0) -> None:
+        if server["down"]:
+            raise ConnectionError("cannot reach the MLflow tracking server (test)")
+
+    monkeypatch.setattr(tracking, "check_reachable", reachable)
+    ended_with: list[tuple[str | None, str | None]] = []
+    real_terminated = MlflowClient.set_terminated
+
+    def set_terminated(self: MlflowClient, *args: Any, **kwargs: Any) -> None:
+        ended_with.append(
+            (
+                os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"),
+                os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT"),
+            )
+        )
+        if server["down"]:
+            raise mlflow.exceptions.MlflowException("API request failed: connection refused")
+        real_terminated(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", set_terminated)
+    with tracker.run("up"):
+        pass
+    tracker.tracking_uri = "http://127.0.0.1:9"  # checked as a server; the store is sqlite
+    with tracker.run("parent"):
+        with tracker.run("child", nested=True):
+            server["down"] = True
+            tracker._record_failure("log_metrics", RuntimeError("connection refused"))
+    assert ended_with == [("7", None), ("0", "5"), ("0", "5")]  # child, then parent: one try
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7"
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+    assert mlflow.active_run() is None
+    assert sum("ending run" in e and "failed" in e for e in tracker.errors) == 2
+
+
 def test_train_command_finishes_when_the_store_fails_at_the_end(
     mlflow_uri: str,
     tmp_path: Path,

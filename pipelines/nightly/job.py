@@ -30,8 +30,8 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import IntEnum
@@ -421,26 +421,6 @@ def _server_not_answering(uri: str | None) -> ConnectionError | None:
     return None
 
 
-@contextmanager
-def _one_try() -> Iterator[None]:
-    """MLflow's HTTP calls in the block make one short attempt, without retries (for a server
-    known not to answer: the call only has to fail, not wait minutes for it)."""
-    saved = {
-        name: os.environ.get(name)
-        for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
-    }
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def _epoch_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """A trainer epoch's metrics as the run's ``train.*`` curves hold them (finite values)."""
     return {
@@ -630,7 +610,9 @@ class _Night:
                     self.summary["status"] = status
                     self.summary["exit_code"] = int(ExitCode.FAILED)
             finally:
-                with _one_try() if down is not None else nullcontext():
+                from recvae.tracking import single_attempt
+
+                with single_attempt() if down is not None else nullcontext():
                     _end_active_run()
         _write_json(self.state.summary_path(self.day), self.summary)
         _write_json(self.state.last_summary_path, self.summary)
