@@ -13,7 +13,8 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -39,7 +40,32 @@ class Terminated(KeyboardInterrupt):
     checkpoints kept) instead of dying in the middle."""
 
 
+# SIGTERMs that arrived inside terminations_deferred() blocks, raised when the outermost ends.
+_deferring = 0
+_pending: list[int] = []
+
+
+@contextmanager
+def terminations_deferred() -> Iterator[None]:
+    """A SIGTERM inside the block is raised as :class:`Terminated` when the block ends, not in
+    its middle: for calls to a tracking store, where a transaction cut short can leave the
+    database locked, and the run then cannot be ended ``KILLED``. If the block raised, the
+    termination replaces its exception."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring and _pending:
+            _pending.clear()
+            raise Terminated
+
+
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    if _deferring:
+        _pending.append(signum)
+        return
     raise Terminated
 
 

@@ -199,8 +199,11 @@ class Tracker:
             return None
         if self._server_down(what):
             return None
+        from pipelines.cli import terminations_deferred
+
         try:
-            return call()
+            with terminations_deferred():  # a SIGTERM waits for the store call to finish
+                return call()
         except Exception as exc:  # telemetry must not lose a finished computation
             self._record_failure(what, exc)
             return None
@@ -275,22 +278,24 @@ class Tracker:
         with ExitStack() as stack:
             active: str | None = None
             if not self._skipped_runs and not self._server_down(f"starting run {name!r}"):
+                from pipelines.cli import terminations_deferred
                 from recvae.tracking import start_run
 
                 try:
-                    active = stack.enter_context(
-                        start_run(
-                            experiment_id=self.experiment_id,
-                            run_name=None if run_id else name,
-                            run_id=run_id,
-                            nested=nested,
-                            tags=tags,
-                            on_end_error=lambda exc: self._record_failure(
-                                f"ending run {name!r}", exc
-                            ),
-                            end_quickly=lambda: self._server_down(f"ending run {name!r}"),
+                    with terminations_deferred():  # as for every call to the store
+                        active = stack.enter_context(
+                            start_run(
+                                experiment_id=self.experiment_id,
+                                run_name=None if run_id else name,
+                                run_id=run_id,
+                                nested=nested,
+                                tags=tags,
+                                on_end_error=lambda exc: self._record_failure(
+                                    f"ending run {name!r}", exc
+                                ),
+                                end_quickly=lambda: self._server_down(f"ending run {name!r}"),
+                            )
                         )
-                    )
                 except Exception as exc:  # telemetry must not stop the computation
                     self._record_failure(f"starting run {name!r}", exc)
             if active is not None:

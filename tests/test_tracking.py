@@ -919,6 +919,41 @@ def test_ending_a_run_while_the_server_is_down_is_a_single_attempt(
     assert sum("ending run" in e and "failed" in e for e in tracker.errors) == 2
 
 
+def test_a_sigterm_during_a_store_call_waits_for_it_and_the_run_ends_killed(
+    mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SIGTERM raised in the middle of a store call can leave a sqlite transaction open (the
+    # database locked), and the run could then not be ended KILLED: it stayed RUNNING. The
+    # termination now waits for the call to finish.
+    import signal
+
+    from pipelines.cli import Terminated, _on_sigterm, _raise_terminated
+
+    tracker = Tracker(enabled=True, tracking_uri=mlflow_uri, experiment="sigterm")
+    real_log = tracking.log_metrics
+    finished: list[int | None] = []
+
+    def log(metrics: Mapping[str, float], *, step: int | None = None) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs here, unless the termination is deferred
+        real_log(metrics, step=step)
+        finished.append(step)
+
+    monkeypatch.setattr(tracking, "log_metrics", log)
+    previous = _on_sigterm(_raise_terminated)
+    try:
+        with pytest.raises(Terminated):
+            with tracker.run("r") as run_id:
+                tracker.log_metrics({"loss": 1.0}, step=1)
+                raise AssertionError("the termination is raised as the store call ends")
+    finally:
+        _on_sigterm(previous)
+    assert finished == [1]
+    assert run_id is not None
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.metrics == {"loss": 1.0}
+
+
 def test_train_command_finishes_when_the_store_fails_at_the_end(
     mlflow_uri: str,
     tmp_path: Path,

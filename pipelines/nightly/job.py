@@ -820,7 +820,10 @@ class _Night:
 
         def hook(epoch: int, metrics: dict[str, float]) -> None:
             epochs.append(epoch)
-            mlflow.log_metrics(_epoch_metrics(metrics), step=epoch)
+            from pipelines.cli import terminations_deferred
+
+            with terminations_deferred():  # a SIGTERM waits for the store call to finish
+                mlflow.log_metrics(_epoch_metrics(metrics), step=epoch)
             if self.on_epoch is not None:
                 self.on_epoch(epoch, metrics)
 
