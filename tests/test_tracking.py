@@ -749,6 +749,18 @@ def test_tracker_skips_calls_while_the_tracking_server_is_down(
     assert any("skipped: cannot reach the MLflow tracking server" in e for e in tracker.errors)
 
 
+def _fake_reachability(monkeypatch: pytest.MonkeyPatch, *, down: bool) -> dict[str, bool]:
+    """The tracking server's health check, answering as the test sets ``server["down"]``."""
+    server = {"down": down}
+
+    def reachable(uri: str, *, timeout: float = 10.0) -> None:
+        if server["down"]:
+            raise ConnectionError("cannot reach the MLflow tracking server (test)")
+
+    monkeypatch.setattr(tracking, "check_reachable", reachable)
+    return server
+
+
 def _fake_clock(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
     """The tracker's monotonic clock, set by the test (``clock["now"]``)."""
     import types
@@ -813,13 +825,7 @@ def test_calls_inside_a_run_skipped_while_the_server_was_down_reach_no_other_run
     # A child run skipped because the server was down yields None; if the server comes back
     # inside its block, its calls must not land in the parent run (MLflow's active run).
     tracker = Tracker(enabled=True, tracking_uri=mlflow_uri, experiment="skipped-child")
-    server = {"down": True}
-
-    def reachable(uri: str, *, timeout: float = 10.0) -> None:
-        if server["down"]:
-            raise ConnectionError("cannot reach the MLflow tracking server (test)")
-
-    monkeypatch.setattr(tracking, "check_reachable", reachable)
+    server = _fake_reachability(monkeypatch, down=True)
     clock = _fake_clock(monkeypatch)
     with tracker.run("parent") as parent_id:
         tracker.tracking_uri = "http://127.0.0.1:9"  # checked as a server; the store is sqlite
@@ -883,13 +889,7 @@ def test_ending_a_run_while_the_server_is_down_is_a_single_attempt(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
     tracker = Tracker(enabled=True, tracking_uri=mlflow_uri, experiment="quick-end")
-    server = {"down": False}
-
-    def reachable(uri: str, *, timeout: float = 10.0) -> None:
-        if server["down"]:
-            raise ConnectionError("cannot reach the MLflow tracking server (test)")
-
-    monkeypatch.setattr(tracking, "check_reachable", reachable)
+    server = _fake_reachability(monkeypatch, down=False)
     ended_with: list[tuple[str | None, str | None]] = []
     real_terminated = MlflowClient.set_terminated
 
