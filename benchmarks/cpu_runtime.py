@@ -28,6 +28,11 @@ Usage (from the repository root)::
    does on a GPU). The batches are the first 500 users of a shuffle of the split's training
    users (``--data-dir`` or ``--split-cache``, as train_speed), one per repeat.
 
+7. bf16 (``--sections bf16``): the three products over all items in float32 and in bfloat16
+   (GFLOP/s; native bf16 units double or triple the rate, emulation on other CPUs slows it
+   down, ``recvae.cpu_runtime.bf16_support``), and the padded layer, forward and backward, in
+   float32 and under CPU bf16 autocast (``precision = "bf16"``), taken in turns.
+
 ``--sections`` runs only some of them. Shapes: the paper's batch of 500 and hidden width 600, over
 ml-1m's 3,485 and gowalla's 40,981 items (PROTOCOL.md splits). Prints Markdown tables;
 ``--json`` also writes the numbers.
@@ -286,6 +291,58 @@ def padded_layer_rows(repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _bf16_times(n_items: int, repeats: int, gen: torch.Generator) -> dict[str, list[float]]:
+    """Seconds of each bare product in float32 and bfloat16, and of the padded layer's forward
+    and backward in float32 and under bf16 autocast, all taken in turns."""
+    h32 = torch.randn(BATCH, HIDDEN, generator=gen)
+    w32 = torch.randn(n_items, HIDDEN, generator=gen)
+    g32 = torch.randn(BATCH, n_items, generator=gen)
+    h16, w16, g16 = (t.to(torch.bfloat16) for t in (h32, w32, g32))
+    pad = -n_items % 64
+    layer = torch.nn.Linear(HIDDEN, n_items)
+    x = torch.randn(BATCH, HIDDEN, generator=gen).requires_grad_()
+    upstream = torch.randn(BATCH, n_items + pad, generator=gen)
+    upstream[:, n_items:] = 0.0  # a softmax's gradient at the -inf columns
+
+    def layer_step(bf16: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = padded_output(layer, x, 64)
+        out.backward(upstream.to(out.dtype))
+
+    def clear() -> None:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+
+    variants: dict[str, Callable[[], Any]] = {}
+    for dtype, (h, w, g) in (("float32", (h32, w32, g32)), ("bfloat16", (h16, w16, g16))):
+        variants[f"forward h @ W.T, {dtype}"] = lambda h=h, w=w: h @ w.t()
+        variants[f"grad_input g @ W, {dtype}"] = lambda g=g, w=w: g @ w
+        variants[f"grad_weight g.T @ h, {dtype}"] = lambda g=g, h=h: g.t() @ h
+    variants["padded layer, forward + backward, fp32"] = lambda: layer_step(False)
+    variants["padded layer, forward + backward, bf16 autocast"] = lambda: layer_step(True)
+    return _in_turns(variants, clear, repeats)
+
+
+def bf16_rows(repeats: int) -> list[dict[str, Any]]:
+    """The products over all items and the padded layer, in float32 and in bf16."""
+    rows = []
+    gen = torch.Generator().manual_seed(4)
+    for name, n_items in SHAPES.items():
+        flop = 2.0 * BATCH * HIDDEN * n_items
+        for label, times in _bf16_times(n_items, repeats, gen).items():
+            ms = statistics.median(times) * 1e3
+            layer = label.startswith("padded layer")
+            rows.append(
+                {
+                    "dataset": name,
+                    "product": label,
+                    "ms": ms,
+                    "gflops": (3 * flop if layer else flop) / (ms * 1e6),
+                }
+            )
+    return rows
+
+
 def _training_matrix(name: str, data_dir: str, cache: Path | None) -> sp.csr_array:
     """The dataset's training users (PROTOCOL.md split), as train_speed reads them."""
     import train_speed  # this folder's sibling; polars or a split cache
@@ -342,7 +399,7 @@ def bag_layer_rows(repeats: int, data_dir: str, cache: Path | None) -> list[dict
     return rows
 
 
-SECTIONS = ("heap", "gemm", "mixed", "aligned", "padded", "bag")
+SECTIONS = ("heap", "gemm", "mixed", "aligned", "padded", "bag", "bf16")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         "numpy": np.__version__,
         "numpy_blas": getattr(cpu_runtime._numpy_blas(), "filepath", None),
         "glibc": cpu_runtime._glibc() is not None,
+        "cpu_bf16": cpu_runtime.bf16_support(),
         "load_average_before": os.getloadavg(),
     }
     print(f"machine: {machine}")
@@ -435,6 +493,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {r['dataset']} | {r['layer']} | {r['items']:,} | {r['entries']:,} "
                 f"| {r['ms']:.2f} |"
             )
+    if "bf16" in args.sections:
+        bf16 = payload["bf16"] = bf16_rows(args.repeats)
+        print(
+            f"\n| dataset | over all items ({BATCH} x {HIDDEN} x n_items), {args.threads} "
+            "thread(s) | ms (median) | GFLOP/s |"
+        )
+        print("|---|---|---:|---:|")
+        for r in bf16:
+            print(f"| {r['dataset']} | {r['product']} | {r['ms']:.2f} | {r['gflops']:.0f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)

@@ -18,9 +18,11 @@ reference and the project's epochs alternate so that both see the same machine l
   The speed-up column stays relative to the plain ``reference`` row.
 - ``project``: :class:`recvae.training.Trainer` as ``recvae train`` runs it (device-resident CSR
   batches, sparse first layer and likelihood, fused Adam; on the CPU also the heap reuse and the
-  faster BLAS for the logits product of :mod:`recvae.cpu_runtime`); on CUDA also with bf16
-  autocast, at batch 4,096 and, where there are at least twice as many users, with the large
-  batch of ``pipelines/configs/gpu-large-batch.toml``, eager and with ``RunOptions.compile``
+  faster BLAS for the logits product of :mod:`recvae.cpu_runtime`); with bf16 autocast on CUDA
+  and on a CPU with bf16 units (AVX512_BF16 or AMX, :func:`recvae.cpu_runtime.bf16_support`;
+  on other CPUs the row says it was skipped); on CUDA also at batch 4,096 and, where there
+  are at least twice as many users, with the large batch of
+  ``pipelines/configs/gpu-large-batch.toml``, eager and with ``RunOptions.compile``
   (``project+compile``).
 - ``project-unpadded``, ``project+compile-unpadded``: the fp32 row and the compiled large-batch
   row without the logits padded to a multiple of 64 items (``RunOptions(item_multiple=1)``);
@@ -88,7 +90,7 @@ VARIANTS = (
     "reference+heap",  # CPU only
     "project-fp32",
     "project-fp32-unpadded",  # the same with RunOptions(item_multiple=1)
-    "project-bf16",  # this and the following: CUDA only
+    "project-bf16",  # CUDA, and CPUs with bf16 units (recvae.cpu_runtime.bf16_support)
     "project-bf16-4096",
     "project-large",  # the large ones: only with at least two large batches of users
     "project-large-compile",
@@ -284,6 +286,25 @@ def measure(
         variants.append(("reference+heap", "reference+heap", PAPER, "fp32"))
     variants.append(("project-fp32", "project", PAPER, "fp32"))
     variants.append(("project-fp32-unpadded", "project-unpadded", PAPER, "fp32"))
+    skipped: list[Row] = []
+    if device.type == "cpu":
+        support = cpu_runtime.bf16_support()
+        if support == "native":
+            variants.append(("project-bf16", "project", PAPER, "bf16"))
+        elif only is None or "project-bf16" in only:
+            reason = f"skipped: bf16 {support} on this CPU (no AVX512_BF16 or AMX units)"
+            skipped.append(
+                Row(
+                    name,
+                    str(device),
+                    "project",
+                    PAPER.batch_size,
+                    "bf16",
+                    data.n_users,
+                    skipped=reason,
+                    variant="project-bf16",
+                )
+            )
     if device.type == "cuda":
         variants.append(("project-bf16", "project", PAPER, "bf16"))
         batch_4096 = PAPER.replace(batch_size=4096)
@@ -333,7 +354,7 @@ def measure(
     reference = rows[0].median
     for row in rows:
         row.ratio = reference / row.median
-    return rows
+    return rows + skipped
 
 
 def _mib(value: int | None) -> str:
@@ -494,6 +515,28 @@ def _load(name: str, data_dir: str, cache: Path | None = None) -> Split:
     return split
 
 
+def _cpu_model() -> str | None:
+    """``model name`` with family and model numbers from ``/proc/cpuinfo`` (Linux), else None."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break
+    except OSError:
+        return None
+    if not fields:
+        return None
+    return (
+        f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, "
+        f"model {fields.get('model', '?')})"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="../shared/data", help="folder of the datasets")
@@ -514,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         "--quality-precisions",
         nargs="+",
         default=["fp32"],
-        help="precisions of the project's path in the quality runs (bf16 needs CUDA)",
+        help="precisions of the project's path in the quality runs (bf16: CUDA, or a CPU "
+        "with bf16 units)",
     )
     parser.add_argument(
         "--split-cache", type=Path, help="folder of pickled splits (<dataset>.pkl), read or written"
@@ -527,8 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="measure only these rows of each dataset and device (default: all that apply): "
         f"{', '.join(VARIANTS)}; the reference row is always measured first, since the "
-        "speed-ups are relative to it; reference+heap is CPU-only, the project-bf16 and "
-        "project-large rows CUDA-only",
+        "speed-ups are relative to it; reference+heap is CPU-only, project-bf16 needs CUDA or "
+        "a CPU with bf16 units, project-bf16-4096 and the project-large rows CUDA",
     )
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -544,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_model": _cpu_model(),
+        "cpu_bf16": cpu_runtime.bf16_support(),
         "load_average_before": load_before,
     }
     print(f"machine: {machine}", file=sys.stderr)
@@ -576,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
         print(quality_table(results))
     machine["load_average_after"] = os.getloadavg()
     print(
-        f"\n{started:%Y-%m-%d}, {machine['cores']} cores ({machine['cpu']}), torch "
+        f"\n{started:%Y-%m-%d}, {machine['cores']} cores "
+        f"({machine['cpu_model'] or machine['cpu']}, bf16 {machine['cpu_bf16']}), torch "
         f"{machine['torch']} with {machine['torch_threads']} thread(s), GPU: {machine['cuda']}; "
         f"load average {load_before[0]:.1f} before, {machine['load_average_after'][0]:.1f} after"
     )

@@ -43,7 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["reuse_freed_memory", "linear", "blas_choices", "pinned_blas", "BLAS_VARIABLE"]
+__all__ = [
+    "reuse_freed_memory",
+    "linear",
+    "blas_choices",
+    "pinned_blas",
+    "BLAS_VARIABLE",
+    "bf16_support",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -318,3 +325,45 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def blas_choices() -> dict[tuple[str, int, int], str]:
     """The choices made so far: ``(product, in_features, out_features) -> "torch" | "numpy"``."""
     return dict(_choices)
+
+
+# ---------------------------------------------------------------------------- bf16 on the CPU
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # Linux cpuinfo flags of bf16 dot-product units
+
+
+def _cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags (Linux), or None where they cannot be read."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        return None
+    return None
+
+
+def bf16_support(flags: set[str] | None = None) -> str:
+    """How this CPU runs torch's bf16 matrix products: ``"native"``, ``"emulated"`` or ``"none"``.
+
+    - ``native``: bf16 dot-product instructions (AVX512_BF16 or AMX): oneDNN's bf16 GEMMs run
+      at about twice float32's rate or more (three times on the project's 2-core machine,
+      ``benchmarks/cpu_runtime.py --sections bf16``).
+    - ``emulated``: oneDNN takes bf16 on AVX-512 without such units, converting to float32.
+    - ``none``: neither (AVX2 CPUs, other architectures): torch's fallback kernels, many times
+      slower than float32.
+
+    ``flags`` defaults to ``/proc/cpuinfo``'s; where they cannot be read (not Linux), a CPU
+    that oneDNN takes bf16 on counts as emulated.
+    """
+    if flags is None:
+        flags = _cpu_flags()
+    if flags is not None and not flags.isdisjoint(BF16_FLAGS):
+        return "native"
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        onednn = False
+    if flags is not None:
+        return "emulated" if onednn and "avx512bw" in flags else "none"
+    return "emulated" if onednn else "none"

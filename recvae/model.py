@@ -276,12 +276,15 @@ def padded_output(layer: nn.Linear, h: Tensor, multiple: int) -> Tensor:
     gives the padding probability 0, so the likelihood, its gradient and the layer's gradients
     are those of ``layer(h)``, up to rounding.
 
-    On the CPU (float32 or float64, no autocast, not compiling or tracing) the product writes
-    straight into the first ``out`` columns of the padded output, and the backward pass reads
-    only those columns of the incoming gradient (:class:`_PaddedLinear`): no padded copy of the
-    weight, and no padded weight gradient to slice and copy back. Elsewhere the product runs over
-    a weight with zero rows appended and a bias of ``-inf`` there (one extra weight copy, which
-    is cheap on a GPU, and which autocast and ``torch.compile`` handle as any other op).
+    On the CPU (float32 or float64, or float32 parameters under bf16 autocast; not compiling or
+    tracing) the product writes straight into the first ``out`` columns of the padded output,
+    and the backward pass reads only those columns of the incoming gradient
+    (:class:`_PaddedLinear`): no padded copy of the weight, and no padded weight gradient to
+    slice and copy back. Under bf16 autocast the three products run in bfloat16, as autocast's
+    own ``addmm`` and its backward would, and the gradients come back in the parameters' dtype.
+    Elsewhere the product runs over a weight with zero rows appended and a bias of ``-inf``
+    there (one extra weight copy, which is cheap on a GPU, and which autocast and
+    ``torch.compile`` handle as any other op).
 
     Args:
         layer: The layer over all items (``out_features`` items).
@@ -296,20 +299,38 @@ def padded_output(layer: nn.Linear, h: Tensor, multiple: int) -> Tensor:
     if (
         h.device.type == "cpu"
         and h.dim() == 2
-        and h.dtype in (torch.float32, torch.float64)
-        and weight.dtype == h.dtype
-        and (bias is None or bias.dtype == h.dtype)
-        and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]
     ):
-        # torch leaves Function.apply unannotated.
-        return cast(Tensor, _PaddedLinear.apply(h, weight, bias, pad))  # type: ignore[no-untyped-call]
+        compute = _cpu_compute_dtype(h, weight, bias)
+        if compute is not None:
+            # torch leaves Function.apply unannotated.
+            return cast(Tensor, _PaddedLinear.apply(h, weight, bias, pad, compute))  # type: ignore[no-untyped-call]
     weight = F.pad(weight, (0, 0, 0, pad))  # (out + pad, in): zero rows
     if bias is None:
         bias = weight.new_zeros((layer.out_features,))
     bias = torch.cat([bias, bias.new_full((pad,), -math.inf)])  # (out + pad,)
     return cpu_runtime.linear(h, weight, bias)  # (batch, out + pad)
+
+
+def _cpu_compute_dtype(h: Tensor, weight: Tensor, bias: Tensor | None) -> torch.dtype | None:
+    """The dtype :class:`_PaddedLinear` computes in on the CPU, or None where it does not apply.
+
+    Without autocast: the inputs' own float32 or float64, when weight and bias share it. Under
+    CPU bf16 autocast: bfloat16, for float32 parameters (what autocast's ``addmm`` would do).
+    """
+    floats = (torch.float32, torch.float64)
+    if torch.is_autocast_enabled("cpu"):
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16:
+            return None
+        if h.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != torch.float32:
+            return None
+        if bias is not None and bias.dtype != torch.float32:
+            return None
+        return torch.bfloat16
+    if h.dtype in floats and weight.dtype == h.dtype and (bias is None or bias.dtype == h.dtype):
+        return h.dtype
+    return None
 
 
 class _PaddedLinear(torch.autograd.Function):
@@ -326,29 +347,39 @@ class _PaddedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, pad: int) -> Tensor:
+    def forward(
+        ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, pad: int, dtype: torch.dtype
+    ) -> Tensor:
         n_out = weight.shape[0]
-        out = h.new_empty((h.shape[0], n_out + pad))
-        out[:, n_out:] = -math.inf
-        logits = out[:, :n_out]  # (batch, out), row stride out + pad
-        if bias is None:
-            logits.zero_()
-        else:
-            logits.copy_(bias.expand_as(logits))
-        logits.addmm_(h, weight.t())
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        with torch.autocast("cpu", enabled=False):
+            h = h.detach().to(dtype)  # (batch, in)
+            weight = weight.detach().to(dtype)  # (out, in)
+            out = h.new_empty((h.shape[0], n_out + pad))
+            out[:, n_out:] = -math.inf
+            logits = out[:, :n_out]  # (batch, out), row stride out + pad
+            if bias is None:
+                logits.zero_()
+            else:
+                logits.copy_(bias.detach().expand_as(logits))
+            logits.addmm_(h, weight.t())
         ctx.save_for_backward(h, weight)
-        ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        h, weight = ctx.saved_tensors
-        g = grad[:, : weight.shape[0]]  # (batch, out): the padding's gradient is not needed
-        grad_h = g.mm(weight) if ctx.needs_input_grad[0] else None
-        grad_w = g.t().mm(h) if ctx.needs_input_grad[1] else None
-        grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_h, grad_w, grad_b, None
+        h, weight = ctx.saved_tensors  # in the compute dtype
+        h_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        g = grad[:, : weight.shape[0]].to(h.dtype)  # (batch, out): not the padding's columns
+        grad_h = g.mm(weight).to(h_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = g.t().mm(h).to(weight_dtype) if ctx.needs_input_grad[1] else None
+        grad_b = (
+            g.sum(0, dtype=bias_dtype)
+            if bias_dtype is not None and ctx.needs_input_grad[2]
+            else None
+        )
+        return grad_h, grad_w, grad_b, None, None
 
 
 class _ItemBag(torch.autograd.Function):
@@ -367,14 +398,20 @@ class _ItemBag(torch.autograd.Function):
     @staticmethod
     def applies(weight: Tensor, per_sample_weights: Tensor) -> bool:
         """Whether this path runs: a CPU float weight that is trained, constant entry weights,
-        no autocast, compiling or tracing (those keep ``F.embedding_bag``)."""
+        no autocast but bf16's, not compiling or tracing (those keep ``F.embedding_bag``).
+
+        CPU bf16 autocast leaves ``embedding_bag`` in the weight's dtype, so the bag sums and
+        their gradient are the same with it as without."""
         return (
             weight.device.type == "cpu"
             and weight.requires_grad
             and torch.is_grad_enabled()
             and weight.dtype in (torch.float32, torch.float64)
             and not per_sample_weights.requires_grad
-            and not torch.is_autocast_enabled("cpu")
+            and (
+                not torch.is_autocast_enabled("cpu")
+                or torch.get_autocast_dtype("cpu") == torch.bfloat16
+            )
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]
         )

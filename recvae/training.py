@@ -346,6 +346,15 @@ class Trainer:
             torch.set_num_threads(self.options.num_threads)
         if self.device.type == "cpu":
             cpu_runtime.pinned_blas()  # a bad $RECVAE_CPU_BLAS is named before training starts
+            if (
+                self.options.precision == "bf16"
+                and (support := cpu_runtime.bf16_support()) != "native"
+            ):
+                logger.warning(
+                    "precision bf16 on a CPU without bf16 units (AVX512_BF16 or AMX): torch's "
+                    "bf16 products run %s here, slower than fp32; use precision fp32",
+                    "emulated" if support == "emulated" else "on fallback kernels",
+                )
         self.steps_per_epoch = math.ceil(data.n_users / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.beta_max, self.anneal_steps = beta_schedule(config, self.total_steps)

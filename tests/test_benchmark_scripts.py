@@ -69,6 +69,54 @@ def test_train_speed_rows_keep_the_reference_first(monkeypatch: pytest.MonkeyPat
     assert rows[0].ratio == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("support", ["native", "emulated", "none"])
+def test_train_speed_has_a_cpu_bf16_row_where_the_cpu_has_bf16_units(
+    support: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train_speed = _script("train_speed", monkeypatch)
+    from recvae.data import synthetic_interactions
+
+    monkeypatch.setattr(train_speed.cpu_runtime, "bf16_support", lambda: support)
+    data = synthetic_interactions(n_users=300, n_items=100, n_interactions=3000, seed=0)
+    memory = train_speed.HostMemory()
+    rows = train_speed.measure("tiny", data, torch.device("cpu"), 1, memory, only=["project-bf16"])
+    assert [row.variant for row in rows] == ["reference", "project-bf16"]
+    bf16 = rows[1]
+    assert bf16.precision == "bf16"
+    if support == "native":
+        assert bf16.skipped is None and len(bf16.seconds) == 1 and bf16.ratio is not None
+    else:
+        assert bf16.skipped == f"skipped: bf16 {support} on this CPU (no AVX512_BF16 or AMX units)"
+        assert not bf16.seconds
+        assert bf16.skipped in train_speed.table(rows, memory)
+    others = train_speed.measure(
+        "tiny", data, torch.device("cpu"), 1, memory, only=["project-fp32"]
+    )
+    assert [row.variant for row in others] == ["reference", "project-fp32"]
+
+
+def test_cpu_runtime_times_the_products_in_fp32_and_bf16(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpu_runtime = _script("cpu_runtime", monkeypatch)
+    monkeypatch.setattr(cpu_runtime, "SHAPES", {"small": 1_000})
+    out = tmp_path / "bf16.json"
+    argv = ["--threads", "1", "--repeats", "1", "--sections", "bf16", "--json", str(out)]
+    assert cpu_runtime.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["machine"]["cpu_bf16"] in ("native", "emulated", "none")
+    labels = [row["product"] for row in record["bf16"]]
+    assert len(labels) == 8 and all(row["dataset"] == "small" for row in record["bf16"])
+    for dtype in ("float32", "bfloat16"):
+        assert f"forward h @ W.T, {dtype}" in labels
+        assert f"grad_weight g.T @ h, {dtype}" in labels
+    assert labels[-2:] == [
+        "padded layer, forward + backward, fp32",
+        "padded layer, forward + backward, bf16 autocast",
+    ]
+    assert all(row["ms"] > 0 and row["gflops"] > 0 for row in record["bf16"])
+
+
 def test_cpu_runtime_measures_only_the_sections_asked_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

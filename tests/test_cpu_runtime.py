@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,3 +244,32 @@ def test_reuse_freed_memory_does_nothing_off_the_cpu() -> None:
     with cpu_runtime.reuse_freed_memory(torch.device("cuda")) as active:
         assert not active
     assert cpu_runtime._heap_depth == 0
+
+
+def test_bf16_support_reads_the_cpus_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cpu_runtime.bf16_support({"avx2", "avx512f", "avx512bw", "avx512_bf16"}) == "native"
+    assert cpu_runtime.bf16_support({"avx2", "amx_bf16", "amx_tile"}) == "native"
+    onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    # AVX-512 without bf16 units: emulated where oneDNN takes bf16; AVX2 alone: neither
+    assert cpu_runtime.bf16_support({"avx2", "avx512f", "avx512bw"}) == (
+        "emulated" if onednn else "none"
+    )
+    assert cpu_runtime.bf16_support({"avx2", "fma"}) == "none"
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 avx512_bf16\n\n"
+        "processor\t: 1\nflags\t\t: fpu\n"
+    )
+    assert cpu_runtime._cpu_flags(str(cpuinfo)) == {"fpu", "sse2", "avx2", "avx512_bf16"}
+    assert cpu_runtime._cpu_flags(str(cpuinfo.with_name("missing"))) is None
+    (cpuinfo.with_name("empty")).write_text("processor\t: 0\n")
+    assert cpu_runtime._cpu_flags(str(cpuinfo.with_name("empty"))) is None
+    # No flags to read (not Linux): oneDNN's own check decides between emulated and none
+    monkeypatch.setattr(cpu_runtime, "_cpu_flags", lambda path="": None)
+    assert cpu_runtime.bf16_support() == ("emulated" if onednn else "none")
+    # This machine's answer agrees with its flags
+    monkeypatch.undo()
+    flags = cpu_runtime._cpu_flags()
+    if flags is not None:
+        assert (cpu_runtime.bf16_support() == "native") == bool(flags & set(cpu_runtime.BF16_FLAGS))

@@ -542,6 +542,89 @@ def test_cpu_padded_output_writes_in_place_and_has_the_layers_gradients(bias: bo
         torch.testing.assert_close(fast, plain)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_cpu_bf16_padded_output_is_autocasts_product_written_in_place(bias: bool) -> None:
+    # Under CPU bf16 autocast the padded layer keeps the in-place product (_PaddedLinear, in
+    # bfloat16): the same logits and gradients as autocast's own product over a zero-padded
+    # weight, the logits in bf16, the gradients in the parameters' float32.
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 100, bias=bias)
+    x = torch.randn(9, 24, requires_grad=True)
+    upstream = torch.randn(9, 128).bfloat16()
+    upstream[:, 100:] = 0.0  # a softmax's gradient at the -inf columns
+    results = []
+    for fast in (True, False):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fast:
+                out = padded_output(layer, x, 64)
+                assert type(out.grad_fn).__name__ == "_PaddedLinearBackward"
+            else:
+                b = layer.bias if bias else torch.zeros(100)
+                padded_bias = torch.cat([b, torch.full((28,), -math.inf)])
+                out = F.linear(x, F.pad(layer.weight, (0, 0, 0, 28)), padded_bias)
+        assert out.dtype == torch.bfloat16 and out.shape == (9, 128)
+        assert torch.isneginf(out[:, 100:]).all()
+        out.backward(upstream)
+        grads = [x.grad] + [p.grad for p in layer.parameters()]
+        assert all(g is not None and g.dtype == torch.float32 for g in grads)
+        results.append((out.detach().float(), grads))
+    (fast_out, fast_grads), (plain_out, plain_grads) = results
+    torch.testing.assert_close(fast_out[:, :100], plain_out[:, :100], rtol=1e-2, atol=1e-2)
+    for fast, plain in zip(fast_grads, plain_grads, strict=True):
+        torch.testing.assert_close(fast, plain, rtol=1e-2, atol=1e-2)
+    # float64 parameters under bf16 autocast keep autocast's own product
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out64 = padded_output(layer.double(), x.double(), 64)
+    assert type(out64.grad_fn).__name__ != "_PaddedLinearBackward"
+
+
+def test_cpu_first_layer_backward_under_bf16_autocast_is_the_float32_one() -> None:
+    # CPU bf16 autocast leaves the bag sums in float32, so _ItemBag runs under it too and gives
+    # the same output and weight gradient as without autocast.
+    from recvae.model import _ItemBag
+
+    rng = np.random.default_rng(8)
+    batch = SparseBatch.from_scipy(_random_histories(rng, 30, 200, weighted=True))
+    weight = torch.randn(200, 16, requires_grad=True)
+    upstream = torch.randn(30, 16)
+    results = []
+    for autocast in (True, False):
+        weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            assert _ItemBag.applies(weight, batch.weights)
+            h = _ItemBag.apply(batch.indices, weight, batch.offsets, batch.weights, batch.row_of)
+        assert h.dtype == torch.float32
+        (h * upstream).sum().backward()
+        results.append((h.detach(), weight.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not _ItemBag.applies(weight, batch.weights)  # only bf16's is known to keep float32
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from recvae import cpu_runtime
+
+    data, _ = make_checkerboard()
+    config = small_vae_config(epochs=1)
+    bf16 = RunOptions(device="cpu", progress=False, precision="bf16")
+    for support, warned in (("none", True), ("emulated", True), ("native", False)):
+        monkeypatch.setattr(cpu_runtime, "bf16_support", lambda support=support: support)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="recvae.training"):
+            Trainer(data, config, options=bf16)
+            Trainer(data, config, options=CPU)  # fp32: never
+        messages = [r.getMessage() for r in caplog.records]
+        assert len(messages) == int(warned), (support, messages)
+        if warned:
+            assert "precision bf16 on a CPU without bf16 units" in messages[0]
+            assert "use precision fp32" in messages[0]
+
+
 @pytest.mark.parametrize(
     ("n_users", "n_items", "threads", "precision"),
     [(9, 37, None, "fp32"), (70, 1030, 1, "fp32"), (70, 1030, 2, "fp32"), (9, 37, None, "bf16")],
@@ -579,9 +662,13 @@ def test_padded_logits_give_the_same_likelihood_and_gradients(
     (loss_plain, grads_plain), (loss_padded, grads_padded) = results
     torch.testing.assert_close(loss_padded, loss_plain, rtol=1e-5, atol=1e-5)
     assert grads_padded.keys() == grads_plain.keys() == dict(model.named_parameters()).keys()
+    # Under bf16 the padded layer's products are _PaddedLinear's, the plain ones autocast's:
+    # the same bf16 products, rounded in other places (the padded bias gradient sums bf16
+    # values in float32, autocast's in bf16).
+    tol = {"rtol": 2e-2, "atol": 1e-3} if precision == "bf16" else {"rtol": 1e-4, "atol": 1e-6}
     for name, grad in grads_plain.items():
         assert grads_padded[name].shape == grad.shape
-        torch.testing.assert_close(grads_padded[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads_padded[name], grad, **tol, msg=name)
 
 
 @pytest.mark.parametrize(
