@@ -374,10 +374,10 @@ class _PaddedLinear(torch.autograd.Function):
         g = grad[:, : weight.shape[0]].to(h.dtype)  # (batch, out): not the padding's columns
         grad_h = g.mm(weight).to(h_dtype) if ctx.needs_input_grad[0] else None
         grad_w = g.t().mm(h).to(weight_dtype) if ctx.needs_input_grad[1] else None
+        # Summed in g's dtype, as autocast's backward does: a bf16 sum into float32 took 8.6 ms
+        # instead of 3.1 ms on gowalla's (500, 40,981) gradient (two threads).
         grad_b = (
-            g.sum(0, dtype=bias_dtype)
-            if bias_dtype is not None and ctx.needs_input_grad[2]
-            else None
+            g.sum(0).to(bias_dtype) if bias_dtype is not None and ctx.needs_input_grad[2] else None
         )
         return grad_h, grad_w, grad_b, None, None
 
