@@ -1,7 +1,7 @@
 """CPU training runtime: heap reuse for large tensors, and the faster BLAS for the logits.
 
 Two costs of a CPU training step that are not arithmetic, each measured on the project's
-2-core AMD EPYC (Zen 3) machine with torch's bundled MKL (``benchmarks/cpu_runtime.py``):
+2-core AMD EPYC machine with torch's bundled MKL (``benchmarks/cpu_runtime.py``):
 
 - **Page faults.** glibc serves a block larger than its mmap threshold (dynamic, at most
   32 MiB) with fresh pages from the kernel and unmaps it on ``free``. A step over a large
@@ -25,6 +25,10 @@ Two costs of a CPU training step that are not arithmetic, each measured on the p
 
 Neither applies off the CPU, and both fall back to plain torch where they cannot work (not
 glibc; no threadpoolctl to hold NumPy's BLAS to torch's thread count).
+
+:func:`bf16_support` tells whether the CPU has bf16 dot-product units (AVX512_BF16 or AMX),
+which decides whether ``precision = "bf16"`` pays on it: with them the products over all items
+run about three times faster than in float32, without them slower.
 """
 
 from __future__ import annotations
