@@ -726,13 +726,30 @@ def registration_problem(settings: ExperimentSettings) -> str | None:
     return None
 
 
-def check_requirements(settings: ExperimentSettings) -> None:
+def check_requirements(settings: ExperimentSettings, run: Mapping[str, Any] | None = None) -> None:
     """Fail before any training when a configured model cannot run here.
 
+    Args:
+        settings: The models.
+        run: The job's ``[run]`` options, checked against each autoencoder's trainer.
+
     Raises:
-        ValueError: implicit is missing for ALS/BPR/item-kNN.
+        ValueError: implicit is missing for ALS/BPR/item-kNN, or a run option does not apply
+            to a model (bf16 or compile for RecVAE).
     """
     import importlib.util
+
+    if run is not None:
+        from recvae.config import RunOptions
+        from recvae.training import check_run_options
+
+        options = RunOptions(**run)
+        for spec in settings.models:
+            if spec.is_autoencoder:
+                try:
+                    check_run_options(spec.config, options)  # type: ignore[arg-type]
+                except ValueError as exc:
+                    raise ValueError(f"[models.{spec.label}]: {exc}") from None
 
     needs_implicit = [s.label for s in settings.models if s.model in IMPLICIT_BASELINES]
     if needs_implicit and importlib.util.find_spec("implicit") is None:
@@ -1000,7 +1017,7 @@ def run_experiment(
     """
     tracker = tracker or Tracker.disabled()
     say = report or (lambda message: logger.info("%s", message))
-    check_requirements(settings)
+    check_requirements(settings, job.run)
     if output_dir or settings.output_dir:
         check_output_dir(Path(output_dir or settings.output_dir or ""))
     start = time.perf_counter()

@@ -569,7 +569,7 @@ def run_tune(
 
     tracker = tracker or Tracker.disabled()
     say = report or (lambda message: logger.info("%s", message))
-    check_requirements(_as_experiment(settings))
+    check_requirements(_as_experiment(settings), job.run)
     start = time.perf_counter()
     prepared = prepared or prepare(job)
     split = prepared.split

@@ -58,6 +58,7 @@ __all__ = [
     "CheckpointMismatchError",
     "beta_schedule",
     "TRAINER_TYPES",
+    "check_run_options",
     "register_trainer",
 ]
 
@@ -325,6 +326,7 @@ class Trainer:
         self.validation = validation
         self.options = options or RunOptions()
         self.on_epoch = on_epoch
+        _check_loop_options(type(self), config, self.options)
         if self.options.distributed:
             if not dist_utils.is_initialized():
                 raise ValueError(
@@ -791,6 +793,33 @@ def _progress(enabled: bool, total: int, desc: str) -> Any:
 #: Trainer class per model name; models not listed here use :class:`Trainer`. A model module
 #: that needs its own loop (e.g. ``recvae.recvae_model``) registers with :func:`register_trainer`.
 TRAINER_TYPES: dict[str, type[Trainer]] = {}
+
+
+def _check_loop_options(cls: type[Trainer], config: ModelConfig, options: RunOptions) -> None:
+    """Refuse the run options that a trainer with its own epoch loop (RecVAE's) would ignore:
+    that loop runs eagerly in float32."""
+    if cls._run_epoch is Trainer._run_epoch:
+        return
+    if options.precision != "fp32":
+        raise ValueError(
+            f"{cls.__name__} (model {config.model!r}) has its own epoch loop, which runs in "
+            f"float32: precision {options.precision!r} is not supported (use fp32)"
+        )
+    if options.compile:
+        raise ValueError(
+            f"{cls.__name__} (model {config.model!r}) has its own epoch loop, which "
+            "torch.compile does not apply to: compile is not supported"
+        )
+
+
+def check_run_options(config: ModelConfig, options: RunOptions) -> None:
+    """Fail before training when ``options`` cannot apply to ``config``'s trainer.
+
+    Raises:
+        ValueError: ``precision = "bf16"`` or ``compile`` for a model whose trainer has its own
+            epoch loop (RecVAE), which would ignore them.
+    """
+    _check_loop_options(TRAINER_TYPES.get(config.model, Trainer), config, options)
 
 
 def register_trainer(model: str) -> Callable[[type[Trainer]], type[Trainer]]:

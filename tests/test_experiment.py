@@ -12,6 +12,7 @@ import pytest
 from pipelines.cli import main
 from pipelines.experiment import (
     ExperimentSettings,
+    check_requirements,
     comparison_table,
     experiment_from_dict,
     model_spec,
@@ -264,6 +265,21 @@ def test_missing_implicit_fails_before_training(
     with pytest.raises(ValueError, match=r"als.*need implicit"):
         run_experiment(_job(), _settings(), output_dir=tmp_path, prepared=prepared)
     assert not (tmp_path / "multvae").exists()
+
+
+def test_a_run_option_recvae_would_ignore_fails_before_training(
+    prepared: PreparedData, tmp_path: Path
+) -> None:
+    settings = experiment_from_dict(
+        {"models": {"pop": {"model": "popularity"}, "rv": {"model": "recvae", "epochs": 1}}}
+    )
+    job = JobSettings(run={"device": "cpu", "progress": False, "precision": "bf16"})
+    with pytest.raises(ValueError, match=r"\[models\.rv\]: .*precision 'bf16' is not supported"):
+        run_experiment(job, settings, output_dir=tmp_path, prepared=prepared)
+    assert not (tmp_path / "pop").exists()  # nothing ran, not even the baseline
+    # Mult-VAE takes bf16: the same run options pass the check
+    vae = experiment_from_dict({"models": {"vae": {"model": "multvae"}}})
+    check_requirements(vae, job.run)
 
 
 def test_experiment_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -418,3 +418,39 @@ def test_cli_trains_recvae(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "recvae" in out
     loaded = Recommender.load(tmp_path / "r" / "bundle")
     assert isinstance(loaded.model, RecVAE)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"precision": "bf16"}, "runs in float32: precision 'bf16' is not supported"),
+        ({"compile": True}, "torch.compile does not apply to: compile is not supported"),
+    ],
+    ids=["bf16", "compile"],
+)
+def test_options_recvaes_own_loop_would_ignore_are_refused(
+    option: dict[str, object], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # RecVAE's epoch loop runs eagerly in float32: bf16 and compile used to be ignored silently.
+    from pipelines.cli import main
+    from recvae.training import check_run_options
+
+    data, _ = make_checkerboard()
+    config = config_from_dict({"model": "recvae", "latent_dim": 4, "epochs": 1})
+    options = RunOptions(device="cpu", progress=False, **option)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        train(data, config, options=options)
+    with pytest.raises(ValueError, match=message):
+        check_run_options(config, options)
+    check_run_options(config, RunOptions())  # fp32, eager: fine
+    check_run_options(config_from_dict({"model": "multvae"}), options)  # Mult-VAE takes both
+
+    rows = [(u, i) for u in range(40) for i in range(20) if (u + i) % 3 == 0]
+    csv_path = write_csv(tmp_path / "log.csv", "user_id,item_id", rows)
+    flag = ["--precision", "bf16"] if "precision" in option else ["--compile"]
+    out = tmp_path / "out"
+    argv = ["train", "--data", str(csv_path), "--model", "recvae", "--epochs", "1", *flag]
+    assert main([*argv, "--no-track", "--no-progress", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (out / "bundle").exists()

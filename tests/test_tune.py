@@ -80,6 +80,16 @@ def test_recvae_lastfm_preset_tunes_recvae_with_its_fixed_settings() -> None:
     assert {"gamma", "dropout", "hidden_dim", "n_layers"} <= {p.name for p in settings.space}
 
 
+def test_tuning_recvae_in_bf16_fails_before_any_trial(
+    prepared: PreparedData, tmp_path: Path
+) -> None:
+    settings = tune_from_dict(read_toml(CONFIG_DIR / "recvae-lastfm.toml"))
+    job = JobSettings(run={"device": "cpu", "progress": False, "precision": "bf16"})
+    with pytest.raises(ValueError, match=r"precision 'bf16' is not supported \(use fp32\)"):
+        run_tune(job, settings, output_dir=tmp_path / "study", prepared=prepared)
+    assert not (tmp_path / "study").exists()
+
+
 def test_space_and_settings_errors() -> None:
     with pytest.raises(ValueError, match="low must be <= high"):
         ParamSpace.from_dict("dropout", {"low": 0.7, "high": 0.2})
