@@ -604,6 +604,36 @@ def test_cpu_first_layer_backward_under_bf16_autocast_is_the_float32_one() -> No
         assert not _ItemBag.applies(weight, batch.weights)  # only bf16's is known to keep float32
 
 
+def test_cpu_bf16_training_takes_the_in_place_padded_logits_and_the_bag_sum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Under CPU bf16 autocast the trainer's steps keep both CPU paths (they used to fall back
+    # to autocast's padded-weight product and F.embedding_bag's backward).
+    from recvae import model as model_module
+
+    data, _ = make_checkerboard(n_items=70)
+    options = RunOptions(device="cpu", progress=False, precision="bf16", item_multiple=64)
+    trainer = Trainer(data, small_vae_config(epochs=1, batch_size=20), options=options)
+    seen: set[str] = set()
+
+    def record(module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
+        if module.training and out.grad_fn is not None:
+            seen.add(type(out.grad_fn).__name__)
+
+    trainer.model.decoder[-1].register_forward_hook(record)
+    applies = model_module._ItemBag.applies
+    calls: list[bool] = []
+
+    def counting(weight: torch.Tensor, per_sample_weights: torch.Tensor) -> bool:
+        calls.append(applies(weight, per_sample_weights))
+        return calls[-1]
+
+    monkeypatch.setattr(model_module._ItemBag, "applies", staticmethod(counting))
+    trainer.fit()
+    assert seen == {"_PaddedLinearBackward"}
+    assert calls and all(calls)
+
+
 def test_bf16_on_a_cpu_without_bf16_units_warns(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
