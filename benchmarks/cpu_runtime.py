@@ -48,7 +48,7 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -399,6 +399,14 @@ def bag_layer_rows(repeats: int, data_dir: str, cache: Path | None) -> list[dict
     return rows
 
 
+def _print_table(header: str, rule: str, lines: Iterable[str]) -> None:
+    """A Markdown table after a blank line: the header, its rule, then ``lines``."""
+    print(f"\n{header}")
+    print(rule)
+    for line in lines:
+        print(line)
+
+
 SECTIONS = ("heap", "gemm", "mixed", "aligned", "padded", "bag", "bf16")
 
 
@@ -439,69 +447,80 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine,
     }
+    threads = f"{args.threads} thread(s)"
     if "heap" in args.sections:
         heap = payload["heap"] = heap_rows(args.repeats)
-        print("\n| dataset | tensor | heap | ms per allocate+fill+free (median) | page faults |")
-        print("|---|---|---|---:|---:|")
-        for r in heap:
-            print(
+        _print_table(
+            "| dataset | tensor | heap | ms per allocate+fill+free (median) | page faults |",
+            "|---|---|---|---:|---:|",
+            (
                 f"| {r['dataset']} | {r['tensor']} | {r['setting']} | {r['ms']:.1f} "
                 f"| {r['page_faults']:,.0f} |"
-            )
+                for r in heap
+            ),
+        )
     if "gemm" in args.sections:
         gemm = payload["gemm"] = blas_rows(args.repeats, args.threads)
-        print(f"\n| dataset | product ({BATCH} x {HIDDEN} x n_items) | ms (median) | GFLOP/s |")
-        print("|---|---|---:|---:|")
-        for r in gemm:
-            print(f"| {r['dataset']} | {r['product']} | {r['ms']:.1f} | {r['gflops']:.1f} |")
+        _print_table(
+            f"| dataset | product ({BATCH} x {HIDDEN} x n_items) | ms (median) | GFLOP/s |",
+            "|---|---|---:|---:|",
+            (
+                f"| {r['dataset']} | {r['product']} | {r['ms']:.1f} | {r['gflops']:.1f} |"
+                for r in gemm
+            ),
+        )
     if "mixed" in args.sections:
         mixed = payload["mixed"] = mixed_rows(args.repeats, args.threads)
-        print(f"\n| dataset | three products in sequence, {args.threads} thread(s) | ms (median) |")
-        print("|---|---|---:|")
-        for r in mixed:
-            print(f"| {r['dataset']} | {r['products']} | {r['ms']:.1f} |")
+        _print_table(
+            f"| dataset | three products in sequence, {threads} | ms (median) |",
+            "|---|---|---:|",
+            (f"| {r['dataset']} | {r['products']} | {r['ms']:.1f} |" for r in mixed),
+        )
     if "aligned" in args.sections:
         aligned = payload["aligned"] = aligned_rows(args.repeats, args.threads)
-        print(
-            f"\n| dataset | columns | product, {args.threads} thread(s) | ms (median) "
-            "| ms per 1,000 items |"
-        )
-        print("|---|---:|---|---:|---:|")
-        for r in aligned:
-            print(
+        _print_table(
+            f"| dataset | columns | product, {threads} | ms (median) | ms per 1,000 items |",
+            "|---|---:|---|---:|---:|",
+            (
                 f"| {r['dataset']} | {r['columns']:,} | {r['product']} | {r['ms']:.1f} "
                 f"| {r['ms_per_1000_items']:.2f} |"
-            )
+                for r in aligned
+            ),
+        )
     if "padded" in args.sections:
         padded = payload["padded"] = padded_layer_rows(args.repeats)
-        print(
-            f"\n| dataset | layer over all items, forward + backward, {args.threads} thread(s) "
-            "| columns | ms (median) |"
+        _print_table(
+            f"| dataset | layer over all items, forward + backward, {threads} | columns "
+            "| ms (median) |",
+            "|---|---|---:|---:|",
+            (
+                f"| {r['dataset']} | {r['layer']} | {r['columns']:,} | {r['ms']:.1f} |"
+                for r in padded
+            ),
         )
-        print("|---|---|---:|---:|")
-        for r in padded:
-            print(f"| {r['dataset']} | {r['layer']} | {r['columns']:,} | {r['ms']:.1f} |")
     if "bag" in args.sections:
         bag = payload["bag"] = bag_layer_rows(args.repeats, args.data_dir, args.split_cache)
-        print(
-            f"\n| dataset | sparse first layer, forward + backward, {args.threads} thread(s) "
-            "| items | entries | ms (median) |"
-        )
-        print("|---|---|---:|---:|---:|")
-        for r in bag:
-            print(
+        _print_table(
+            f"| dataset | sparse first layer, forward + backward, {threads} | items | entries "
+            "| ms (median) |",
+            "|---|---|---:|---:|---:|",
+            (
                 f"| {r['dataset']} | {r['layer']} | {r['items']:,} | {r['entries']:,} "
                 f"| {r['ms']:.2f} |"
-            )
+                for r in bag
+            ),
+        )
     if "bf16" in args.sections:
         bf16 = payload["bf16"] = bf16_rows(args.repeats)
-        print(
-            f"\n| dataset | over all items ({BATCH} x {HIDDEN} x n_items), {args.threads} "
-            "thread(s) | ms (median) | GFLOP/s |"
+        _print_table(
+            f"| dataset | over all items ({BATCH} x {HIDDEN} x n_items), {threads} "
+            "| ms (median) | GFLOP/s |",
+            "|---|---|---:|---:|",
+            (
+                f"| {r['dataset']} | {r['product']} | {r['ms']:.2f} | {r['gflops']:.0f} |"
+                for r in bf16
+            ),
         )
-        print("|---|---|---:|---:|")
-        for r in bf16:
-            print(f"| {r['dataset']} | {r['product']} | {r['ms']:.2f} | {r['gflops']:.0f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)

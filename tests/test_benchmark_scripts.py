@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -95,15 +96,23 @@ def test_train_speed_has_a_cpu_bf16_row_where_the_cpu_has_bf16_units(
     assert [row.variant for row in others] == ["reference", "project-fp32"]
 
 
+def _cpu_runtime_record(
+    section: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Any]:
+    """``cpu_runtime.py --sections <section>`` over one small catalog; its JSON record."""
+    cpu_runtime = _script("cpu_runtime", monkeypatch)
+    monkeypatch.setattr(cpu_runtime, "SHAPES", {"small": 1_000})
+    out = tmp_path / f"{section}.json"
+    argv = ["--threads", "1", "--repeats", "1", "--sections", section, "--json", str(out)]
+    assert cpu_runtime.main(argv) == 0
+    record: dict[str, Any] = json.loads(out.read_text())
+    return record
+
+
 def test_cpu_runtime_times_the_products_in_fp32_and_bf16(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cpu_runtime = _script("cpu_runtime", monkeypatch)
-    monkeypatch.setattr(cpu_runtime, "SHAPES", {"small": 1_000})
-    out = tmp_path / "bf16.json"
-    argv = ["--threads", "1", "--repeats", "1", "--sections", "bf16", "--json", str(out)]
-    assert cpu_runtime.main(argv) == 0
-    record = json.loads(out.read_text())
+    record = _cpu_runtime_record("bf16", tmp_path, monkeypatch)
     assert record["machine"]["cpu_bf16"] in ("native", "emulated", "none")
     labels = [row["product"] for row in record["bf16"]]
     assert len(labels) == 8 and all(row["dataset"] == "small" for row in record["bf16"])
@@ -120,16 +129,8 @@ def test_cpu_runtime_times_the_products_in_fp32_and_bf16(
 def test_cpu_runtime_measures_only_the_sections_asked_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    record = _cpu_runtime_record("padded", tmp_path, monkeypatch)
     cpu_runtime = _script("cpu_runtime", monkeypatch)
-    monkeypatch.setattr(cpu_runtime, "SHAPES", {"small": 1_000})
-    out = tmp_path / "cpu.json"
-    assert (
-        cpu_runtime.main(
-            ["--threads", "1", "--repeats", "1", "--sections", "padded", "--json", str(out)]
-        )
-        == 0
-    )
-    record = json.loads(out.read_text())
     assert "heap" not in record and "gemm" not in record
     rows = {row["layer"]: row for row in record["padded"]}
     assert rows.keys() == {
