@@ -333,11 +333,6 @@ class Trainer:
                     "RunOptions(distributed=True) needs a torch.distributed process group: run "
                     "under torchrun and call recvae.distributed.init_from_env() first"
                 )
-            if type(self)._run_epoch is not Trainer._run_epoch:
-                raise ValueError(
-                    f"{type(self).__name__} has its own epoch loop and does not support "
-                    "distributed training"
-                )
             self.device = dist_utils.local_device(self.options.device)
         else:
             self.device = resolve_device(self.options.device)
@@ -797,9 +792,13 @@ TRAINER_TYPES: dict[str, type[Trainer]] = {}
 
 def _check_loop_options(cls: type[Trainer], config: ModelConfig, options: RunOptions) -> None:
     """Refuse the run options that a trainer with its own epoch loop (RecVAE's) would ignore:
-    that loop runs eagerly in float32."""
+    that loop runs eagerly in float32, in one process."""
     if cls._run_epoch is Trainer._run_epoch:
         return
+    if options.distributed:
+        raise ValueError(
+            f"{cls.__name__} has its own epoch loop and does not support distributed training"
+        )
     if options.precision != "fp32":
         raise ValueError(
             f"{cls.__name__} (model {config.model!r}) has its own epoch loop, which runs in "
@@ -816,8 +815,8 @@ def check_run_options(config: ModelConfig, options: RunOptions) -> None:
     """Fail before training when ``options`` cannot apply to ``config``'s trainer.
 
     Raises:
-        ValueError: ``precision = "bf16"`` or ``compile`` for a model whose trainer has its own
-            epoch loop (RecVAE), which would ignore them.
+        ValueError: ``precision = "bf16"``, ``compile`` or ``distributed`` for a model whose
+            trainer has its own epoch loop (RecVAE), which would ignore them.
     """
     _check_loop_options(TRAINER_TYPES.get(config.model, Trainer), config, options)
 

@@ -443,6 +443,8 @@ def test_options_recvaes_own_loop_would_ignore_are_refused(
     with pytest.raises(ValueError, match=message):
         check_run_options(config, options)
     check_run_options(config, RunOptions())  # fp32, eager: fine
+    with pytest.raises(ValueError, match="does not support distributed training"):
+        check_run_options(config, RunOptions(distributed=True))
     check_run_options(config_from_dict({"model": "multvae"}), options)  # Mult-VAE takes both
 
     rows = [(u, i) for u in range(40) for i in range(20) if (u + i) % 3 == 0]
