@@ -517,23 +517,12 @@ def _load(name: str, data_dir: str, cache: Path | None = None) -> Split:
 
 def _cpu_model() -> str | None:
     """``model name`` with family and model numbers from ``/proc/cpuinfo`` (Linux), else None."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "cpu family", "model") and key not in fields:
-                    fields[key] = value.strip()
-                if not line.strip() and fields:
-                    break
-    except OSError:
-        return None
-    if not fields:
+    info = cpu_runtime._cpuinfo() or {}
+    if not {"model name", "cpu family", "model"} & info.keys():
         return None
     return (
-        f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, "
-        f"model {fields.get('model', '?')})"
+        f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, "
+        f"model {info.get('model', '?')})"
     )
 
 

@@ -335,16 +335,30 @@ def blas_choices() -> dict[tuple[str, int, int], str]:
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # Linux cpuinfo flags of bf16 dot-product units
 
 
-def _cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
-    """The CPU's feature flags (Linux), or None where they cannot be read."""
+def _cpuinfo(path: str = "/proc/cpuinfo") -> dict[str, str] | None:
+    """The first processor's ``key: value`` lines of ``/proc/cpuinfo`` (Linux), or None where
+    the file cannot be read."""
+    fields: dict[str, str] = {}
     try:
         with open(path, encoding="ascii", errors="replace") as fh:
             for line in fh:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
+                if not line.strip():
+                    if fields:
+                        break  # the end of the first processor's block
+                    continue
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         return None
-    return None
+    return fields
+
+
+def _cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags (Linux), or None where they cannot be read."""
+    info = _cpuinfo(path)
+    if info is None or "flags" not in info:
+        return None
+    return set(info["flags"].split())
 
 
 def bf16_support(flags: set[str] | None = None) -> str:
